@@ -1,0 +1,3 @@
+from etlrouter.cli import main
+
+main()

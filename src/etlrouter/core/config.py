@@ -1,0 +1,314 @@
+"""Configuration: msgspec Structs loaded from a YAML/TOML file, then `ETLROUTER_*` env vars, then flags.
+
+Precedence (later wins): defaults < file < environment < command-line flags. Every layer is a nested dict
+of plain values; the merged dict is converted once into `Config`, so validation happens in one place and
+every error names the field path and the layer that supplied the bad value:
+
+    config error: Expected `int`, got `str` - at `$.router.raft.election_timeout_ms`
+    (from env ETLROUTER_ROUTER__RAFT__ELECTION_TIMEOUT_MS)
+
+Environment variables use `__` between levels: `ETLROUTER_SIDECAR__SCAN_PORTS=50051-50060`,
+`ETLROUTER_LOGGING__LEVEL=debug`. A value starting with `[` or `{` is parsed as a YAML flow collection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "ETLROUTER_"
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveMs = Annotated[int, msgspec.Meta(gt=0)]
+Bytes = Annotated[int, msgspec.Meta(gt=0)]
+
+_HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+class ConfigError(Exception):
+    """A configuration problem; `str()` is one line naming the field and where the value came from."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); raises ValueError naming the problem."""
+    m = _HOSTPORT.match(address)
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise ValueError(f"invalid address {address!r}: expected HOST:PORT with a port from 1 to 65535")
+    return m["host"].strip("[]"), int(m["port"])
+
+
+def parse_port_list(spec: str) -> list[int]:
+    """'50051-50053,50060' -> [50051, 50052, 50053, 50060]; raises ValueError naming the bad part."""
+    ports: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        lo_s, sep, hi_s = part.partition("-")
+        try:
+            lo, hi = int(lo_s), int(hi_s) if sep else int(lo_s)
+        except ValueError:
+            raise ValueError(
+                f"invalid port list {spec!r}: {part!r} is not a port or PORT-PORT range"
+            ) from None
+        if not (0 < lo <= hi < 65536) or hi - lo > 4096:
+            raise ValueError(
+                f"invalid port list {spec!r}: range {part!r} must lie in 1..65535, at most 4096 wide"
+            )
+        ports.extend(range(lo, hi + 1))
+    return ports
+
+
+class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # "auto": human-readable text on a terminal, JSON lines otherwise (containers).
+    format: Literal["auto", "text", "json"] = "auto"
+
+
+class TransportConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """gRPC/HTTP2 settings shared by every role (see docs/adr/0002-transport-tuning.md)."""
+
+    # Skip h2's per-frame repr and advertise max_frame_size; off only for A/B measurements.
+    h2_tuning: bool = True
+    max_frame_size: Annotated[int, msgspec.Meta(ge=16_384, le=16_777_215)] = 1 << 20
+    # Largest gRPC message any server or client accepts; larger ones fail with RESOURCE_EXHAUSTED before
+    # their bytes are buffered.
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 31)] = 64 << 20
+    stream_window_bytes: Annotated[int, msgspec.Meta(ge=65_535, le=(1 << 31) - 1)] = 4 << 20
+    connection_window_bytes: Annotated[int, msgspec.Meta(ge=65_535, le=(1 << 31) - 1)] = 16 << 20
+
+
+class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 0  # 0 = pick a free port (tests, `etlrouter dev`)
+
+
+class PeerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: str
+    address: str  # HOST:PORT of the peer's gRPC listener
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("peer id must not be empty")
+        split_address(self.address)
+
+
+class RaftConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    tick_ms: PositiveMs = 50
+    election_ticks: Annotated[int, msgspec.Meta(ge=2)] = 10
+    heartbeat_ticks: Annotated[int, msgspec.Meta(ge=1)] = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    # fsync the WAL before acknowledging; off only for benchmarks and throwaway dev clusters.
+    fsync: bool = True
+    snapshot_every_entries: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    max_append_entries: Annotated[int, msgspec.Meta(ge=1)] = 512
+    max_inflight_appends: Annotated[int, msgspec.Meta(ge=1)] = 64
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_ticks >= self.election_ticks:
+            raise ValueError("heartbeat_ticks must be smaller than election_ticks")
+
+
+class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    node_id: str = "router-0"
+    cluster_id: str = "etlrouter"
+    grpc: ListenConfig = ListenConfig(port=7400)
+    http: ListenConfig = ListenConfig(port=7480)
+    data_dir: str = "./.data/router-0"
+    # Static bootstrap peers, this node included. Empty = a single-node cluster of this node.
+    peers: tuple[PeerConfig, ...] = ()
+    # Join an existing cluster through the admin API of any of these addresses instead of bootstrapping.
+    join: tuple[str, ...] = ()
+    raft: RaftConfig = RaftConfig()
+    sidecar_heartbeat_timeout_ms: PositiveMs = 15_000
+    # After a leader change, sidecars get this long to heartbeat before they can be expired.
+    leader_grace_ms: PositiveMs = 15_000
+
+    def __post_init__(self) -> None:
+        for addr in self.join:
+            split_address(addr)
+        ids = [p.id for p in self.peers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate peer ids in {ids}")
+        if self.peers and self.node_id not in ids:
+            raise ValueError(f"node_id {self.node_id!r} is not among the peers {ids}")
+
+
+class SidecarConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: str = ""  # "" = the host name
+    routers: tuple[str, ...] = ("127.0.0.1:7400",)
+    grpc: ListenConfig = ListenConfig(port=7500)
+    http: ListenConfig = ListenConfig(port=7580)
+    # Local ports where user services may listen: "50051", "50051-50060" or "50051,50061".
+    scan_ports: str = "50051-50060"
+    scan_host: str = "127.0.0.1"
+    scan_interval_ms: PositiveMs = 10_000
+    heartbeat_interval_ms: PositiveMs = 5_000
+    # Per-edge buffer bounds: credits are granted from these.
+    edge_buffer_records: Annotated[int, msgspec.Meta(ge=1)] = 20_000
+    edge_buffer_bytes: Bytes = 16 << 20
+    data_dir: str = "./.data/sidecar"
+    drain_timeout_ms: PositiveMs = 30_000
+
+    def __post_init__(self) -> None:
+        for addr in self.routers:
+            split_address(addr)
+        parse_port_list(self.scan_ports)
+
+
+class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    namespace: str = ""  # "" = all namespaces
+    lease_name: str = "etlrouter-operator"
+    lease_duration_s: Annotated[int, msgspec.Meta(ge=2)] = 15
+    webhook: ListenConfig = ListenConfig(host="0.0.0.0", port=9443)
+    webhook_service: str = "etlrouter-webhook"
+    http: ListenConfig = ListenConfig(port=7680)
+    sidecar_image: str = "etlrouter:latest"
+    # Admission policy when the webhook cannot inject: "fail" blocks the pod, "ignore" lets it run without.
+    failure_policy: Literal["Fail", "Ignore"] = "Ignore"
+
+
+class CtlConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    router: str = "127.0.0.1:7400"
+    output: Literal["table", "json", "yaml"] = "table"
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+    def __post_init__(self) -> None:
+        split_address(self.router)
+
+
+class DevConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    data_dir: str = "./.data/dev"
+    base_port: Port = 17400
+    routers: Annotated[int, msgspec.Meta(ge=1, le=7)] = 3
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    logging: LoggingConfig = LoggingConfig()
+    transport: TransportConfig = TransportConfig()
+    router: RouterConfig = RouterConfig()
+    sidecar: SidecarConfig = SidecarConfig()
+    operator: OperatorConfig = OperatorConfig()
+    ctl: CtlConfig = CtlConfig()
+    dev: DevConfig = DevConfig()
+
+
+ROLE_SECTIONS = ("router", "sidecar", "operator", "ctl", "dev")
+SHARED_SECTIONS = ("logging", "transport")
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML config file into a dict; errors name the file (and line where the parser knows)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"config error: cannot read {p}: {e.strerror}") from None
+    try:
+        data: Any = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config error: {p}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"config error: {p}{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """ETLROUTER_A__B=v -> {"a": {"b": v}}, plus a map from "$.a.b" to the variable name (for errors)."""
+    layer: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("ETLROUTER_ROLE", "ETLROUTER_CONFIG"):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        value: Any = raw
+        if raw[:1] in ("[", "{"):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise ConfigError(f"config error: env {name}: not a valid YAML flow value: {raw!r}") from None
+        _set_path(layer, path, value)
+        origins["$." + ".".join(path)] = f"env {name}"
+    return layer, origins
+
+
+def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        nxt = target.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            nxt = target[key] = {}
+        target = nxt
+    target[path[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _origin_of(message: str, origins: Mapping[str, str], file: str | None) -> str:
+    m = re.search(r"at `(\$[^`]*)`", message)
+    if m:
+        path = m.group(1)
+        # The error may point at the enclosing struct; the most specific supplied path under it wins.
+        for candidate in sorted(origins, key=len, reverse=True):
+            if candidate == path or candidate.startswith(path + ".") or path.startswith(candidate + "."):
+                return origins[candidate]
+    return f"file {file}" if file else "defaults"
+
+
+def load_config(
+    file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge the layers and validate once. Raises ConfigError with one line naming field and origin."""
+    environ = os.environ if environ is None else environ
+    file = file or environ.get("ETLROUTER_CONFIG") or None
+    merged: dict[str, Any] = read_file(file) if file else {}
+    env, origins = env_layer(environ)
+    merged = deep_merge(merged, env)
+    flag_origins: dict[str, str] = {}
+    if overrides:
+        merged = deep_merge(merged, overrides)
+        flag_origins = {"$." + ".".join(path): "command-line flag" for path in _leaf_paths(overrides)}
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as e:
+        where = _origin_of(str(e), {**origins, **flag_origins}, str(file) if file else None)
+        raise ConfigError(f"config error: {e} (from {where})") from None
+
+
+def _leaf_paths(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            out.extend(_leaf_paths(value, (*prefix, key)))
+        else:
+            out.append((*prefix, key))
+    return out
+
+
+def effective(config: Config, role: str | None = None) -> dict[str, Any]:
+    """The config as plain data; with a role, only that role's section and the shared ones."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    if role is None:
+        return data
+    if role not in ROLE_SECTIONS:
+        raise ConfigError(f"config error: unknown role {role!r}; expected one of {', '.join(ROLE_SECTIONS)}")
+    return {key: data[key] for key in (*SHARED_SECTIONS, role)}

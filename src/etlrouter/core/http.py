@@ -1,0 +1,57 @@
+"""The aiohttp side of every role: /metrics, /healthz, /readyz, plus whatever routes the role adds."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from etlrouter.core.metrics import REGISTRY
+
+log = logging.getLogger(__name__)
+
+# Returns (ready, reason). Cheap and synchronous: probes call it every few seconds.
+ReadinessCheck = Callable[[], tuple[bool, str]]
+
+
+def build_app(readiness: ReadinessCheck, *, client_max_size: int = 1 << 20) -> web.Application:
+    """An aiohttp app with the shared endpoints. Request bodies are bounded by client_max_size."""
+    app = web.Application(client_max_size=client_max_size)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready, reason = readiness()
+        return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(REGISTRY))
+    return app
+
+
+class HttpServer:
+    def __init__(self, app: web.Application, *, host: str, port: int) -> None:
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._host, self._requested_port = host, port
+        self.port = port
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self.port}"
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._requested_port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        log.info("HTTP server listening", extra={"fields": {"address": self.address}})
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

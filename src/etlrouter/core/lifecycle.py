@@ -1,0 +1,84 @@
+"""Process lifecycle: one asyncio loop (uvloop when installed), SIGTERM/SIGINT graceful shutdown.
+
+A component starts, runs until it finishes or a signal arrives, then drains (stops taking new work and
+finishes what it has) within a deadline, then stops. A second signal skips the rest of the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+
+    async def wait(self) -> None:
+        """Returns when the component finished on its own (e.g. a bounded run); else waits forever."""
+
+    async def drain(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run main() on uvloop when it is installed, else on the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:  # non-Linux platforms
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+async def serve(component: Component, *, drain_deadline_s: float) -> None:
+    """Start the component, wait for a signal (or its own end), drain within the deadline, stop."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("signal received: draining", extra={"fields": {"signal": signal.Signals(signum).name}})
+            stop_requested.set()
+        else:
+            log.warning("second signal: stopping now")
+            drain_task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    drain_task: asyncio.Task[None] | asyncio.Future[None] = loop.create_future()
+    try:
+        await component.start()
+        await _first_of(stop_requested.wait(), component.wait())
+        drain_task = asyncio.ensure_future(component.drain())
+        try:
+            await asyncio.wait_for(asyncio.shield(drain_task), drain_deadline_s)
+        except TimeoutError:
+            log.warning("drain deadline passed: stopping", extra={"fields": {"deadline_s": drain_deadline_s}})
+            drain_task.cancel()
+        except asyncio.CancelledError:
+            if not drain_task.cancelled():
+                raise
+    finally:
+        with contextlib.suppress(Exception):
+            await component.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _first_of(*aws: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

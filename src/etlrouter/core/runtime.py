@@ -1,0 +1,63 @@
+"""What every long-running role shares: a gRPC server (health + reflection) and an HTTP server
+(/metrics, /healthz, /readyz), started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from etlrouter import __version__
+from etlrouter.core.config import ListenConfig, TransportConfig
+from etlrouter.core.grpc import GrpcServer
+from etlrouter.core.http import HttpServer, ReadinessCheck, build_app
+from etlrouter.core.metrics import BUILD_INFO
+
+log = logging.getLogger(__name__)
+
+
+class RoleRuntime:
+    """The shared servers of a role. Roles subclass it or hand it their gRPC services and HTTP routes."""
+
+    def __init__(
+        self,
+        role: str,
+        *,
+        grpc_listen: ListenConfig,
+        http_listen: ListenConfig,
+        transport_config: TransportConfig,
+        grpc_services: Sequence[Any] = (),
+        readiness: ReadinessCheck | None = None,
+    ) -> None:
+        self.role = role
+        self.grpc = GrpcServer(
+            grpc_services, host=grpc_listen.host, port=grpc_listen.port, transport_config=transport_config
+        )
+        self.app: web.Application = build_app(readiness or (lambda: (True, "serving")))
+        self.http = HttpServer(self.app, host=http_listen.host, port=http_listen.port)
+        self._done = asyncio.Event()
+        BUILD_INFO.labels(version=__version__, role=role).set(1)
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        await self.http.start()
+        log.info(
+            "%s started",
+            self.role,
+            extra={"fields": {"grpc": self.grpc.address, "http": self.http.address, "version": __version__}},
+        )
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    async def drain(self) -> None:
+        self.grpc.set_serving(False)
+
+    async def stop(self) -> None:
+        await self.grpc.stop()
+        await self.http.stop()
+        self._done.set()
+        log.info("%s stopped", self.role)
