@@ -12,10 +12,11 @@ import msgspec
 import yaml
 
 from etlrouter import __version__
-from etlrouter.core.config import ROLE_SECTIONS, Config, ConfigError, effective, load_config
+from etlrouter.cli_context import Context, fail_config
+from etlrouter.core.config import ROLE_SECTIONS, ConfigError, effective
 from etlrouter.core.logging import setup_logging
+from etlrouter.ctl.cli import ctl
 
-EXIT_INVALID_INPUT = 2
 ROOT_OPTIONS_WITH_VALUE = ("--config", "--log-level", "--log-format", "--role")
 
 ROOT_HELP = """\
@@ -37,28 +38,6 @@ In a container, `--role ROLE` (or ETLROUTER_ROLE=ROLE) selects the role without 
 Configuration: a YAML/TOML file (--config), then ETLROUTER_* environment variables, then flags.
 `etlrouter config show --role ROLE` prints the effective configuration.
 """
-
-
-class Context(msgspec.Struct):
-    config_file: str | None
-    log_level: str | None
-    log_format: str | None
-    ctl_overrides: dict[str, Any] = {}
-
-    def load(self, overrides: Mapping[str, Any] | None = None) -> Config:
-        layers: dict[str, Any] = {}
-        if self.log_level:
-            layers.setdefault("logging", {})["level"] = self.log_level
-        if self.log_format:
-            layers.setdefault("logging", {})["format"] = self.log_format
-        for key, value in (overrides or {}).items():
-            layers.setdefault(key, {}).update(value)
-        return load_config(self.config_file, overrides=layers)
-
-
-def fail_config(err: ConfigError) -> None:
-    click.echo(str(err), err=True)
-    sys.exit(EXIT_INVALID_INPUT)
 
 
 def _drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,16 +126,6 @@ def operator(obj: Context, namespace: str | None) -> None:
     _run_role("operator", obj, {"operator": {"namespace": namespace}} if namespace else {})
 
 
-@cli.group(help="Manage pipelines and inspect the router cluster.")
-@click.option(
-    "--router", "router_address", metavar="HOST:PORT", help="Router address (also ETLROUTER_CTL__ROUTER)."
-)
-@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), help="Output format.")
-@click.pass_obj
-def ctl(obj: Context, router_address: str | None, output: str | None) -> None:
-    obj.ctl_overrides = _drop_none({"router": router_address, "output": output})
-
-
 @cli.command(help="Run a local cluster with sample services and pipelines on loopback.")
 @click.pass_obj
 def dev(obj: Context) -> None:
@@ -192,6 +161,9 @@ def config_show(obj: Context, role: str | None, output: str) -> None:
         click.echo(msgspec.json.format(msgspec.json.encode(data)).decode())
     else:
         click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+cli.add_command(ctl)
 
 
 def _parse_peer(spec: str) -> dict[str, str]:
