@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 
 from etlrouter._proto.v1 import records_pb2, services_grpc, services_pb2
@@ -78,3 +79,18 @@ async def test_tuning_sets_frame_size_and_batches_round_trip(tuned: bool, restor
     finally:
         channel.close()
         await server.stop()
+
+
+async def test_stopped_server_closes_client_connections() -> None:
+    server = GrpcServer([Echo()], host="127.0.0.1", port=0)
+    await server.start()
+    channel = open_channel(server.address)
+    stub = services_grpc.TransformServiceStub(channel)
+    try:
+        assert len((await stub.ProcessBatch(batch_of(1, 1), timeout=5)).batch.records.records) == 1
+        await server.stop()
+        # grpclib alone leaves the connection open, and a stopped server would go on answering calls on it.
+        with pytest.raises((StreamTerminatedError, ConnectionError, GRPCError)):
+            await stub.ProcessBatch(batch_of(1, 1), timeout=5)
+    finally:
+        channel.close()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from grpclib.client import Channel
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
+from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server
 
@@ -41,6 +43,17 @@ class GrpcServer:
         health = Health({**checks, OVERALL: [self.status]})
         self._all = ServerReflection.extend([*services, health])
         self._server = Server(self._all, config=transport.grpc_configuration(self.transport_config))
+        # grpclib's Server.close() cancels running calls but leaves client connections open, so a stopped
+        # server would keep half-dead connections that clients never notice. Track them to close them.
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+        make_protocol = self._server._protocol_factory
+
+        def tracked_protocol() -> H2Protocol:
+            protocol = make_protocol()
+            self._protocols.add(protocol)
+            return protocol
+
+        self._server._protocol_factory = tracked_protocol  # type: ignore[method-assign]
         self._host, self._requested_port = host, port
         self.port = port
 
@@ -63,6 +76,10 @@ class GrpcServer:
         self.set_serving(False)
         self._server.close()
         await self._server.wait_closed()
+        for protocol in list(self._protocols):
+            connection = getattr(protocol, "connection", None)
+            if connection is not None:
+                connection.close()
 
 
 def service_names(services: Collection[Any]) -> list[str]:
