@@ -123,9 +123,19 @@ async def grpc_health(address: str) -> int:
         channel.close()
 
 
-def test_role_process_serves_health_metrics_and_stops_on_sigterm() -> None:
+def wait_ready(url: str, deadline_s: float = 20) -> dict[str, object]:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        status, body = http_get(url)
+        if status == 200:
+            return dict(json.loads(body))
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} never became ready: {body}")
+
+
+def test_role_process_serves_health_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
     grpc_port, http_port = free_port(), free_port()
-    ports = ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
+    ports = ["--grpc-port", str(grpc_port), "--http-port", str(http_port), "--data-dir", str(tmp_path)]
     proc = subprocess.Popen(
         [*ETLROUTER, "--role", "router", "--log-format", "json", *ports],
         stdout=subprocess.PIPE,
@@ -135,11 +145,11 @@ def test_role_process_serves_health_metrics_and_stops_on_sigterm() -> None:
     try:
         wait_http(f"http://127.0.0.1:{http_port}/healthz")
         assert http_get(f"http://127.0.0.1:{http_port}/healthz") == (200, '{"status": "ok"}')
-        status, body = http_get(f"http://127.0.0.1:{http_port}/readyz")
-        assert status == 503 and json.loads(body)["ready"] is False
-        status, text = http_get(f"http://127.0.0.1:{http_port}/metrics")
+        # Without peers a router is a single-node cluster: it elects itself and becomes ready.
+        assert wait_ready(f"http://127.0.0.1:{http_port}/readyz")["reason"] == "leader is router-0"
+        _, text = http_get(f"http://127.0.0.1:{http_port}/metrics")
         names = {family.name for family in text_string_to_metric_families(text)}
-        assert {"etlrouter_build_info", "process_resident_memory_bytes"} <= names
+        assert {"etlrouter_build_info", "process_resident_memory_bytes", "etlrouter_raft_term"} <= names
         assert asyncio.run(grpc_health(f"127.0.0.1:{grpc_port}")) == HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

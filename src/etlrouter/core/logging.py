@@ -38,7 +38,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update(_fields(record))
+        for key, value in _fields(record).items():
+            entry[key if key not in entry else f"field_{key}"] = value  # never shadow the base keys
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return _json.encode(entry).decode()

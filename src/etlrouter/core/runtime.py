@@ -43,6 +43,11 @@ class RoleRuntime:
 
     async def start(self) -> None:
         await self.grpc.start()
+        await self.start_http()
+
+    async def start_http(self) -> None:
+        """Start the HTTP server: the last step of starting (roles that must bind gRPC before starting
+        their core call grpc.start(), start the core, then this)."""
         await self.http.start()
         log.info(
             "%s started",

@@ -5,16 +5,25 @@ Exit codes: 0 ok, 1 runtime error, 2 invalid input (bad DSL, bad flags), 3 canno
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
+from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.cli_context import Context
 from etlrouter.core.config import ConfigError
 from etlrouter.ctl.output import render
 from etlrouter.dsl import EXPLAIN_FORMATS, DslErrors, explain_file, validate_file
+from etlrouter.router.client import ClusterUnreachableError, RouterClient
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -82,3 +91,342 @@ def _output(obj: Context) -> str:
     except ConfigError as e:
         die(str(e), EXIT_INVALID)
     return config.ctl.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands that talk to the router cluster.
+
+
+def _client(obj: Context) -> tuple[RouterClient, str]:
+    try:
+        config = obj.load({"ctl": obj.ctl_overrides})
+    except ConfigError as e:
+        die(str(e), EXIT_INVALID)
+    return RouterClient(
+        [config.ctl.router], timeout=config.ctl.timeout_s, transport_config=config.transport
+    ), config.ctl.output
+
+
+def run_call(obj: Context, work: Callable[[RouterClient], Awaitable[T]]) -> tuple[T, str]:
+    """Run one client interaction; map failures onto ctl's exit codes."""
+    client, fmt = _client(obj)
+
+    async def go() -> T:
+        try:
+            return await work(client)
+        finally:
+            client.close()
+
+    try:
+        return asyncio.run(go()), fmt
+    except ClusterUnreachableError as e:
+        die(f"error: {e}", EXIT_UNREACHABLE)
+    except GRPCError as e:
+        code = EXIT_INVALID if e.status in _INVALID_STATUSES else EXIT_RUNTIME
+        die(f"error: {e.status.name}: {e.message}", code)
+
+
+_INVALID_STATUSES = frozenset(
+    {
+        Status.INVALID_ARGUMENT,
+        Status.NOT_FOUND,
+        Status.ALREADY_EXISTS,
+        Status.FAILED_PRECONDITION,
+        Status.OUT_OF_RANGE,
+    }
+)
+_PHASES = {0: "unknown", 1: "pending", 2: "running", 3: "degraded"}
+_ACTIONS = {0: "unknown", 1: "created", 2: "updated", 3: "unchanged", 4: "deleted"}
+_KINDS = {0: "unknown", 1: "source", 2: "transform", 3: "sink", 4: "lookup"}
+_HEALTH = {0: "unknown", 1: "serving", 2: "degraded", 3: "not_serving"}
+
+
+def _pipeline_row(p: admin_pb2.Pipeline) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "phase": _PHASES.get(p.phase, "unknown"),
+        "generation": p.generation,
+        "dag": p.dag_id,
+        "stages": len(p.stage_ids),
+        "conditions": list(p.conditions),
+    }
+
+
+def _print_diagnostics(diagnostics: Sequence[admin_pb2.Diagnostic], fmt: str) -> None:
+    if fmt == "table":
+        for d in diagnostics:
+            click.echo(f"{d.file}:{d.line}:{d.column}: error: {d.message}", err=True)
+            if d.excerpt:
+                click.echo(d.excerpt, err=True)
+            if d.hint:
+                click.echo(f"hint: {d.hint}", err=True)
+    else:
+        rows = [
+            {"file": d.file, "line": d.line, "column": d.column, "message": d.message, "hint": d.hint}
+            for d in diagnostics
+        ]
+        click.echo(render({"applied": False, "errors": rows}, fmt))
+
+
+@ctl.command(
+    help="Create or update every pipeline in FILE (idempotent). --prune deletes pipelines the file dropped."
+)
+@click.option("-f", "--file", "file", required=True, type=click.Path(dir_okay=False), help="Pipeline file.")
+@click.option("--dry-run", is_flag=True, help="Check and report what would change, change nothing.")
+@click.option(
+    "--prune", is_flag=True, help="Delete pipelines applied earlier from this file that it no longer has."
+)
+@click.pass_obj
+def apply(obj: Context, file: str, dry_run: bool, prune: bool) -> None:
+    text = read_pipeline_file(file)
+    request = admin_pb2.ApplyPipelinesRequest(definition=text, filename=file, dry_run=dry_run, prune=prune)
+    reply, fmt = run_call(
+        obj, lambda c: c.call(admin_grpc.PipelineAdminStub, "ApplyPipelines", request, write=True)
+    )
+    if reply.diagnostics:
+        _print_diagnostics(reply.diagnostics, fmt)
+        sys.exit(EXIT_INVALID)
+    rows = [
+        {"pipeline": c.name, "action": _ACTIONS.get(c.action, "?"), "generation": c.generation}
+        for c in reply.changes
+    ]
+    if fmt == "table":
+        for row in rows:
+            suffix = " (dry run)" if dry_run else ""
+            click.echo(f"pipeline/{row['pipeline']} {row['action']} (generation {row['generation']}){suffix}")
+    else:
+        click.echo(render({"dry_run": dry_run, "revision": reply.revision, "changes": rows}, fmt))
+
+
+@ctl.command(name="list", help="List pipelines with their phase.")
+@click.option("--stale", is_flag=True, help="Answer from the contacted router without asking the leader.")
+@click.pass_obj
+def list_pipelines(obj: Context, stale: bool) -> None:
+    request = admin_pb2.ListPipelinesRequest(consistency=_consistency(stale))
+    reply, fmt = run_call(
+        obj, lambda c: c.call(admin_grpc.PipelineAdminStub, "ListPipelines", request, any_node=stale)
+    )
+    click.echo(render([_pipeline_row(p) for p in reply.pipelines], fmt))
+
+
+@ctl.command(help="Show one pipeline in short form (`list` shows all).")
+@click.argument("name")
+@click.pass_obj
+def get(obj: Context, name: str) -> None:
+    reply, fmt = run_call(
+        obj,
+        lambda c: c.call(
+            admin_grpc.PipelineAdminStub, "GetPipeline", admin_pb2.GetPipelineRequest(name=name)
+        ),
+    )
+    click.echo(render([_pipeline_row(reply.pipeline)], fmt))
+
+
+@ctl.command(help="Show a pipeline in full: definition, conditions, stages and where each runs.")
+@click.argument("name")
+@click.pass_obj
+def describe(obj: Context, name: str) -> None:
+    async def work(c: RouterClient) -> tuple[admin_pb2.PipelineResponse, admin_pb2.ListPipelinesResponse]:
+        one = await c.call(
+            admin_grpc.PipelineAdminStub, "GetPipeline", admin_pb2.GetPipelineRequest(name=name)
+        )
+        listing = await c.call(
+            admin_grpc.PipelineAdminStub, "ListPipelines", admin_pb2.ListPipelinesRequest()
+        )
+        sidecars = await c.call(admin_grpc.PipelineAdminStub, "ListSidecars", admin_pb2.ListSidecarsRequest())
+        return one, listing, sidecars  # type: ignore[return-value]
+
+    (one, listing, sidecars), fmt = run_call(obj, work)  # type: ignore[misc]
+    p = one.pipeline
+    where: dict[str, list[str]] = {}
+    for sidecar in sidecars.sidecars:
+        for stage in sidecar.stages:
+            where.setdefault(stage.stage_id, []).append(f"{sidecar.sidecar_id}#{stage.replica}")
+    dag = next((d for d in listing.dags if d.id == p.dag_id), None)
+    stages = [
+        {
+            "id": s.id,
+            "kind": _KINDS.get(s.kind, "?"),
+            "service": s.service,
+            "parallelism": s.parallelism,
+            "shared_with": [x for x in s.pipelines if x != p.name],
+            "running_on": where.get(s.id, []),
+        }
+        for s in (dag.stages if dag else [])
+        if s.id in set(p.stage_ids)
+    ]
+    data = {**_pipeline_row(p), "revision": p.revision, "definition": p.definition, "stages": stages}
+    if fmt != "table":
+        click.echo(render(data, fmt))
+        return
+    click.echo(f"Name:        {p.name}\nPhase:       {data['phase']}")
+    click.echo(f"Generation:  {p.generation}\nDAG:         {p.dag_id}")
+    for condition in p.conditions:
+        click.echo(f"Condition:   {condition}")
+    click.echo("Stages:")
+    click.echo("  " + render(stages, "table").replace("\n", "\n  "))
+    click.echo("Definition:\n  " + p.definition.strip().replace("\n", "\n  "))
+
+
+@ctl.command(help="Delete a pipeline.")
+@click.argument("name")
+@click.option("--generation", type=int, default=0, help="Only if the pipeline is at this generation.")
+@click.pass_obj
+def delete(obj: Context, name: str, generation: int) -> None:
+    request = admin_pb2.DeletePipelineRequest(name=name, expected_generation=generation)
+    reply, fmt = run_call(
+        obj, lambda c: c.call(admin_grpc.PipelineAdminStub, "DeletePipeline", request, write=True)
+    )
+    if fmt == "table":
+        click.echo(f"pipeline/{name} deleted")
+    else:
+        click.echo(render({"deleted": name, "revision": reply.revision}, fmt))
+
+
+@ctl.command(help="List registered services.")
+@click.pass_obj
+def services(obj: Context) -> None:
+    reply, fmt = run_call(
+        obj, lambda c: c.call(admin_grpc.PipelineAdminStub, "ListServices", admin_pb2.ListServicesRequest())
+    )
+    rows = [
+        {
+            "name": s.name,
+            "kind": _KINDS.get(s.kind, "?"),
+            "endpoint": s.endpoint,
+            "sidecar": s.sidecar_id or "(direct)",
+        }
+        for s in reply.services
+    ]
+    click.echo(render(rows, fmt))
+
+
+@ctl.command(help="List sidecars with health, load and the stages they run.")
+@click.pass_obj
+def sidecars(obj: Context) -> None:
+    reply, fmt = run_call(
+        obj, lambda c: c.call(admin_grpc.PipelineAdminStub, "ListSidecars", admin_pb2.ListSidecarsRequest())
+    )
+    rows = [
+        {
+            "id": s.sidecar_id,
+            "address": s.data_address,
+            "health": _HEALTH.get(s.health, "unknown"),
+            "heartbeat_age_ms": s.last_heartbeat_age_ms,
+            "records_per_s": round(s.load.records_per_second, 1),
+            "services": [x.name for x in s.services],
+            "stages": len(s.stages),
+        }
+        for s in reply.sidecars
+    ]
+    click.echo(render(rows, fmt))
+
+
+@ctl.group(help="The router cluster itself.")
+def cluster() -> None:
+    pass
+
+
+@cluster.command(name="status", help="Members, leader, term, commit/apply index and per-member lag.")
+@click.pass_obj
+def cluster_status(obj: Context) -> None:
+    reply, fmt = run_call(
+        obj,
+        lambda c: c.call(
+            admin_grpc.PipelineAdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest()
+        ),
+    )
+    members = [
+        {
+            "id": m.id,
+            "address": m.address,
+            "role": "leader" if m.leader else ("voter" if m.voter else "learner"),
+            "match_index": m.match_index,
+            "lag": m.lag,
+            "reachable": m.reachable,
+        }
+        for m in reply.members
+    ]
+    if fmt != "table":
+        data = {
+            "leader": reply.leader_id,
+            "term": reply.term,
+            "commit_index": reply.commit_index,
+            "applied_index": reply.applied_index,
+            "members": members,
+        }
+        click.echo(render(data, fmt))
+        return
+    click.echo(
+        f"leader {reply.leader_id or '(none)'}  term {reply.term}  commit {reply.commit_index}  "
+        f"applied {reply.applied_index}  (answered by {reply.node_id})"
+    )
+    click.echo(render(members, "table"))
+
+
+@ctl.group(help="Back up the replicated state, or restore it into a fresh cluster.")
+def backup() -> None:
+    pass
+
+
+@backup.command(name="create", help="Write a consistent snapshot of the cluster state to FILE.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_obj
+def backup_create(obj: Context, file: str) -> None:
+    async def work(c: RouterClient) -> tuple[admin_pb2.SnapshotInfo, bytes]:
+        stub = admin_grpc.BackupServiceStub(c.channel(await _leader_address(c)))
+        chunks = await stub.CreateSnapshot(admin_pb2.CreateSnapshotRequest(), timeout=c.timeout)
+        data = b"".join(chunk.data for chunk in chunks)
+        if zlib.crc32(data) != chunks[-1].crc32:
+            raise GRPCError(Status.DATA_LOSS, "snapshot CRC mismatch while downloading")
+        return chunks[0].info, data
+
+    (info, snapshot), fmt = run_call(obj, work)
+    Path(file).write_bytes(snapshot)
+    data = {"file": file, "index": info.index, "term": info.term, "bytes": info.size}
+    click.echo(
+        render(data, fmt)
+        if fmt != "table"
+        else f"snapshot at index {info.index} ({info.size} bytes) -> {file}"
+    )
+
+
+@backup.command(
+    name="restore", help="Replace the state of a fresh cluster (no pipelines) with the snapshot in FILE."
+)
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.pass_obj
+def backup_restore(obj: Context, file: str) -> None:
+    data = Path(file).read_bytes()
+
+    async def work(c: RouterClient) -> admin_pb2.RestoreSnapshotResponse:
+        address = await _leader_address(c)
+        chunks = [
+            admin_pb2.SnapshotChunk(data=data[i : i + (1 << 20)], last=i + (1 << 20) >= len(data))
+            for i in range(0, max(len(data), 1), 1 << 20)
+        ]
+        chunks[-1].crc32 = zlib.crc32(data)
+        stub = admin_grpc.BackupServiceStub(c.channel(address))
+        return await stub.RestoreSnapshot(chunks, timeout=c.timeout)
+
+    reply, fmt = run_call(obj, work)
+    data_out = {"index": reply.index, "pipelines": reply.pipelines, "services": reply.services}
+    click.echo(
+        render(data_out, fmt)
+        if fmt != "table"
+        else f"restored: {reply.pipelines} pipelines, {reply.services} services"
+    )
+
+
+async def _leader_address(c: RouterClient) -> str:
+    """Streaming calls go straight to the leader: ask any router where it is."""
+    status = await c.call(
+        admin_grpc.PipelineAdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest(), any_node=True
+    )
+    if not status.leader_address:
+        raise ClusterUnreachableError(f"router {status.node_id} knows no leader (no quorum?)")
+    return str(status.leader_address)
+
+
+def _consistency(stale: bool) -> Any:
+    return admin_pb2.READ_CONSISTENCY_STALE if stale else admin_pb2.READ_CONSISTENCY_LINEARIZABLE

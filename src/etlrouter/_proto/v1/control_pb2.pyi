@@ -197,20 +197,29 @@ class StageReport(_message.Message):
     def __init__(self, dag_id: _Optional[str] = ..., stage_id: _Optional[str] = ..., records_in: _Optional[int] = ..., records_out: _Optional[int] = ..., errors: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., watermark_ms: _Optional[int] = ..., fencing_token: _Optional[int] = ..., health: _Optional[_Union[Health, str]] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class SidecarHeartbeatRequest(_message.Message):
-    __slots__ = ("sidecar_id", "health", "load", "stages", "services", "services_changed")
+    __slots__ = ("sidecar_id", "health", "load", "stages", "services", "services_changed", "applied_tokens")
+    class AppliedTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SIDECAR_ID_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     SERVICES_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     sidecar_id: str
     health: Health
     load: SidecarLoad
     stages: _containers.RepeatedCompositeFieldContainer[StageReport]
     services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
     services_changed: bool
-    def __init__(self, sidecar_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., load: _Optional[_Union[SidecarLoad, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., services_changed: _Optional[bool] = ...) -> None: ...
+    applied_tokens: _containers.ScalarMap[str, int]
+    def __init__(self, sidecar_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., load: _Optional[_Union[SidecarLoad, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., services_changed: _Optional[bool] = ..., applied_tokens: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SidecarHeartbeatResponse(_message.Message):
     __slots__ = ("commands", "reregister")

@@ -1,0 +1,166 @@
+"""A client of the router cluster that finds the leader by itself.
+
+Used by `etlrouter ctl`, the sidecar's cluster client and the operator. Give it any router addresses; a
+follower that cannot serve a request answers FAILED_PRECONDITION with the leader's address in the
+`etlrouter-leader` trailer, and the client follows it. A router that does not answer is skipped; when none
+answers within the deadline the call raises `ClusterUnreachableError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from etlrouter.core.config import TransportConfig
+from etlrouter.core.grpc import open_channel
+
+log = logging.getLogger(__name__)
+
+LEADER_TRAILER = "etlrouter-leader"
+SESSION_CLIENT = "etlrouter-client-id"
+SESSION_SEQ = "etlrouter-seq"
+_Reply = TypeVar("_Reply")
+_RETRYABLE = (StreamTerminatedError, ConnectionError, OSError, asyncio.TimeoutError)
+
+
+class ClusterUnreachableError(Exception):
+    """No router answered: the cluster is down, or the addresses are wrong."""
+
+
+def leader_trailer(leader_id: str, leader_address: str) -> dict[str, str]:
+    """Trailing metadata a follower attaches to FAILED_PRECONDITION when it is not the leader."""
+    return {LEADER_TRAILER: f"{leader_id}@{leader_address}"} if leader_address else {}
+
+
+class RouterClient:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        timeout: float = 10.0,
+        transport_config: TransportConfig | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError("RouterClient needs at least one router address")
+        self.addresses: list[str] = list(dict.fromkeys(addresses))
+        self.timeout = timeout
+        self.transport_config = transport_config
+        self.leader_address: str | None = None
+        self._channels: dict[str, Channel] = {}
+        # A client session: writes carry (client id, sequence); a retried write reuses its sequence, so the
+        # cluster applies it at most once even when the first attempt's outcome was unknown.
+        self.client_id = uuid.uuid4().hex
+        self._seq = itertools.count(1)
+
+    def channel(self, address: str) -> Channel:
+        if address not in self._channels:
+            self._channels[address] = open_channel(address, self.transport_config)
+        return self._channels[address]
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    async def call(
+        self,
+        stub_class: type,
+        method: str,
+        request: Any,
+        *,
+        any_node: bool = False,
+        write: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call `stub_class(channel).method(request)` on the leader (or, with any_node, on any router).
+
+        `write=True` attaches a client session so retries of this call are applied at most once.
+        """
+        deadline = time.monotonic() + (timeout or self.timeout)
+        metadata = {SESSION_CLIENT: self.client_id, SESSION_SEQ: str(next(self._seq))} if write else None
+        last_error: BaseException | None = None
+        attempt = 0
+        while time.monotonic() < deadline:
+            for address in self._candidates(any_node):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                stub = stub_class(self.channel(address))
+                try:
+                    reply = await self._unary(getattr(stub, method), request, min(remaining, 5.0), metadata)
+                except _NotLeaderError as e:
+                    last_error = e
+                    if e.leader_address:
+                        self._learn_leader(e.leader_address)
+                        break  # retry at the leader at once
+                    continue
+                except GRPCError as e:
+                    if e.status in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED):
+                        last_error = e
+                        self._forget_leader(address)
+                        continue
+                    raise
+                except _RETRYABLE as e:
+                    last_error = e
+                    self._forget_leader(address)
+                    continue
+                if not any_node:
+                    self.leader_address = address
+                return reply
+            attempt += 1
+            await asyncio.sleep(min(0.05 * 2**attempt, 0.5, max(0.0, deadline - time.monotonic())))
+        raise ClusterUnreachableError(
+            f"cannot reach the router cluster at {', '.join(self.addresses)}: {_describe(last_error)}"
+        )
+
+    def _candidates(self, any_node: bool) -> list[str]:
+        if self.leader_address and not any_node:
+            return [self.leader_address, *(a for a in self.addresses if a != self.leader_address)]
+        return list(self.addresses)
+
+    def _learn_leader(self, address: str) -> None:
+        self.leader_address = address
+        if address not in self.addresses:
+            self.addresses.append(address)
+
+    def _forget_leader(self, address: str) -> None:
+        if self.leader_address == address:
+            self.leader_address = None
+
+    @staticmethod
+    async def _unary(method: Any, request: Any, timeout: float, metadata: dict[str, str] | None) -> Any:
+        async with method.open(timeout=timeout, metadata=metadata) as stream:
+            await stream.send_message(request, end=True)
+            try:
+                reply = await stream.recv_message()
+                await stream.recv_trailing_metadata()
+            except GRPCError as e:
+                trailer = dict(stream.trailing_metadata or {}).get(LEADER_TRAILER)
+                if e.status == Status.FAILED_PRECONDITION and trailer is not None:
+                    _, _, address = str(trailer).partition("@")
+                    raise _NotLeaderError(e.message or "not the leader", address) from e
+                raise
+            return reply
+
+
+class _NotLeaderError(Exception):
+    def __init__(self, message: str, leader_address: str) -> None:
+        super().__init__(message)
+        self.leader_address = leader_address
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "no answer"
+    if isinstance(error, GRPCError):
+        return f"{error.status.name}: {error.message}"
+    return repr(error)

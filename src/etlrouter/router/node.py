@@ -1,0 +1,228 @@
+"""A router node: a Raft member replicating the control state, with the leader's duties on top.
+
+Wiring only; the rules live elsewhere: what a command does in `control.state`, where stages run in
+`control.placement`, when a sidecar counts as dead in `control.liveness`, consensus in `raft`. The leader
+additionally runs a control loop that expires silent sidecars and direct services and proposes placement
+changes, whenever the state changes and at least once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from etlrouter.control import (
+    ApplyResult,
+    ClientSession,
+    Command,
+    ControlState,
+    DeregisterService,
+    DeregisterSidecar,
+    Liveness,
+    encode_command,
+    place,
+)
+from etlrouter.core.config import Config
+from etlrouter.core.metrics import REGISTRY
+from etlrouter.raft.node import NodeOptions, NotLeader, RaftNode
+from etlrouter.router.watch import WatchHub
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SIZE = Gauge(
+    "etlrouter_registry_objects", "Objects in the replicated registry.", ["kind"], registry=REGISTRY
+)
+EXPIRED = Counter(
+    "etlrouter_router_expired_total",
+    "Sidecars and direct services deregistered because they stopped heartbeating.",
+    ["kind"],
+    registry=REGISTRY,
+)
+PLACEMENT_CHANGES = Counter(
+    "etlrouter_router_placement_changes_total", "Replica moves proposed by the leader.", registry=REGISTRY
+)
+
+
+def now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+class ControlMachine:
+    """The Raft state machine: ControlState plus a notification after every change."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self.state = ControlState()
+        self._on_change = on_change
+
+    def apply(self, index: int, data: bytes) -> ApplyResult:
+        result = self.state.apply(index, data)
+        if result.ok and not result.duplicate and result.revision == index:
+            self._on_change()
+        return result
+
+    def snapshot(self) -> bytes:
+        return self.state.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        if data:
+            self.state.restore(data)
+        self._on_change()
+
+
+class RouterNode:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        rc = config.router
+        self.machine = ControlMachine(self._state_changed)
+        self.state = self.machine.state
+        self.watch = WatchHub(self.state)
+        # A joining node starts empty and waits for the cluster's leader to add it.
+        peers = {} if rc.join else {p.id: p.address for p in rc.peers}
+        self.raft = RaftNode(
+            NodeOptions(
+                node_id=rc.node_id,
+                cluster_id=rc.cluster_id,
+                data_dir=Path(rc.data_dir),
+                bootstrap_peers=peers,
+                tick_s=rc.raft.tick_ms / 1000,
+                election_ticks=rc.raft.election_ticks,
+                heartbeat_ticks=rc.raft.heartbeat_ticks,
+                pre_vote=rc.raft.pre_vote,
+                check_quorum=rc.raft.check_quorum,
+                fsync=rc.raft.fsync,
+                snapshot_every=rc.raft.snapshot_every_entries,
+                max_entries_per_append=rc.raft.max_append_entries,
+                max_inflight_appends=rc.raft.max_inflight_appends,
+            ),
+            self.machine,
+            transport_config=config.transport,
+        )
+        self.sidecar_liveness = Liveness(
+            timeout_ms=rc.sidecar_heartbeat_timeout_ms, grace_ms=rc.leader_grace_ms, leader_since_ms=now_ms()
+        )
+        # Direct registrations: instance id -> (last heartbeat ms, ttl ms). Leader-local soft state.
+        self.direct_heartbeats: dict[str, tuple[int, int]] = {}
+        self._leader_since_ms = 0
+        self._poke = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self, grpc_address: str) -> None:
+        """Start Raft; `grpc_address` is where peers reach this node (its gRPC server is already bound)."""
+        rc = self.config.router
+        if not rc.peers and not rc.join:
+            # No peers configured: a single-node cluster of this node, at the address it actually bound.
+            self.raft.options = dataclasses.replace(
+                self.raft.options, bootstrap_peers={rc.node_id: grpc_address}
+            )
+        await self.raft.start()
+        self._loop_task = asyncio.ensure_future(self._control_loop())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        await self.raft.stop()
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready = part of a cluster with a known leader."""
+        if self.raft.core is None:
+            return False, "raft not started"
+        leader_id, _ = self.raft.leader()
+        if not leader_id:
+            return False, "no leader known"
+        return True, f"leader is {leader_id}"
+
+    # -- writes ----------------------------------------------------------------------------------------
+
+    async def propose(self, command: Command, session: ClientSession | None = None) -> ApplyResult:
+        """Replicate a command; raises NotLeader on a follower, UnknownOutcomeError if leadership was lost."""
+        result: ApplyResult = await self.raft.propose(encode_command(command, session))
+        return result
+
+    async def linearizable(self) -> None:
+        """A read barrier: after it, the local state reflects every write acknowledged before the call."""
+        await self.raft.read_barrier()
+
+    def require_leader(self) -> None:
+        if not self.raft.is_leader():
+            leader_id, address = self.raft.leader()
+            raise NotLeader(self.raft.id, leader_id, address)
+
+    # -- leader duties ---------------------------------------------------------------------------------
+
+    def _state_changed(self) -> None:
+        self._poke.set()
+        self.watch.changed()
+        REGISTRY_SIZE.labels("sidecars").set(len(self.state.sidecars()))
+        REGISTRY_SIZE.labels("pipelines").set(len(self.state.pipelines()))
+        REGISTRY_SIZE.labels("direct_services").set(len(self.state.direct_services()))
+
+    def heard_from_direct_service(self, instance_id: str, ttl_ms: int) -> None:
+        self.direct_heartbeats[instance_id] = (
+            now_ms(),
+            ttl_ms or self.config.router.sidecar_heartbeat_timeout_ms,
+        )
+
+    async def _control_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), 1.0)
+            self._poke.clear()
+            if not self.raft.is_leader():
+                self._leader_since_ms = 0
+                continue
+            if not self._leader_since_ms:
+                # New leader: every sidecar gets a full grace period, whatever the old leader knew.
+                self._leader_since_ms = now_ms()
+                self.sidecar_liveness.become_leader(self._leader_since_ms)
+                self.direct_heartbeats.clear()
+            try:
+                await self._leader_duties()
+            except NotLeader:
+                continue
+            except Exception:
+                log.exception("leader control loop failed; retrying")
+                await asyncio.sleep(0.5)
+
+    async def _leader_duties(self) -> None:
+        now = now_ms()
+        for sidecar_id in self.sidecar_liveness.expired(now, self.state.sidecar_services()):
+            log.warning(
+                "sidecar silent past the timeout: deregistering", extra={"fields": {"sidecar": sidecar_id}}
+            )
+            EXPIRED.labels("sidecar").inc()
+            await self.propose(DeregisterSidecar(sidecar_id=sidecar_id, reason="expired"))
+            self.sidecar_liveness.forget(sidecar_id)
+        grace_over = now - self._leader_since_ms >= self.config.router.leader_grace_ms
+        for record in self.state.direct_services():
+            seen, ttl = self.direct_heartbeats.get(record.instance_id, (self._leader_since_ms, record.ttl_ms))
+            if grace_over and now - seen > (ttl or self.config.router.sidecar_heartbeat_timeout_ms):
+                EXPIRED.labels("service").inc()
+                await self.propose(DeregisterService(instance_id=record.instance_id))
+                self.direct_heartbeats.pop(record.instance_id, None)
+        plan = place(
+            self.state.dags(),
+            self.sidecar_liveness.views(self.state.sidecar_services()),
+            self.state.assignment(),
+        )
+        command = plan.to_command()
+        if command is not None:
+            PLACEMENT_CHANGES.inc(len(command.assignments))
+            result = await self.propose(command)
+            if not result.ok:
+                log.warning("placement proposal refused: %s", result.error)
+
+    def status_fields(self) -> dict[str, Any]:
+        status = self.raft.status()
+        return {"leader": status.leader_id, "term": status.term, "commit": status.commit_index}

@@ -1,0 +1,626 @@
+"""The router's gRPC APIs: ServiceRegistry, SidecarCoordinator, PipelineAdmin, BackupService.
+
+Each handler validates its request (errors name the field), turns it into a control command or a read,
+and maps the outcome onto a gRPC status. A follower answers writes and linearizable reads with
+FAILED_PRECONDITION and the leader's address in the `etlrouter-leader` trailer; RouterClient follows it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+from prometheus_client import Counter, Histogram
+
+from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
+from etlrouter.control import (
+    ApplyPipelines,
+    ApplyResult,
+    ClientSession,
+    DeletePipeline,
+    DeregisterService,
+    DeregisterSidecar,
+    LoadReport,
+    RegisterService,
+    RegisterSidecar,
+    Restore,
+    SnapshotError,
+)
+from etlrouter.core.metrics import REGISTRY
+from etlrouter.dsl import DslErrors, ExplainFormat, explain_dot, explain_mermaid, explain_tree
+from etlrouter.dsl import explain as explain_text
+from etlrouter.dsl import validate as validate_text
+from etlrouter.raft.node import NotLeader, UnknownOutcomeError
+from etlrouter.router.client import SESSION_CLIENT, SESSION_SEQ, leader_trailer
+from etlrouter.router.convert import (
+    InvalidRequestError,
+    change_to_proto,
+    command_to_proto,
+    dag_to_proto,
+    diagnostic_to_proto,
+    instance_from_proto,
+    instance_to_proto,
+    pipeline_to_proto,
+    require_name,
+)
+from etlrouter.router.node import RouterNode, now_ms
+from etlrouter.router.watch import SubscriberLaggedError
+
+log = logging.getLogger(__name__)
+
+MAX_DEFINITION_BYTES = 1 << 20
+SNAPSHOT_CHUNK = 1 << 20
+MAX_RESTORE_BYTES = 256 << 20
+
+_STATUS_OF_CODE = {
+    "invalid_argument": Status.INVALID_ARGUMENT,
+    "not_found": Status.NOT_FOUND,
+    "already_exists": Status.ALREADY_EXISTS,
+    "failed_precondition": Status.FAILED_PRECONDITION,
+    "stale_index": Status.ABORTED,
+}
+_HEALTH = {
+    control_pb2.HEALTH_SERVING: "serving",
+    control_pb2.HEALTH_DEGRADED: "degraded",
+    control_pb2.HEALTH_NOT_SERVING: "not_serving",
+}
+_EXPLAIN_FORMATS: dict[int, ExplainFormat] = {0: "tree", 1: "dot", 2: "mermaid"}
+_HEALTH_TO_PROTO = {value: key for key, value in _HEALTH.items()}
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[None]])
+
+
+API_SECONDS = Histogram(
+    "etlrouter_api_request_seconds",
+    "Router gRPC API latency by method and status.",
+    ["method", "status"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+HEARTBEATS = Counter(
+    "etlrouter_sidecar_heartbeats_total", "Sidecar heartbeats received by the leader.", registry=REGISTRY
+)
+
+
+def handles_errors(handler: _Handler) -> _Handler:
+    """Map the router's exceptions onto gRPC statuses (the leader trailer for NotLeader); time the call."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, stream: Stream[Any, Any]) -> None:
+        started = time.perf_counter()
+        status = "OK"
+        try:
+            await _map_errors(handler, self, stream)
+        except GRPCError as e:
+            status = e.status.name
+            raise
+        finally:
+            API_SECONDS.labels(method, status).observe(time.perf_counter() - started)
+
+    return wrapper  # type: ignore[return-value]
+
+
+async def _map_errors(handler: Callable[..., Awaitable[None]], self: Any, stream: Stream[Any, Any]) -> None:
+    try:
+        await handler(self, stream)
+    except NotLeader as e:
+        await stream.send_trailing_metadata(
+            status=Status.FAILED_PRECONDITION,
+            status_message=str(e),
+            metadata=leader_trailer(e.leader_id, e.leader_address),
+        )
+    except InvalidRequestError as e:
+        raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
+    except UnknownOutcomeError as e:
+        raise GRPCError(Status.UNAVAILABLE, f"outcome unknown: {e}; retry with the same session") from None
+    except TimeoutError:
+        raise GRPCError(Status.UNAVAILABLE, "the cluster did not answer in time (no quorum?)") from None
+
+
+def check(result: ApplyResult) -> ApplyResult:
+    """Raise the gRPC status that a failed command result calls for."""
+    if result.error is not None:
+        raise GRPCError(_STATUS_OF_CODE.get(result.error.code, Status.UNKNOWN), result.error.message)
+    return result
+
+
+def session_of(stream: Stream[Any, Any]) -> ClientSession | None:
+    metadata = dict(stream.metadata or {})
+    client, seq = metadata.get(SESSION_CLIENT), metadata.get(SESSION_SEQ)
+    if not client or not seq:
+        return None
+    try:
+        return ClientSession(str(client), int(str(seq)))
+    except ValueError:
+        raise InvalidRequestError(f"metadata {SESSION_SEQ} must be an integer, got {seq!r}") from None
+
+
+async def recv(stream: Stream[Any, Any]) -> Any:
+    request = await stream.recv_message()
+    if request is None:
+        raise GRPCError(Status.INVALID_ARGUMENT, "request message missing")
+    return request
+
+
+def check_definition(definition: str, field: str = "definition") -> None:
+    size = len(definition.encode())
+    if size > MAX_DEFINITION_BYTES:
+        raise InvalidRequestError(f"{field} is {size} bytes; the limit is {MAX_DEFINITION_BYTES}")
+
+
+class _Base:
+    def __init__(self, node: RouterNode) -> None:
+        self.node = node
+
+    async def read(self, consistency: int) -> None:
+        if consistency == admin_pb2.READ_CONSISTENCY_LINEARIZABLE:
+            self.node.require_leader()
+            await self.node.linearizable()
+
+
+class RegistryService(_Base, control_grpc.ServiceRegistryBase):
+    @handles_errors
+    async def Register(self, stream: Stream[Any, Any]) -> None:
+        request: control_pb2.RegisterServiceRequest = await recv(stream)
+        instance = instance_from_proto(request.instance, "instance")
+        result = check(
+            await self.node.propose(
+                RegisterService(instance=instance, ttl_ms=request.ttl_ms), session_of(stream)
+            )
+        )
+        self.node.heard_from_direct_service(result.instance_id, request.ttl_ms)
+        await stream.send_message(
+            control_pb2.RegisterServiceResponse(instance_id=result.instance_id, revision=result.revision)
+        )
+
+    @handles_errors
+    async def Heartbeat(self, stream: Stream[Any, Any]) -> None:
+        request: control_pb2.ServiceHeartbeatRequest = await recv(stream)
+        self.node.require_leader()
+        record = next(
+            (r for r in self.node.state.direct_services() if r.instance_id == request.instance_id), None
+        )
+        if record is None:
+            raise GRPCError(Status.NOT_FOUND, f"no registration {request.instance_id!r}: register again")
+        self.node.heard_from_direct_service(record.instance_id, record.ttl_ms)
+        await stream.send_message(control_pb2.ServiceHeartbeatResponse())
+
+    @handles_errors
+    async def Deregister(self, stream: Stream[Any, Any]) -> None:
+        request: control_pb2.DeregisterServiceRequest = await recv(stream)
+        require_name(request.instance_id, "instance_id")
+        result = check(
+            await self.node.propose(DeregisterService(instance_id=request.instance_id), session_of(stream))
+        )
+        await stream.send_message(control_pb2.DeregisterServiceResponse(revision=result.revision))
+
+    @handles_errors
+    async def Watch(self, stream: Stream[Any, Any]) -> None:
+        request: control_pb2.WatchRequest = await recv(stream)
+        kinds = frozenset(k.rstrip("s") for k in request.kinds)
+        types = {"put": control_pb2.WatchEvent.TYPE_PUT, "delete": control_pb2.WatchEvent.TYPE_DELETE}
+        try:
+            async for event in self.node.watch.subscribe(kinds):
+                if event.type != "bookmark" and event.revision <= request.since_revision:
+                    continue
+                await stream.send_message(
+                    control_pb2.WatchEvent(
+                        type=types.get(event.type, control_pb2.WatchEvent.TYPE_BOOKMARK),
+                        revision=event.revision,
+                        kind=event.kind,
+                        name=event.name,
+                        json=event.json,
+                    )
+                )
+        except SubscriberLaggedError as e:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, str(e)) from None
+
+
+class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
+    @handles_errors
+    async def RegisterSidecar(self, stream: Stream[Any, Any]) -> None:
+        request: control_pb2.RegisterSidecarRequest = await recv(stream)
+        sidecar_id = require_name(request.sidecar_id, "sidecar_id")
+        require_name(request.data_address, "data_address")
+        services = tuple(
+            instance_from_proto(s, f"services[{i}]", sidecar_id) for i, s in enumerate(request.services)
+        )
+        command = RegisterSidecar(
+            sidecar_id=sidecar_id,
+            data_address=request.data_address,
+            services=services,
+            labels=dict(request.labels),
+            version=request.version,
+        )
+        result = check(await self.node.propose(command, session_of(stream)))
+        self.node.sidecar_liveness.heartbeat(sidecar_id, now_ms())
+        self.node._poke.set()
+        commands = self.node.state.commands_for_sidecar(sidecar_id, {})
+        await stream.send_message(
+            control_pb2.RegisterSidecarResponse(
+                commands=[command_to_proto(c) for c in commands],
+                heartbeat_interval_ms=self.node.config.sidecar.heartbeat_interval_ms,
+                revision=result.revision,
+            )
+        )
+
+    @handles_errors
+    async def Heartbeat(self, stream: Stream[Any, Any]) -> None:
+        request: control_pb2.SidecarHeartbeatRequest = await recv(stream)
+        sidecar_id = require_name(request.sidecar_id, "sidecar_id")
+        self.node.require_leader()
+        HEARTBEATS.inc()
+        state = self.node.state
+        if state.sidecar(sidecar_id) is None:
+            await stream.send_message(control_pb2.SidecarHeartbeatResponse(reregister=True))
+            return
+        load = request.load
+        self.node.sidecar_liveness.heartbeat(
+            sidecar_id,
+            now_ms(),
+            health=_HEALTH.get(request.health, "unknown"),  # type: ignore[arg-type]
+            load=LoadReport(
+                records_per_second=load.records_per_second,
+                buffer_utilization=load.buffer_utilization,
+                cpu_seconds=load.cpu_seconds,
+                rss_bytes=load.rss_bytes,
+                running_stages=load.running_stages,
+            ),
+        )
+        if request.services_changed:
+            services = tuple(
+                instance_from_proto(s, f"services[{i}]", sidecar_id) for i, s in enumerate(request.services)
+            )
+            record = state.sidecar(sidecar_id)
+            assert record is not None
+            check(
+                await self.node.propose(
+                    RegisterSidecar(
+                        sidecar_id=sidecar_id,
+                        data_address=record.data_address,
+                        services=services,
+                        labels=record.labels,
+                        version=record.version,
+                    )
+                )
+            )
+        applied = dict(request.applied_tokens)
+        for report in request.stages:
+            applied[report.dag_id] = max(applied.get(report.dag_id, 0), report.fencing_token)
+        commands = state.commands_for_sidecar(sidecar_id, applied)
+        await stream.send_message(
+            control_pb2.SidecarHeartbeatResponse(commands=[command_to_proto(c) for c in commands])
+        )
+
+    @handles_errors
+    async def DeregisterSidecar(self, stream: Stream[Any, Any]) -> None:
+        request: control_pb2.DeregisterSidecarRequest = await recv(stream)
+        sidecar_id = require_name(request.sidecar_id, "sidecar_id")
+        check(
+            await self.node.propose(
+                DeregisterSidecar(sidecar_id=sidecar_id, reason="left"), session_of(stream)
+            )
+        )
+        self.node.sidecar_liveness.forget(sidecar_id)
+        await stream.send_message(control_pb2.DeregisterSidecarResponse())
+
+
+class AdminService(_Base, admin_grpc.PipelineAdminBase):
+    async def _apply(
+        self, stream: Stream[Any, Any], definition: str, filename: str, **kwargs: Any
+    ) -> tuple[ApplyResult, list[admin_pb2.Diagnostic]]:
+        check_definition(definition)
+        command = ApplyPipelines(definition=definition, filename=filename or "<input>", **kwargs)
+        result = await self.node.propose(command, session_of(stream))
+        diagnostics = [diagnostic_to_proto(d) for d in result.error.diagnostics] if result.error else []
+        if not diagnostics:
+            check(result)
+        return result, diagnostics
+
+    @handles_errors
+    async def ApplyPipelines(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.ApplyPipelinesRequest = await recv(stream)
+        if request.dry_run:
+            check_definition(request.definition)
+            self.node.require_leader()
+            await self.node.linearizable()
+            command = ApplyPipelines(
+                definition=request.definition, filename=request.filename or "<input>", prune=request.prune
+            )
+            result = self.node.state.preview(command)
+            diagnostics = [diagnostic_to_proto(d) for d in result.error.diagnostics] if result.error else []
+            if not diagnostics:
+                check(result)
+        else:
+            result, diagnostics = await self._apply(
+                stream, request.definition, request.filename, prune=request.prune
+            )
+        await stream.send_message(
+            admin_pb2.ApplyPipelinesResponse(
+                changes=[change_to_proto(c) for c in result.changes],
+                diagnostics=diagnostics,
+                revision=result.revision,
+            )
+        )
+
+    async def _single(self, stream: Stream[Any, Any], definition: str, filename: str, **kwargs: Any) -> None:
+        result, diagnostics = await self._apply(stream, definition, filename, **kwargs)
+        response = admin_pb2.PipelineResponse(diagnostics=diagnostics)
+        if result.changes:
+            status = self.node.state.pipeline(result.changes[0].name)
+            if status is not None:
+                response.pipeline.CopyFrom(pipeline_to_proto(status))
+        await stream.send_message(response)
+
+    @handles_errors
+    async def CreatePipeline(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.CreatePipelineRequest = await recv(stream)
+        await self._single(stream, request.definition, request.filename, mode="create")
+
+    @handles_errors
+    async def UpdatePipeline(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.UpdatePipelineRequest = await recv(stream)
+        await self._single(
+            stream,
+            request.definition,
+            request.filename,
+            mode="update",
+            expected_generation=request.expected_generation,
+        )
+
+    @handles_errors
+    async def DeletePipeline(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.DeletePipelineRequest = await recv(stream)
+        name = require_name(request.name, "name")
+        command = DeletePipeline(name=name, expected_generation=request.expected_generation)
+        result = check(await self.node.propose(command, session_of(stream)))
+        await stream.send_message(admin_pb2.DeletePipelineResponse(revision=result.revision))
+
+    @handles_errors
+    async def GetPipeline(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.GetPipelineRequest = await recv(stream)
+        name = require_name(request.name, "name")
+        await self.read(request.consistency)
+        status = self.node.state.pipeline(name)
+        if status is None:
+            raise GRPCError(Status.NOT_FOUND, f"pipeline `{name}` does not exist")
+        await stream.send_message(admin_pb2.PipelineResponse(pipeline=pipeline_to_proto(status)))
+
+    @handles_errors
+    async def ListPipelines(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.ListPipelinesRequest = await recv(stream)
+        await self.read(request.consistency)
+        state = self.node.state
+        await stream.send_message(
+            admin_pb2.ListPipelinesResponse(
+                pipelines=[pipeline_to_proto(p) for p in state.pipelines()],
+                dags=[dag_to_proto(d) for d in state.dag_specs()],
+                revision=state.revision,
+            )
+        )
+
+    @handles_errors
+    async def ValidatePipelines(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.ValidatePipelinesRequest = await recv(stream)
+        check_definition(request.definition)
+        errors = validate_text(request.definition, request.filename or "<input>", self.node.state)
+        await stream.send_message(
+            admin_pb2.ValidatePipelinesResponse(
+                valid=not errors,
+                diagnostics=[
+                    admin_pb2.Diagnostic(
+                        file=e.filename,
+                        line=e.line,
+                        column=e.col,
+                        message=e.message,
+                        hint=e.hint or "",
+                        excerpt=e.render(),
+                    )
+                    for e in errors
+                ],
+            )
+        )
+
+    @handles_errors
+    async def ExplainPipelines(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.ExplainPipelinesRequest = await recv(stream)
+        fmt: ExplainFormat = _EXPLAIN_FORMATS.get(request.format, "tree")
+        response = admin_pb2.ExplainPipelinesResponse()
+        if request.definition:
+            check_definition(request.definition)
+            try:
+                response.rendered = explain_text(
+                    request.definition,
+                    request.filename or "<input>",
+                    fmt,
+                    self.node.state,
+                )
+            except DslErrors as e:
+                response.diagnostics.extend(
+                    admin_pb2.Diagnostic(
+                        file=x.filename, line=x.line, column=x.col, message=x.message, hint=x.hint or ""
+                    )
+                    for x in e.errors
+                )
+        else:
+            dags = self.node.state.dags()
+            render = {"tree": explain_tree, "dot": explain_dot, "mermaid": explain_mermaid}[fmt]
+            response.rendered = render(dags)
+            response.dags.extend(dag_to_proto(d) for d in self.node.state.dag_specs())
+        await stream.send_message(response)
+
+    @handles_errors
+    async def ListServices(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.ListServicesRequest = await recv(stream)
+        await self.read(request.consistency)
+        await stream.send_message(
+            admin_pb2.ListServicesResponse(
+                services=[instance_to_proto(s) for s in self.node.state.services()]
+            )
+        )
+
+    @handles_errors
+    async def ListSidecars(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.ListSidecarsRequest = await recv(stream)
+        await self.read(request.consistency)
+        state, liveness, now = self.node.state, self.node.sidecar_liveness, now_ms()
+        leader = self.node.raft.is_leader()
+        out = []
+        for record in state.sidecars():
+            info = admin_pb2.SidecarInfo(
+                sidecar_id=record.id,
+                data_address=record.data_address,
+                services=[instance_to_proto(s) for s in record.services],
+                version=record.version,
+            )
+            pulse = liveness.pulse(record.id) if leader else None
+            if pulse is not None:
+                info.health = _HEALTH_TO_PROTO.get(pulse.health, control_pb2.HEALTH_UNKNOWN)
+                info.last_heartbeat_age_ms = max(0, now - pulse.last_heartbeat_ms)
+                if pulse.load is not None:
+                    info.load.records_per_second = pulse.load.records_per_second
+                    info.load.buffer_utilization = pulse.load.buffer_utilization
+                    info.load.rss_bytes = pulse.load.rss_bytes
+                    info.load.running_stages = pulse.load.running_stages
+            for _, stage_id, replica in state.replicas_of(record.id):
+                info.stages.append(
+                    control_pb2.StagePlacement(
+                        stage_id=stage_id,
+                        sidecar_id=record.id,
+                        data_address=record.data_address,
+                        replica=replica,
+                    )
+                )
+            out.append(info)
+        await stream.send_message(admin_pb2.ListSidecarsResponse(sidecars=out))
+
+    def _cluster_status(self) -> admin_pb2.ClusterStatus:
+        status = self.node.raft.status()
+        return admin_pb2.ClusterStatus(
+            node_id=status.node_id,
+            leader_id=status.leader_id,
+            leader_address=status.leader_address,
+            term=status.term,
+            commit_index=status.commit_index,
+            applied_index=status.applied_index,
+            last_snapshot_index=status.snapshot_index,
+            members=[
+                admin_pb2.ClusterMember(
+                    id=m.id,
+                    address=m.address,
+                    voter=m.voter,
+                    leader=m.id == status.leader_id,
+                    match_index=m.match_index,
+                    lag=max(0, status.commit_index - m.match_index),
+                    reachable=m.reachable,
+                )
+                for m in status.members
+            ],
+        )
+
+    @handles_errors
+    async def GetClusterStatus(self, stream: Stream[Any, Any]) -> None:
+        await recv(stream)
+        await stream.send_message(self._cluster_status())
+
+    @handles_errors
+    async def AddMember(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.AddMemberRequest = await recv(stream)
+        node_id = require_name(request.node_id, "node_id")
+        require_name(request.address, "address")
+        self.node.require_leader()
+        await self.node.raft.add_member(node_id, request.address, voter=not request.learner_only)
+        await stream.send_message(self._cluster_status())
+
+    @handles_errors
+    async def RemoveMember(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.RemoveMemberRequest = await recv(stream)
+        node_id = require_name(request.node_id, "node_id")
+        self.node.require_leader()
+        await self.node.raft.remove_member(node_id)
+        await stream.send_message(self._cluster_status())
+
+    @handles_errors
+    async def TransferLeadership(self, stream: Stream[Any, Any]) -> None:
+        request: admin_pb2.TransferLeadershipRequest = await recv(stream)
+        self.node.require_leader()
+        await self.node.raft.transfer_leadership(request.node_id)
+        await stream.send_message(self._cluster_status())
+
+
+class BackupService(_Base, admin_grpc.BackupServiceBase):
+    @handles_errors
+    async def CreateSnapshot(self, stream: Stream[Any, Any]) -> None:
+        await recv(stream)
+        self.node.require_leader()
+        await self.node.linearizable()
+        state = self.node.state
+        data, index = state.snapshot(), state.applied_index
+        info = admin_pb2.SnapshotInfo(
+            index=index,
+            term=self.node.raft.status().term,
+            size=len(data),
+            format=1,
+            cluster_id=self.node.config.router.cluster_id,
+            created_at_ms=int(time.time() * 1000),
+        )
+        chunks = range(0, max(len(data), 1), SNAPSHOT_CHUNK)
+        for i, offset in enumerate(chunks):
+            last = i == len(chunks) - 1
+            chunk = admin_pb2.SnapshotChunk(data=data[offset : offset + SNAPSHOT_CHUNK], last=last)
+            if i == 0:
+                chunk.info.CopyFrom(info)
+            if last:
+                chunk.crc32 = zlib.crc32(data)
+            await stream.send_message(chunk)
+
+    @handles_errors
+    async def RestoreSnapshot(self, stream: Stream[Any, Any]) -> None:
+        parts: list[bytes] = []
+        size, crc, last = 0, None, False
+        async for chunk in stream:
+            size += len(chunk.data)
+            if size > MAX_RESTORE_BYTES:
+                raise GRPCError(Status.RESOURCE_EXHAUSTED, f"snapshot exceeds {MAX_RESTORE_BYTES} bytes")
+            parts.append(chunk.data)
+            if chunk.last:
+                crc, last = chunk.crc32, True
+                break
+        data = b"".join(parts)
+        if not last:
+            raise GRPCError(Status.INVALID_ARGUMENT, "snapshot stream ended before the chunk marked last")
+        if crc != zlib.crc32(data):
+            raise GRPCError(
+                Status.DATA_LOSS, f"snapshot CRC mismatch: got {zlib.crc32(data)}, expected {crc}"
+            )
+        try:
+            result = check(await self.node.propose(Restore(snapshot=data), session_of(stream)))
+        except SnapshotError as e:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"not a snapshot this version can read: {e}") from None
+        state = self.node.state
+        await stream.send_message(
+            admin_pb2.RestoreSnapshotResponse(
+                index=result.index,
+                pipelines=len(state.pipelines()),
+                services=len(state.direct_services()),
+                sidecars=len(state.sidecars()),
+            )
+        )
+
+
+def router_services(node: RouterNode) -> list[Any]:
+    return [
+        node.raft.transport.service,
+        RegistryService(node),
+        CoordinatorService(node),
+        AdminService(node),
+        BackupService(node),
+    ]
