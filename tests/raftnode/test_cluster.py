@@ -11,8 +11,8 @@ import pytest
 
 from etlrouter.core.grpc import GrpcServer
 from etlrouter.raft.node import NodeOptions, NotLeader, RaftNode
-from tests.conftest import free_port
 from etlrouter.testing.kv import KV, put
+from tests.conftest import free_port
 
 IDS = ["n1", "n2", "n3"]
 
