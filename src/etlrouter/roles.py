@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from etlrouter.api import mount_graphql
 from etlrouter.core.config import Config
 from etlrouter.core.lifecycle import run_loop, serve
 from etlrouter.core.runtime import RoleRuntime
@@ -26,6 +27,7 @@ class RouterRole:
             grpc_services=router_services(self.node),
             readiness=self.node.ready,
         )
+        mount_graphql(self.runtime.app, self.node)  # /graphql: queries, mutations, subscriptions
 
     async def start(self) -> None:
         await self.runtime.grpc.start()  # bound first: peers must reach Raft as soon as it runs

@@ -1,0 +1,521 @@
+"""The executable GraphQL schema: the SDL in static/schema.graphql bound to resolvers over a RouterNode.
+
+Resolvers read the router's replica (`node.state`, `node.raft.status()`, leader-local liveness) and turn
+it into plain dicts shaped like the SDL types. Writes go through `node.propose` on the leader and through
+the leader's gRPC admin API on a follower (see `forward.py`); linearizable reads likewise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from ariadne import (
+    EnumType,
+    MutationType,
+    QueryType,
+    ScalarType,
+    SubscriptionType,
+    make_executable_schema,
+)
+from ariadne.utils import unwrap_graphql_error
+from graphql import GraphQLError, GraphQLResolveInfo, GraphQLSchema
+
+from etlrouter.api.forward import (
+    ForwardError,
+    LeaderForwarder,
+    changes_from_proto,
+    diagnostics_from_proto,
+)
+from etlrouter.control import ApplyPipelines, ApplyResult, DeletePipeline, PipelineStatus
+from etlrouter.control.model import StagePlacement, option_text, parallelism_of
+from etlrouter.dsl import DagStage, MergedDag
+from etlrouter.raft.node import NotLeader, UnknownOutcomeError
+from etlrouter.router.node import RouterNode, now_ms
+from etlrouter.router.services import MAX_DEFINITION_BYTES
+from etlrouter.router.watch import ChangeEvent, SubscriberLaggedError
+
+READ_TIMEOUT_S = 5.0
+MAX_NAME_CHARS = 253
+REGISTRY_KINDS = frozenset({"service", "sidecar", "pipeline"})
+_UINT64_MAX = (1 << 64) - 1
+
+
+class _ErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Where ariadne reports errors: the client's mistakes (syntax, validation, NOT_FOUND...) at INFO
+    without a traceback, exceptions nobody anticipated at ERROR with one."""
+
+    def error(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        original = unwrap_graphql_error(exc_info) if isinstance(exc_info, Exception) else exc_info
+        if original is None or isinstance(original, GraphQLError):
+            self.logger.info("GraphQL request failed: %s", msg)
+        else:
+            self.logger.error("GraphQL resolver failed: %s", msg, exc_info=original)
+
+
+ERROR_LOG = _ErrorLog(logging.getLogger("etlrouter.api"), {})
+
+
+def load_sdl() -> str:
+    return resources.files("etlrouter.api").joinpath("static/schema.graphql").read_text(encoding="utf-8")
+
+
+def api_error(code: str, message: str) -> GraphQLError:
+    """An error the client sees with `extensions.code` (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...)."""
+    return GraphQLError(message, extensions={"code": code})
+
+
+@dataclass
+class ApiContext:
+    """Per request (or per WebSocket operation): the node, the forwarder and the read barrier, which is
+    taken at most once per request however many top-level fields ask for it."""
+
+    node: RouterNode
+    forwarder: LeaderForwarder
+    _barrier: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    async def read(self, consistency: str) -> None:
+        if consistency != "LINEARIZABLE":
+            return
+        if self._barrier is None:
+            self._barrier = asyncio.ensure_future(self._linearizable())
+        await asyncio.shield(self._barrier)
+
+    async def _linearizable(self) -> None:
+        node = self.node
+        try:
+            if node.raft.is_leader():
+                try:
+                    await node.linearizable()
+                    return
+                except NotLeader:
+                    pass  # lost leadership meanwhile: go through the new leader
+            revision = await self.forwarder.linearizable_revision()
+            await node.raft.wait_applied(revision, timeout=READ_TIMEOUT_S)
+        except ForwardError as e:
+            raise api_error(e.code, f"linearizable read failed: {e}") from None
+        except TimeoutError:
+            raise api_error(
+                "UNAVAILABLE",
+                "linearizable read timed out (no quorum, or this replica is far behind);"
+                " retry, or ask with consistency: STALE",
+            ) from None
+
+
+def _context(info: GraphQLResolveInfo[Any]) -> ApiContext:
+    context = info.context
+    assert isinstance(context, ApiContext)
+    return context
+
+
+# --- scalars and enums ----------------------------------------------------------------------------
+
+uint64 = ScalarType("UInt64")
+
+
+@uint64.serializer
+def _serialize_uint64(value: Any) -> int:
+    return int(value)
+
+
+@uint64.value_parser
+def _parse_uint64(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT64_MAX:
+        raise ValueError(f"UInt64 must be an integer in 0..2^64-1, got {value!r}")
+    return value
+
+
+def _enum(name: str, values: Iterable[str]) -> EnumType:
+    return EnumType(name, {value.upper(): value for value in values})
+
+
+ENUMS = [
+    _enum("StageKind", ("source", "transform", "lookup", "sink")),
+    _enum("PipelinePhase", ("pending", "running", "degraded")),
+    _enum("Health", ("unknown", "serving", "degraded", "not_serving")),
+    _enum("ChangeAction", ("created", "updated", "unchanged", "deleted")),
+    _enum("EventType", ("put", "delete", "bookmark")),
+    _enum("BranchMode", ("block", "shed")),
+]
+
+
+# --- views: replicated records as dicts shaped like the SDL types -----------------------------------
+
+
+def _labels(labels: dict[str, str]) -> list[dict[str, str]]:
+    return [{"key": k, "value": v} for k, v in sorted(labels.items())]
+
+
+def _placement(p: StagePlacement) -> dict[str, Any]:
+    return {"stageId": p.stage_id, "sidecarId": p.sidecar_id, "replica": p.replica, "address": p.data_address}
+
+
+def _stage(stage: DagStage, placements: list[StagePlacement]) -> dict[str, Any]:
+    return {
+        "id": stage.id,
+        "kind": stage.kind,
+        "service": stage.service,
+        "options": [{"name": k, "value": option_text(v)} for k, v in stage.options.items()],
+        "parallelism": parallelism_of(stage),
+        "pipelines": list(stage.pipelines),
+        "parent": stage.parent,
+        "children": list(stage.children),
+        "placements": [_placement(p) for p in placements if p.stage_id == stage.id],
+    }
+
+
+def _dag(node: RouterNode, dag: MergedDag) -> dict[str, Any]:
+    placements = node.state.placements(dag.root)
+    spec = node.state.dag_spec(dag.root)
+    return {
+        "id": dag.root,
+        "generation": spec.generation if spec is not None else 0,
+        "pipelines": list(dag.pipelines),
+        "stages": [_stage(s, placements) for s in dag.stages],
+        "edges": [
+            {
+                "from": e.src,
+                "to": e.dst,
+                "pipelines": list(e.pipelines),
+                "policy": {"mode": e.policy.mode, "shedAfterMs": e.policy.shed_after_ms},
+            }
+            for e in dag.edges
+        ],
+        "placements": [_placement(p) for p in placements],
+    }
+
+
+def _pipeline(node: RouterNode, status: PipelineStatus) -> dict[str, Any]:
+    def stages(*_: Any) -> list[dict[str, Any]]:  # resolved only when selected
+        for dag in node.state.dags():
+            if dag.root == status.dag_id:
+                placements = node.state.placements(dag.root)
+                wanted = set(status.stage_ids)
+                return [_stage(s, placements) for s in dag.stages if s.id in wanted]
+        return []
+
+    return {
+        "name": status.name,
+        "definition": status.definition,
+        "filename": status.filename,
+        "generation": status.generation,
+        "phase": status.phase,
+        "conditions": list(status.conditions),
+        "dagId": status.dag_id,
+        "stageIds": list(status.stage_ids),
+        "stages": stages,
+        "revision": status.revision,
+    }
+
+
+def _service(instance: Any) -> dict[str, Any]:
+    return {
+        "name": instance.name,
+        "kind": instance.kind,
+        "endpoint": instance.endpoint,
+        "sidecarId": instance.sidecar_id,
+        "labels": _labels(instance.labels),
+    }
+
+
+def _sidecars(node: RouterNode) -> list[dict[str, Any]]:
+    state, liveness, now = node.state, node.sidecar_liveness, now_ms()
+    leader = node.raft.is_leader()
+    out = []
+    for record in state.sidecars():
+        pulse = liveness.pulse(record.id) if leader else None
+        load = pulse.load if pulse is not None else None
+        out.append(
+            {
+                "id": record.id,
+                "address": record.data_address,
+                "version": record.version,
+                "labels": _labels(record.labels),
+                "services": [_service(s) for s in record.services],
+                "health": pulse.health if pulse is not None else "unknown",
+                "load": None
+                if load is None
+                else {
+                    "recordsPerSecond": load.records_per_second,
+                    "bufferUtilization": load.buffer_utilization,
+                    "rssBytes": load.rss_bytes,
+                    "runningStages": load.running_stages,
+                },
+                "lastHeartbeatAgeMs": max(0, now - pulse.last_heartbeat_ms) if pulse is not None else None,
+                "stages": [
+                    {
+                        "stageId": stage_id,
+                        "sidecarId": record.id,
+                        "replica": replica,
+                        "address": record.data_address,
+                    }
+                    for _, stage_id, replica in state.replicas_of(record.id)
+                ],
+            }
+        )
+    return out
+
+
+def _cluster(node: RouterNode) -> dict[str, Any]:
+    status = node.raft.status()
+    return {
+        "nodeId": status.node_id,
+        "leaderId": status.leader_id,
+        "leaderAddress": status.leader_address,
+        "isLeader": node.raft.is_leader(),
+        "role": status.role,
+        "term": status.term,
+        "commitIndex": status.commit_index,
+        "appliedIndex": status.applied_index,
+        "snapshotIndex": status.snapshot_index,
+        "members": [
+            {
+                "id": m.id,
+                "address": m.address,
+                "voter": m.voter,
+                "leader": m.id == status.leader_id,
+                "matchIndex": m.match_index,
+                "lag": max(0, status.commit_index - m.match_index),
+                "reachable": m.reachable,
+            }
+            for m in status.members
+        ],
+    }
+
+
+# --- queries ---------------------------------------------------------------------------------------
+
+query = QueryType()
+
+
+@query.field("cluster")
+def _resolve_cluster(_: Any, info: GraphQLResolveInfo[Any]) -> dict[str, Any]:
+    return _cluster(_context(info).node)
+
+
+@query.field("pipelines")
+async def _resolve_pipelines(_: Any, info: GraphQLResolveInfo[Any], consistency: str) -> list[dict[str, Any]]:
+    ctx = _context(info)
+    await ctx.read(consistency)
+    return [_pipeline(ctx.node, p) for p in ctx.node.state.pipelines()]
+
+
+@query.field("pipeline")
+async def _resolve_pipeline(
+    _: Any, info: GraphQLResolveInfo[Any], name: str, consistency: str
+) -> dict[str, Any] | None:
+    ctx = _context(info)
+    await ctx.read(consistency)
+    status = ctx.node.state.pipeline(name)
+    return None if status is None else _pipeline(ctx.node, status)
+
+
+@query.field("dags")
+async def _resolve_dags(_: Any, info: GraphQLResolveInfo[Any], consistency: str) -> list[dict[str, Any]]:
+    ctx = _context(info)
+    await ctx.read(consistency)
+    return [_dag(ctx.node, d) for d in ctx.node.state.dags()]
+
+
+@query.field("services")
+async def _resolve_services(_: Any, info: GraphQLResolveInfo[Any], consistency: str) -> list[dict[str, Any]]:
+    ctx = _context(info)
+    await ctx.read(consistency)
+    return [_service(s) for s in ctx.node.state.services()]
+
+
+@query.field("sidecars")
+async def _resolve_sidecars(_: Any, info: GraphQLResolveInfo[Any], consistency: str) -> list[dict[str, Any]]:
+    ctx = _context(info)
+    await ctx.read(consistency)
+    return _sidecars(ctx.node)
+
+
+# --- mutations -------------------------------------------------------------------------------------
+
+mutation = MutationType()
+
+
+def _check_result(result: ApplyResult) -> ApplyResult:
+    if result.error is not None:
+        raise api_error(result.error.code.upper(), result.error.message)
+    return result
+
+
+def _check_name(name: str, what: str) -> str:
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise api_error("INVALID_ARGUMENT", f"{what} must be 1..{MAX_NAME_CHARS} characters, got {len(name)}")
+    return name
+
+
+async def _on_leader(
+    ctx: ApiContext, command: ApplyPipelines | DeletePipeline, *, dry_run: bool
+) -> ApplyResult:
+    """Run a command on this node, which must be the leader; NotLeader propagates."""
+    node = ctx.node
+    node.require_leader()
+    try:
+        if dry_run:
+            assert isinstance(command, ApplyPipelines)
+            await node.linearizable()
+            return node.state.preview(command)
+        return await node.propose(command)
+    except UnknownOutcomeError as e:
+        raise api_error("UNAVAILABLE", f"outcome unknown: {e}; check the pipelines and retry") from None
+    except TimeoutError:
+        raise api_error("UNAVAILABLE", "the cluster did not answer in time (no quorum?)") from None
+
+
+@mutation.field("applyPipelines")
+async def _resolve_apply(
+    _: Any, info: GraphQLResolveInfo[Any], definition: str, filename: str, dryRun: bool, prune: bool
+) -> dict[str, Any]:
+    ctx = _context(info)
+    size = len(definition.encode())
+    if size > MAX_DEFINITION_BYTES:
+        raise api_error(
+            "INVALID_ARGUMENT", f"definition is {size} bytes; the limit is {MAX_DEFINITION_BYTES}"
+        )
+    filename = _check_name(filename or "<input>", "filename")
+    command = ApplyPipelines(definition=definition, filename=filename, prune=prune)
+    try:
+        result = await _on_leader(ctx, command, dry_run=dryRun)
+    except NotLeader:
+        try:
+            reply, served_by = await ctx.forwarder.apply_pipelines(
+                definition, filename, dry_run=dryRun, prune=prune
+            )
+        except ForwardError as e:
+            raise api_error(e.code, f"forwarded to the leader: {e}") from None
+        diagnostics = diagnostics_from_proto(reply.diagnostics)
+        return {
+            "applied": not diagnostics and not dryRun,
+            "changes": changes_from_proto(reply.changes),
+            "diagnostics": diagnostics,
+            "revision": reply.revision,
+            "servedBy": served_by,
+        }
+    own = ctx.node.raft.status()
+    served = own.leader_address if own.leader_id == own.node_id else ""
+    if result.error is not None and result.error.diagnostics:
+        return {
+            "applied": False,
+            "changes": [],
+            "diagnostics": [
+                {
+                    "file": d.file,
+                    "line": d.line,
+                    "column": d.column,
+                    "message": d.message,
+                    "hint": d.hint,
+                    "excerpt": d.excerpt,
+                }
+                for d in result.error.diagnostics
+            ],
+            "revision": result.revision,
+            "servedBy": served,
+        }
+    _check_result(result)
+    return {
+        "applied": not dryRun,
+        "changes": [{"name": c.name, "action": c.action, "generation": c.generation} for c in result.changes],
+        "diagnostics": [],
+        "revision": result.revision,
+        "servedBy": served,
+    }
+
+
+@mutation.field("deletePipeline")
+async def _resolve_delete(
+    _: Any, info: GraphQLResolveInfo[Any], name: str, expectedGeneration: int
+) -> dict[str, Any]:
+    ctx = _context(info)
+    name = _check_name(name, "name")
+    try:
+        result = _check_result(
+            await _on_leader(
+                ctx, DeletePipeline(name=name, expected_generation=expectedGeneration), dry_run=False
+            )
+        )
+    except NotLeader:
+        try:
+            revision, served_by = await ctx.forwarder.delete_pipeline(name, expectedGeneration)
+        except ForwardError as e:
+            raise api_error(e.code, f"forwarded to the leader: {e}") from None
+        return {"name": name, "revision": revision, "servedBy": served_by}
+    own = ctx.node.raft.status()
+    return {"name": name, "revision": result.revision, "servedBy": own.leader_address}
+
+
+# --- subscriptions ---------------------------------------------------------------------------------
+
+subscription = SubscriptionType()
+
+
+def _kinds(kinds: list[str] | None) -> frozenset[str]:
+    wanted = frozenset(k.rstrip("s") if k.endswith("s") else k for k in kinds or ())
+    unknown = wanted - REGISTRY_KINDS
+    if unknown:
+        raise api_error(
+            "INVALID_ARGUMENT",
+            f"unknown registry kinds {sorted(unknown)}; use {sorted(REGISTRY_KINDS)} (or their plurals)",
+        )
+    return wanted
+
+
+@subscription.source("registryChanged")
+def _registry_source(
+    _: Any, info: GraphQLResolveInfo[Any], kinds: list[str] | None = None
+) -> AsyncGenerator[ChangeEvent, None]:
+    wanted = _kinds(kinds)  # validated before the stream starts: a bad kind fails the subscribe
+
+    async def events() -> AsyncGenerator[ChangeEvent, None]:
+        try:
+            async for event in _context(info).node.watch.subscribe(wanted):
+                yield event
+        except SubscriberLaggedError as e:
+            raise api_error("RESOURCE_EXHAUSTED", str(e)) from None
+
+    return events()
+
+
+@subscription.field("registryChanged")
+def _registry_event(event: ChangeEvent, _: GraphQLResolveInfo[Any], **__: Any) -> dict[str, Any]:
+    return {
+        "type": event.type,
+        "revision": event.revision,
+        "kind": event.kind,
+        "name": event.name,
+        "json": event.json,
+    }
+
+
+@subscription.source("pipelinesChanged")
+async def _pipelines_source(
+    _: Any, info: GraphQLResolveInfo[Any]
+) -> AsyncGenerator[list[PipelineStatus], None]:
+    node = _context(info).node
+    dirty = True  # the initial listing is sent at the first bookmark
+    try:
+        async for event in node.watch.subscribe(frozenset({"pipeline"})):
+            if event.type != "bookmark":
+                dirty = True
+            elif dirty:
+                dirty = False
+                yield node.state.pipelines()
+    except SubscriberLaggedError as e:
+        raise api_error("RESOURCE_EXHAUSTED", str(e)) from None
+
+
+@subscription.field("pipelinesChanged")
+def _pipelines_event(pipelines: list[PipelineStatus], info: GraphQLResolveInfo[Any]) -> list[dict[str, Any]]:
+    node = _context(info).node
+    return [_pipeline(node, p) for p in pipelines]
+
+
+def build_schema() -> GraphQLSchema:
+    return make_executable_schema(load_sdl(), query, mutation, subscription, uint64, *ENUMS)
