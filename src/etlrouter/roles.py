@@ -61,16 +61,11 @@ async def _serve_role(role: str, config: Config) -> None:
         await serve(RouterRole(config), drain_deadline_s=5.0)
         return
     if role == "sidecar":
-        cfg_s = config.sidecar
-        runtime = RoleRuntime(
-            "sidecar",
-            grpc_listen=cfg_s.grpc,
-            http_listen=cfg_s.http,
-            transport_config=config.transport,
-            readiness=lambda: (False, "the data plane is not part of this build yet"),
-        )
-        drain_s = cfg_s.drain_timeout_ms / 1000
-    elif role == "operator":
+        from etlrouter.sidecar.role import SidecarRole
+
+        await serve(SidecarRole(config), drain_deadline_s=config.sidecar.drain_timeout_ms / 1000)
+        return
+    if role == "operator":
         from etlrouter.core.config import ListenConfig
 
         runtime = RoleRuntime(
@@ -80,7 +75,6 @@ async def _serve_role(role: str, config: Config) -> None:
             transport_config=config.transport,
             readiness=lambda: (False, "the CRD controllers are not part of this build yet"),
         )
-        drain_s = 5.0
-    else:
-        raise ValueError(f"{role!r} is not a long-running role")
-    await serve(runtime, drain_deadline_s=drain_s)
+        await serve(runtime, drain_deadline_s=5.0)
+        return
+    raise ValueError(f"{role!r} is not a long-running role")

@@ -144,6 +144,12 @@ class GeneratorCore:
                 self.next_offset[p] = acked + 1
                 self.progress_at[p] = now
 
+    def rewind_all(self, now: float) -> None:
+        """Hand out again everything after the last acknowledged offset (the puller restarted)."""
+        for p, acked in self.acked.items():
+            self.next_offset[p] = acked + 1
+            self.progress_at[p] = now
+
     def take(
         self, partitions: Sequence[int], max_records: int, max_bytes: int, now: float
     ) -> tuple[int, list[Record]]:
@@ -232,6 +238,7 @@ class GeneratorSource(Source):
         )
         self.core = GeneratorCore(config)
         self._lock = asyncio.Lock()
+        self._save_lock = asyncio.Lock()
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -259,10 +266,15 @@ class GeneratorSource(Source):
                     return Pulled()
                 await asyncio.sleep(delay)
 
+    async def rewind(self) -> None:
+        async with self._lock:
+            self.core.rewind_all(asyncio.get_running_loop().time())
+
     async def acknowledge(self, partition: int, up_to_offset: int) -> None:
         moved = self.core.acknowledge(partition, up_to_offset, asyncio.get_running_loop().time())
         if moved and self.state_file is not None:
-            await asyncio.to_thread(save_state, self.state_file, dict(self.core.acked))
+            async with self._save_lock:  # concurrent saves would race on the temporary file
+                await asyncio.to_thread(save_state, self.state_file, dict(self.core.acked))
 
 
 @click.command(name="generator")

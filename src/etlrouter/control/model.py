@@ -73,6 +73,8 @@ class DagStageSpec(msgspec.Struct, frozen=True):
     downstream: tuple[str, ...]
     pipelines: tuple[str, ...]
     parallelism: int
+    # The policy of the edge into this stage: 0 = block, else shed after this many ms of starvation.
+    shed_after_ms: int = 0
 
 
 class DagSpec(msgspec.Struct, frozen=True):

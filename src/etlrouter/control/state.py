@@ -872,6 +872,7 @@ class ControlState:
         cached = self._spec_cache.get(dag_id)
         if cached is not None and cached.generation == generation:
             return cached
+        shed_after = {edge.dst: edge.policy.shed_after_ms for edge in dag.edges if edge.policy.mode == "shed"}
         stages = tuple(
             DagStageSpec(
                 id=stage.id,
@@ -881,6 +882,7 @@ class ControlState:
                 downstream=stage.children,
                 pipelines=stage.pipelines,
                 parallelism=parallelism_of(stage),
+                shed_after_ms=shed_after.get(stage.id, 0),
             )
             for stage in dag.stages
         )

@@ -37,8 +37,10 @@ class ClusterUnreachableError(Exception):
 
 
 def leader_trailer(leader_id: str, leader_address: str) -> dict[str, str]:
-    """Trailing metadata a follower attaches to FAILED_PRECONDITION when it is not the leader."""
-    return {LEADER_TRAILER: f"{leader_id}@{leader_address}"} if leader_address else {}
+    """Trailing metadata a follower attaches to FAILED_PRECONDITION when it is not the leader. Always set,
+    so clients can tell "not the leader (try elsewhere)" from a real precondition failure; the address is
+    empty while no leader is known (an election is running)."""
+    return {LEADER_TRAILER: f"{leader_id}@{leader_address}"}
 
 
 class RouterClient:

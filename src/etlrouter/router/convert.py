@@ -98,6 +98,7 @@ def dag_to_proto(dag: DagSpec) -> control_pb2.DagSpec:
                 downstream=stage.downstream,
                 pipelines=stage.pipelines,
                 parallelism=stage.parallelism,
+                shed_after_ms=stage.shed_after_ms,
             )
             for stage in dag.stages
         ],

@@ -130,6 +130,9 @@ class SourceAdapter(services_grpc.SourceServiceBase):
         max_records = request.max_records or caps.max_batch_records or 1000
         max_bytes = request.max_bytes or caps.max_batch_bytes
         partitions = list(request.partitions)
+        if request.rewind:
+            with _call_errors("PullRecords"):
+                await self.source.rewind()
         with _call_errors("PullRecords"):
             pulled = await self.source.pull(
                 max_records=max_records, max_bytes=max_bytes, wait_ms=request.wait_ms, partitions=partitions

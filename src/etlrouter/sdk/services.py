@@ -8,6 +8,7 @@ override `open()` / `close()` to acquire and release resources around serving.
 from __future__ import annotations
 
 import abc
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +20,8 @@ import msgspec
 from etlrouter._proto.v1 import records_pb2
 from etlrouter.sdk.errors import PermanentError, RecordError
 from etlrouter.sdk.records import Record
+
+log = logging.getLogger(__name__)
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +73,13 @@ class Source(Service, abc.ABC):
     @abc.abstractmethod
     async def acknowledge(self, partition: int, up_to_offset: int) -> None:
         """Every offset <= up_to_offset of the partition is done (cumulative, monotonic)."""
+
+    async def rewind(self) -> None:
+        """The sidecar restarted and lost what it pulled: hand out again everything after the last
+        acknowledged offset of each partition. A source that cannot do this is at-most-once across
+        sidecar restarts; override it (the generator connector does)."""
+        name = type(self).__name__
+        log.warning("%s cannot rewind: records pulled before a sidecar restart may be lost", name)
 
 
 class Processed(msgspec.Struct):

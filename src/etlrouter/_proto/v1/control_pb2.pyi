@@ -280,7 +280,7 @@ class StagePlacement(_message.Message):
     def __init__(self, stage_id: _Optional[str] = ..., sidecar_id: _Optional[str] = ..., data_address: _Optional[str] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class StageSpec(_message.Message):
-    __slots__ = ("id", "kind", "service", "options", "downstream", "pipelines", "parallelism")
+    __slots__ = ("id", "kind", "service", "options", "downstream", "pipelines", "parallelism", "shed_after_ms")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +295,7 @@ class StageSpec(_message.Message):
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     PIPELINES_FIELD_NUMBER: _ClassVar[int]
     PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    SHED_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: ServiceKind
     service: str
@@ -302,7 +303,8 @@ class StageSpec(_message.Message):
     downstream: _containers.RepeatedScalarFieldContainer[str]
     pipelines: _containers.RepeatedScalarFieldContainer[str]
     parallelism: int
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[ServiceKind, str]] = ..., service: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., downstream: _Optional[_Iterable[str]] = ..., pipelines: _Optional[_Iterable[str]] = ..., parallelism: _Optional[int] = ...) -> None: ...
+    shed_after_ms: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[ServiceKind, str]] = ..., service: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., downstream: _Optional[_Iterable[str]] = ..., pipelines: _Optional[_Iterable[str]] = ..., parallelism: _Optional[int] = ..., shed_after_ms: _Optional[int] = ...) -> None: ...
 
 class DagSpec(_message.Message):
     __slots__ = ("id", "stages", "generation")

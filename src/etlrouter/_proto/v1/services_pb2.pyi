@@ -9,16 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PullRecordsRequest(_message.Message):
-    __slots__ = ("max_records", "max_bytes", "wait_ms", "partitions")
+    __slots__ = ("max_records", "max_bytes", "wait_ms", "partitions", "rewind")
     MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    REWIND_FIELD_NUMBER: _ClassVar[int]
     max_records: int
     max_bytes: int
     wait_ms: int
     partitions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, max_records: _Optional[int] = ..., max_bytes: _Optional[int] = ..., wait_ms: _Optional[int] = ..., partitions: _Optional[_Iterable[int]] = ...) -> None: ...
+    rewind: bool
+    def __init__(self, max_records: _Optional[int] = ..., max_bytes: _Optional[int] = ..., wait_ms: _Optional[int] = ..., partitions: _Optional[_Iterable[int]] = ..., rewind: _Optional[bool] = ...) -> None: ...
 
 class PullRecordsResponse(_message.Message):
     __slots__ = ("batch", "end_of_stream")
@@ -140,3 +142,49 @@ class BatchLookupResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[LookupResult]
     def __init__(self, results: _Optional[_Iterable[_Union[LookupResult, _Mapping]]] = ...) -> None: ...
+
+class RawPullRecordsResponse(_message.Message):
+    __slots__ = ("batch", "end_of_stream")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    batch: _records_pb2.RawRecordBatch
+    end_of_stream: bool
+    def __init__(self, batch: _Optional[_Union[_records_pb2.RawRecordBatch, _Mapping]] = ..., end_of_stream: _Optional[bool] = ...) -> None: ...
+
+class RawProcessBatchRequest(_message.Message):
+    __slots__ = ("batch", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    batch: _records_pb2.RawRecordBatch
+    options: _containers.ScalarMap[str, str]
+    def __init__(self, batch: _Optional[_Union[_records_pb2.RawRecordBatch, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RawProcessBatchResponse(_message.Message):
+    __slots__ = ("batch", "errors")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    batch: _records_pb2.RawRecordBatch
+    errors: _containers.RepeatedCompositeFieldContainer[_records_pb2.RecordError]
+    def __init__(self, batch: _Optional[_Union[_records_pb2.RawRecordBatch, _Mapping]] = ..., errors: _Optional[_Iterable[_Union[_records_pb2.RecordError, _Mapping]]] = ...) -> None: ...
+
+class RawWriteBatchRequest(_message.Message):
+    __slots__ = ("batch", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    batch: _records_pb2.RawRecordBatch
+    options: _containers.ScalarMap[str, str]
+    def __init__(self, batch: _Optional[_Union[_records_pb2.RawRecordBatch, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...

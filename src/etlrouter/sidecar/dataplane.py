@@ -1,0 +1,97 @@
+"""SidecarDataPlane: the receiving end of edges between sidecars.
+
+Per stream: the sender opens with EdgeOpen (which DAG and stage), we grant credits from a bounded receive
+buffer, hand every batch to the engine, and answer with its outcome plus the credits it frees. Batches of
+one stream are handled concurrently (the credit window bounds how many), outcomes go back as they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from etlrouter._proto.v1 import dataplane_grpc, dataplane_pb2, records_pb2
+from etlrouter.flow.credits import Credits, ReceiveBuffer
+from etlrouter.sidecar.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class DataPlaneService(dataplane_grpc.SidecarDataPlaneBase):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def ReceiveRecords(
+        self, stream: Stream[dataplane_pb2.DataFrame, dataplane_pb2.ControlFrame]
+    ) -> None:
+        first = await stream.recv_message()
+        if first is None or not first.HasField("open"):
+            raise GRPCError(Status.INVALID_ARGUMENT, "the first DataFrame of an edge must be `open`")
+        edge = first.open
+        if not self.engine.runs(edge.dag_id, edge.stage_id):
+            raise GRPCError(
+                Status.FAILED_PRECONDITION,
+                f"stage {edge.stage_id} of {edge.dag_id} does not run on sidecar {self.engine.sidecar_id}",
+            )
+        config = self.engine.config
+        buffer = ReceiveBuffer(Credits(config.edge_buffer_records, config.edge_buffer_bytes))
+        send_lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+        initial = buffer.open()
+        await stream.send_message(
+            dataplane_pb2.ControlFrame(
+                grant=records_pb2.Credits(records=initial.records, bytes=initial.nbytes)
+            )
+        )
+
+        async def handle(batch: records_pb2.RawRecordBatch) -> None:
+            result = await self.engine.receive(edge.dag_id, edge.stage_id, batch)
+            grant = buffer.on_consumed(batch.header.record_count, len(batch.records))
+            frame = dataplane_pb2.ControlFrame(
+                grant=records_pb2.Credits(records=grant.records, bytes=grant.nbytes),
+                outcomes=[
+                    dataplane_pb2.BatchOutcome(
+                        batch_id=batch.header.batch_id,
+                        status=dataplane_pb2.BATCH_STATUS_DONE
+                        if result.done
+                        else dataplane_pb2.BATCH_STATUS_RETRY,
+                        dead_lettered=result.dead_lettered,
+                        error=result.error,
+                    )
+                ],
+            )
+            async with send_lock:
+                await stream.send_message(frame)
+
+        try:
+            async for frame in stream:
+                if frame.HasField("batch"):
+                    batch = frame.batch
+                    # A sender beyond its credits raises CreditViolation: a protocol bug, ends the edge.
+                    buffer.on_received(batch.header.record_count, len(batch.records))
+                    task = asyncio.ensure_future(handle(batch))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                elif frame.HasField("close"):
+                    break
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:
+            pending = list(tasks)  # done-callbacks shrink `tasks` while we wait
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def PushRecords(self, stream: Stream[Any, Any]) -> None:
+        raise GRPCError(
+            Status.UNIMPLEMENTED,
+            "push sources are not supported by this sidecar version; implement PullRecords instead",
+        )
