@@ -106,4 +106,6 @@ def jsonl_offsets(path: Path) -> list[int]:
     """Source offsets of the records a jsonl-file sink wrote (with repeats, if any)."""
     if not path.exists():
         return []
-    return [json.loads(line)["offset"] for line in path.read_text().splitlines() if line.strip()]
+    # The sink may be appending while we read: a last line without its newline is not complete yet.
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line)["offset"] for line in complete if line.strip()]
