@@ -45,6 +45,7 @@ from typing import Final, TypeVar
 
 import msgspec
 
+from etlrouter.core.framing import FILE_HEADER, FRAME, FRAME_CHECKED, file_header, frame, fsync_dir, is_zero
 from etlrouter.raft.types import Entry, HardState, SnapshotMeta
 
 __all__ = [
@@ -66,12 +67,7 @@ RECORD_VERSION: Final = 1
 SEGMENT_MAGIC: Final = b"ETLRWAL\x00"
 SNAPSHOT_MAGIC: Final = b"ETLRSNP\x00"
 
-# Segment header: magic, format version, segment sequence number, CRC32 of the preceding 20 bytes.
-_SEGMENT_HEADER = struct.Struct("<8sIQI")
-# Record frame: body length, type, CRC32 of the body, CRC32 of the 9 bytes before it. The header's own
-# CRC means a damaged length field is caught as corruption instead of passing for a torn tail.
-_FRAME = struct.Struct("<IBII")
-_FRAME_CHECKED = struct.Struct("<IBI")
+# Segment header and record frames: core/framing.py.
 # Snapshot file header: magic, format version, meta length, data length, CRC32 over meta + data.
 _SNAPSHOT_HEADER = struct.Struct("<8sIIQI")
 
@@ -213,14 +209,11 @@ _snapshot_meta_decoder = msgspec.msgpack.Decoder(SnapshotFileMeta)
 
 
 def _frame(kind: RecordType, record: _AnyRecord) -> bytes:
-    body = _encoder.encode(record)
-    checked = _FRAME_CHECKED.pack(len(body), kind, zlib.crc32(body))
-    return checked + struct.pack("<I", zlib.crc32(checked)) + body
+    return frame(kind, _encoder.encode(record))
 
 
 def _segment_header(seq: int) -> bytes:
-    head = SEGMENT_MAGIC + struct.pack("<IQ", FORMAT_VERSION, seq)
-    return head + struct.pack("<I", zlib.crc32(head))
+    return file_header(SEGMENT_MAGIC, FORMAT_VERSION, seq)
 
 
 def _segment_name(seq: int) -> str:
@@ -353,11 +346,6 @@ class _WalScan:
     tail_size: int  # valid byte length of the last segment
 
 
-def _is_zero(data: memoryview) -> bool:
-    """True when `data` holds only zero bytes (what a filesystem shows where writes never landed)."""
-    return not data.tobytes().strip(b"\x00")
-
-
 def _check_frame(data: memoryview, offset: int, is_last: bool) -> tuple[str | None, bool, int, int]:
     """Checks the frame at `offset`: (problem or None, whether the problem is a torn tail, length, type).
 
@@ -366,17 +354,17 @@ def _check_frame(data: memoryview, offset: int, is_last: bool) -> tuple[str | No
     is torn only when nothing but zeros follows it; anything else is corruption.
     """
     size = len(data)
-    if size - offset < _FRAME.size:
+    if size - offset < FRAME.size:
         return "frame header runs past the end of the file", is_last, 0, 0
-    length, kind, body_crc, header_crc = _FRAME.unpack_from(data, offset)
-    body_start = offset + _FRAME.size
-    if zlib.crc32(data[offset : offset + _FRAME_CHECKED.size]) != header_crc:
-        return "frame header CRC mismatch", is_last and _is_zero(data[body_start:]), 0, 0
+    length, kind, body_crc, header_crc = FRAME.unpack_from(data, offset)
+    body_start = offset + FRAME.size
+    if zlib.crc32(data[offset : offset + FRAME_CHECKED.size]) != header_crc:
+        return "frame header CRC mismatch", is_last and is_zero(data[body_start:]), 0, 0
     end = body_start + length
     if end > size:
         return f"record of {length} bytes runs past the end of the file", is_last, 0, 0
     if zlib.crc32(data[body_start:end]) != body_crc:
-        return "record CRC mismatch", is_last and _is_zero(data[end:]), 0, 0
+        return "record CRC mismatch", is_last and is_zero(data[end:]), 0, 0
     if kind not in _DECODERS:
         return f"unknown record type {kind}", False, 0, 0
     return None, False, length, kind
@@ -391,12 +379,12 @@ def _scan_segment(
     zeros, is a torn write and ends the scan; everywhere else it is corruption.
     """
     size = len(data)
-    header_size = _SEGMENT_HEADER.size
-    if is_last and (size < header_size or (_is_zero(data[:header_size]) and _is_zero(data))):
+    header_size = FILE_HEADER.size
+    if is_last and (size < header_size or (is_zero(data[:header_size]) and is_zero(data))):
         return 0, None  # the crash hit the segment's creation: nothing in it was ever acknowledged
     if size < header_size:
         raise StorageCorruptError(path, 0, f"segment header is {size} bytes, expected {header_size}")
-    magic, version, header_seq, header_crc = _SEGMENT_HEADER.unpack_from(data, 0)
+    magic, version, header_seq, header_crc = FILE_HEADER.unpack_from(data, 0)
     if magic != SEGMENT_MAGIC:
         raise StorageCorruptError(path, 0, f"bad magic {bytes(magic)!r}: not an etlrouter WAL segment")
     if zlib.crc32(data[: header_size - 4]) != header_crc:
@@ -415,7 +403,7 @@ def _scan_segment(
                 raise StorageCorruptError(path, offset, problem)
             log.warning("WAL %s: torn tail at byte offset %d (%s); discarding it", path, offset, problem)
             break
-        body = data[offset + _FRAME.size : offset + _FRAME.size + length]
+        body = data[offset + FRAME.size : offset + FRAME.size + length]
         try:
             record = _DECODERS[kind].decode(body)
         except msgspec.DecodeError as exc:
@@ -446,7 +434,7 @@ def _scan_segment(
             raise StorageCorruptError(path, offset, str(exc)) from exc
         if info is not None and not isinstance(record, SegmentStateRecord):
             info.records += 1
-        offset += _FRAME.size + length
+        offset += FRAME.size + length
     if info is None:
         if is_last:  # the crash hit the segment's creation: nothing in it was ever acknowledged
             return 0, None
@@ -543,14 +531,6 @@ def _snapshot_files(snap_dir: Path) -> Iterator[tuple[int, Path]]:
             yield index, path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _read_state(data_dir: Path, repair: bool) -> tuple[_WalScan, LoadedState]:
     wal_dir = data_dir / _WAL_DIR
     if not wal_dir.is_dir():
@@ -631,8 +611,8 @@ class RaftStorage:
         (path / _WAL_DIR).mkdir(parents=True, exist_ok=True)
         (path / _SNAP_DIR).mkdir(exist_ok=True)
         if created and options.fsync:  # the new directories must survive a power loss too
-            _fsync_dir(path)
-            _fsync_dir(path.parent)
+            fsync_dir(path)
+            fsync_dir(path.parent)
         lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -808,7 +788,7 @@ class RaftStorage:
             tmp.unlink(missing_ok=True)  # the WAL is untouched: the old snapshot still stands
             raise
         if self._options.fsync:
-            _fsync_dir(self._snap_dir)
+            fsync_dir(self._snap_dir)
         discard_log = self.term_at(meta.index) != meta.term
         self._write(_frame(RecordType.SNAPSHOT, SnapshotRecord(RECORD_VERSION, meta, discard_log)))
         self._records_in_segment += 1
@@ -839,7 +819,7 @@ class RaftStorage:
             victim.path.unlink()
             removed += 1
             if self._options.fsync:  # keep deletions ordered so no gap can appear after a crash
-                _fsync_dir(self._wal_dir)
+                fsync_dir(self._wal_dir)
         return removed
 
     # -- internals -----------------------------------------------------------------------------------
@@ -953,7 +933,7 @@ class RaftStorage:
             os.write(fd, payload)
             if self._options.fsync:
                 os.fsync(fd)
-                _fsync_dir(self._wal_dir)
+                fsync_dir(self._wal_dir)
         except OSError as exc:
             os.close(fd)
             self._failed = exc

@@ -47,7 +47,6 @@ import functools
 import logging
 import os
 import secrets
-import struct
 import threading
 import time
 import zlib
@@ -62,6 +61,8 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from etlrouter._proto.v1 import dataplane_pb2
+from etlrouter.core import framing
+from etlrouter.core.framing import FILE_HEADER, FRAME, FRAME_CHECKED, file_header, fsync_dir, is_zero
 from etlrouter.core.metrics import REGISTRY
 
 __all__ = [
@@ -88,9 +89,6 @@ DEFAULT_LIST_LIMIT: Final = 100
 MAX_LIST_LIMIT: Final = 1000
 MAX_PAGE_TOKEN_CHARS: Final = 512
 
-_HEADER = struct.Struct("<8sIQI")
-_FRAME = struct.Struct("<IBII")
-_FRAME_CHECKED = struct.Struct("<IBI")
 _SEG_SUFFIX = ".dlq"
 _TOMB_SUFFIX = ".tomb"
 _TOKEN_PREFIX = b"dlq1:"
@@ -252,13 +250,11 @@ _tomb_decoder = msgspec.msgpack.Decoder(TombstoneRecord)
 
 
 def _frame(kind: RecordType, body: bytes) -> bytes:
-    checked = _FRAME_CHECKED.pack(len(body), kind, zlib.crc32(body))
-    return checked + struct.pack("<I", zlib.crc32(checked)) + body
+    return framing.frame(kind, body)
 
 
 def _file_header(magic: bytes, seq: int) -> bytes:
-    head = magic + struct.pack("<IQ", FORMAT_VERSION, seq)
-    return head + struct.pack("<I", zlib.crc32(head))
+    return file_header(magic, FORMAT_VERSION, seq)
 
 
 def _seg_path(directory: Path, seq: int) -> Path:
@@ -277,18 +273,6 @@ def _parse_seq(name: str, suffix: str) -> int | None:
         return None
 
 
-def _is_zero(data: memoryview) -> bool:
-    return not data.tobytes().strip(b"\x00")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(slots=True)
 class _Frame:
     offset: int
@@ -305,36 +289,38 @@ def _scan_file(
     zeros, is a torn write: the scan stops there (the caller cuts it off). Anything else is corruption.
     """
     size = len(data)
-    if tail_may_tear and (size < _HEADER.size or _is_zero(data)):
+    if tail_may_tear and (size < FILE_HEADER.size or is_zero(data)):
         return [], 0  # the crash hit the file's creation: nothing in it was acknowledged
-    if size < _HEADER.size:
-        raise DeadLetterStoreCorruptError(path, 0, f"file header is {size} bytes, expected {_HEADER.size}")
-    found_magic, version, header_seq, header_crc = _HEADER.unpack_from(data, 0)
+    if size < FILE_HEADER.size:
+        raise DeadLetterStoreCorruptError(
+            path, 0, f"file header is {size} bytes, expected {FILE_HEADER.size}"
+        )
+    found_magic, version, header_seq, header_crc = FILE_HEADER.unpack_from(data, 0)
     if found_magic != magic:
         raise DeadLetterStoreCorruptError(path, 0, f"bad magic {bytes(found_magic)!r}: not a {magic!r} file")
-    if zlib.crc32(data[: _HEADER.size - 4]) != header_crc:
+    if zlib.crc32(data[: FILE_HEADER.size - 4]) != header_crc:
         raise DeadLetterStoreCorruptError(path, 0, "file header CRC mismatch")
     if version != FORMAT_VERSION:
         raise DeadLetterStoreCorruptError(path, 0, f"unsupported DLQ format version {version}")
     if header_seq != seq:
         raise DeadLetterStoreCorruptError(path, 0, f"header says segment {header_seq}, file name says {seq}")
     frames: list[_Frame] = []
-    offset = _HEADER.size
+    offset = FILE_HEADER.size
     while offset < size:
         problem: str | None = None
         torn = False
-        if size - offset < _FRAME.size:
+        if size - offset < FRAME.size:
             problem, torn = "frame header runs past the end of the file", tail_may_tear
         else:
-            length, kind, body_crc, head_crc = _FRAME.unpack_from(data, offset)
-            body_start = offset + _FRAME.size
+            length, kind, body_crc, head_crc = FRAME.unpack_from(data, offset)
+            body_start = offset + FRAME.size
             end = body_start + length
-            if zlib.crc32(data[offset : offset + _FRAME_CHECKED.size]) != head_crc:
-                problem, torn = "frame header CRC mismatch", tail_may_tear and _is_zero(data[body_start:])
+            if zlib.crc32(data[offset : offset + FRAME_CHECKED.size]) != head_crc:
+                problem, torn = "frame header CRC mismatch", tail_may_tear and is_zero(data[body_start:])
             elif end > size:
                 problem, torn = f"record of {length} bytes runs past the end of the file", tail_may_tear
             elif zlib.crc32(data[body_start:end]) != body_crc:
-                problem, torn = "record CRC mismatch", tail_may_tear and _is_zero(data[end:])
+                problem, torn = "record CRC mismatch", tail_may_tear and is_zero(data[end:])
             elif kind not in (RecordType.LETTER, RecordType.TOMBSTONE):
                 problem = f"unknown record type {kind}"
         if problem is not None:
@@ -416,7 +402,7 @@ class _Files:
             _write_all(fd, header)
             if self.fsync:
                 os.fsync(fd)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         except BaseException:
             os.close(fd)
             raise
@@ -429,7 +415,7 @@ class _Files:
         """Appends to the newest segment (starting a new one past `segment_bytes`) and syncs."""
         created: list[int] = []
         if self.fd < 0 or (
-            self.active_size + len(payload) > self.segment_bytes and self.active_size > _HEADER.size
+            self.active_size + len(payload) > self.segment_bytes and self.active_size > FILE_HEADER.size
         ):
             if self.fd >= 0 and self.fsync:
                 _fdatasync(self.fd)  # only the newest segment may ever have a torn tail
@@ -463,7 +449,7 @@ class _Files:
                 os.close(fd)
             added[seq] = len(payload)
         if created and self.fsync:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return added
 
     def delete_segments(self, seqs: Iterable[int]) -> list[int]:
@@ -474,16 +460,16 @@ class _Files:
                 continue
             _seg_path(self.dir, seq).unlink(missing_ok=True)
             if self.fsync:  # the letters must be gone before the tombstones that hide them
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             _tomb_path(self.dir, seq).unlink(missing_ok=True)
             deleted.append(seq)
         if deleted and self.fsync:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return deleted
 
     def roll_if_empty(self, active_live: int) -> int:
         """Starts a new segment when the active one holds only removed letters; returns header bytes."""
-        if active_live == 0 and self.active_size > _HEADER.size:
+        if active_live == 0 and self.active_size > FILE_HEADER.size:
             if self.fsync and self.fd >= 0:
                 _fdatasync(self.fd)
             return self.create_segment(self.active + 1)
@@ -503,8 +489,8 @@ class _Files:
                     raise DeadLetterStoreCorruptError(
                         _seg_path(self.dir, seq), offset, f"short read: {len(frame)} of {length} bytes"
                     )
-                body = frame[_FRAME.size :]
-                if zlib.crc32(body) != _FRAME.unpack_from(frame, 0)[2]:
+                body = frame[FRAME.size :]
+                if zlib.crc32(body) != FRAME.unpack_from(frame, 0)[2]:
                     raise DeadLetterStoreCorruptError(_seg_path(self.dir, seq), offset, "record CRC mismatch")
                 bodies.append(body)
         finally:
@@ -560,7 +546,7 @@ class DeadLetterStore:
         created = not self.directory.is_dir()
         self.directory.mkdir(parents=True, exist_ok=True)
         if created and fsync:
-            _fsync_dir(self.directory.parent)
+            fsync_dir(self.directory.parent)
         self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -650,7 +636,7 @@ class DeadLetterStore:
                     ) from exc
                 if not letter.id:
                     raise DeadLetterStoreCorruptError(path, frame.offset, "dead letter without an id")
-                length = _FRAME.size + len(frame.body)
+                length = FRAME.size + len(frame.body)
                 earlier = self._by_id.get(letter.id)
                 if earlier is not None:
                     # A compaction copied the letter here and crashed before deleting the old segment:
@@ -821,7 +807,7 @@ class DeadLetterStore:
         payload = b"".join(frames)
         used = self.bytes_used + self._pending_bytes
         # A new segment costs a header; count one whatever happens so the bound holds.
-        needed = len(payload) + _HEADER.size
+        needed = len(payload) + FILE_HEADER.size
         if used + needed > self.max_bytes and self._reclaimable():
             await self._reclaim()
             used = self.bytes_used + self._pending_bytes
@@ -862,7 +848,7 @@ class DeadLetterStore:
                             p.future.set_exception(error)
                     continue
                 for seq in result.created:
-                    self._segments.setdefault(seq, _SegmentState()).seg_bytes = _HEADER.size
+                    self._segments.setdefault(seq, _SegmentState()).seg_bytes = FILE_HEADER.size
                 state = self._segments.setdefault(result.segment, _SegmentState())
                 state.seg_bytes += len(payload)
                 offset = result.offset
@@ -889,7 +875,7 @@ class DeadLetterStore:
                 self._publish_gauges()
 
     def _release(self, pending: _Pending) -> None:
-        self._pending_bytes -= len(pending.payload) + _HEADER.size
+        self._pending_bytes -= len(pending.payload) + FILE_HEADER.size
         self._pending_ids.difference_update(slot.id for slot in pending.slots)
 
     # -- reading -------------------------------------------------------------------------------------
@@ -1049,7 +1035,7 @@ class DeadLetterStore:
                 locations = [(slot.segment, slot.offset, slot.length) for slot in slots]
                 result = await self._run(functools.partial(self._files.relocate, locations))
                 for created in result.created:
-                    self._segments.setdefault(created, _SegmentState()).seg_bytes = _HEADER.size
+                    self._segments.setdefault(created, _SegmentState()).seg_bytes = FILE_HEADER.size
                 self._segments.setdefault(result.segment, _SegmentState()).seg_bytes += sum(
                     slot.length for slot in slots
                 )
