@@ -53,15 +53,13 @@ def apply(routers: RouterProcesses, text: str) -> None:
     asyncio.run(go())
 
 
-def test_records_flow_to_both_sinks_and_the_source_is_acked_in_order(
-    system: tuple[RouterProcesses, Processes, Path],
-) -> None:
-    routers, procs, tmp = system
-    state = tmp / "generator.state"
-    left, right = tmp / "left.jsonl", tmp / "right.jsonl"
-    src = connector(
-        procs, "orders", "generator", "--limit", str(TOTAL), "--seed", "7", "--state-file", str(state)
-    )
+def start_sample(
+    routers: RouterProcesses, procs: Processes, tmp: Path, *generator_args: str
+) -> tuple[Path, Path, Path]:
+    """Source, transform and two sinks, each with its own sidecar; the two pipelines applied.
+    Returns the generator's state file (its acknowledged offsets) and the two sink files."""
+    state, left, right = tmp / "generator.state", tmp / "left.jsonl", tmp / "right.jsonl"
+    src = connector(procs, "orders", "generator", *generator_args, "--state-file", str(state))
     mid = connector(procs, "clean", "filter")
     sink_l = connector(procs, "left", "jsonl_file_sink", "--path", str(left))
     sink_r = connector(procs, "right", "jsonl_file_sink", "--path", str(right))
@@ -72,6 +70,14 @@ def test_records_flow_to_both_sinks_and_the_source_is_acked_in_order(
     ]
     wait_until(lambda: all(ready(p) for p in http), 30, "sidecars registered")
     apply(routers, PIPELINES)
+    return state, left, right
+
+
+def test_records_flow_to_both_sinks_and_the_source_is_acked_in_order(
+    system: tuple[RouterProcesses, Processes, Path],
+) -> None:
+    routers, procs, tmp = system
+    state, left, right = start_sample(routers, procs, tmp, "--limit", str(TOTAL), "--seed", "7")
 
     wait_until(
         lambda: len(set(jsonl_offsets(left))) == TOTAL and len(set(jsonl_offsets(right))) == TOTAL,
@@ -102,21 +108,7 @@ def test_zero_loss_when_a_sidecar_a_sink_and_the_leader_are_killed(
 ) -> None:
     routers, procs, tmp = system
     total = 20_000
-    state = tmp / "generator.state"
-    left, right = tmp / "left.jsonl", tmp / "right.jsonl"
-    src = connector(
-        procs, "orders", "generator", "--limit", str(total), "--rate", "4000", "--state-file", str(state)
-    )
-    mid = connector(procs, "clean", "filter")
-    sink_l = connector(procs, "left", "jsonl_file_sink", "--path", str(left))
-    sink_r = connector(procs, "right", "jsonl_file_sink", "--path", str(right))
-    http = [
-        sidecar(procs, "sc-src", routers, [src]),
-        sidecar(procs, "sc-mid", routers, [mid]),
-        sidecar(procs, "sc-sink", routers, [sink_l, sink_r]),
-    ]
-    wait_until(lambda: all(ready(p) for p in http), 30, "sidecars registered")
-    apply(routers, PIPELINES)
+    state, left, right = start_sample(routers, procs, tmp, "--limit", str(total), "--rate", "4000")
 
     violations: list[str] = []
 
