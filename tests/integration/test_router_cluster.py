@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from prometheus_client.parser import text_string_to_metric_families
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
 from etlrouter.router.client import RouterClient
@@ -284,3 +286,33 @@ async def test_silent_sidecar_expires_and_its_stage_moves(
     assert clean_holder not in now, "the silent sidecar was not deregistered"
     assert now[other] == placed[clean_holder], "its stage did not move to the live sidecar"
     assert now["sc-src"] == placed["sc-src"] and now["sc-sink"] == placed["sc-sink"]  # nothing else moved
+
+
+async def test_metrics_parse_and_name_the_router_series(
+    routers: RouterProcesses, client: RouterClient
+) -> None:
+    await register_sidecar(client, "sc-m", service("orders-src", control_pb2.SERVICE_KIND_SOURCE, 1))
+    await client.call(
+        control_grpc.SidecarCoordinatorStub,
+        "Heartbeat",
+        control_pb2.SidecarHeartbeatRequest(sidecar_id="sc-m", health=control_pb2.HEALTH_SERVING),
+    )
+    leader = await leader_id(client)
+    url = f"http://127.0.0.1:{routers.http_ports[leader]}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
+    for name in (
+        "etlrouter_raft_term",
+        "etlrouter_raft_commit_index",
+        "etlrouter_raft_applied_index",
+        "etlrouter_raft_is_leader",
+        "etlrouter_raft_proposals_total",
+        "etlrouter_raft_save_seconds_count",
+        "etlrouter_registry_objects",
+        "etlrouter_api_request_seconds_count",
+        "etlrouter_sidecar_heartbeats_total",
+    ):
+        assert name in samples, f"{name} missing from /metrics"
+    assert samples["etlrouter_raft_is_leader"].value == 1
+    assert samples["etlrouter_raft_commit_index"].value >= 2
+    assert samples["etlrouter_sidecar_heartbeats_total"].value >= 1
