@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -74,6 +75,13 @@ def cli(
 @click.option("--host", help="Address to listen on.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the Raft log and snapshots live.")
 @click.option("--peer", "peers", multiple=True, metavar="ID=HOST:PORT", help="A bootstrap peer (repeat).")
+@click.option(
+    "--join",
+    "join",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Join an existing cluster through this router (repeat).",
+)
 @click.pass_obj
 def router(
     obj: Context,
@@ -83,6 +91,7 @@ def router(
     host: str | None,
     data_dir: str | None,
     peers: Sequence[str],
+    join: Sequence[str],
 ) -> None:
     section: dict[str, Any] = _drop_none({"node_id": node_id, "data_dir": data_dir})
     if grpc_port is not None or host:
@@ -91,6 +100,8 @@ def router(
         section["http"] = _drop_none({"port": http_port, "host": host})
     if peers:
         section["peers"] = [_parse_peer(p) for p in peers]
+    if join:
+        section["join"] = list(join)
     _run_role("router", obj, {"router": section} if section else {})
 
 
@@ -127,18 +138,59 @@ def operator(obj: Context, namespace: str | None) -> None:
 
 
 @cli.command(help="Run a local cluster with sample services and pipelines on loopback.")
+@click.argument("pipeline_file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), help="Logs, Raft logs, sink files (wiped on start)."
+)
+@click.option("--base-port", type=click.IntRange(0, 65535), help="First port of the layout; 0 = free ports.")
+@click.option("--routers", type=click.IntRange(1, 7), help="Router nodes (default 3).")
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=0, help="Stop after N records reached the sinks."
+)
+@click.option(
+    "--rate", type=click.FloatRange(min=0), help="Generator records/s (default 1000; 0 = unlimited)."
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="--limit deadline (s)."
+)
+@click.option("--no-view", is_flag=True, help="No live view: a summary line every few seconds instead.")
 @click.pass_obj
-def dev(obj: Context) -> None:
+def dev(
+    obj: Context,
+    pipeline_file: str | None,
+    data_dir: str | None,
+    base_port: int | None,
+    routers: int | None,
+    limit: int,
+    rate: float | None,
+    timeout: float,
+    no_view: bool,
+) -> None:
     try:
-        obj.load()
+        config = obj.load(
+            {"dev": _drop_none({"data_dir": data_dir, "base_port": base_port, "routers": routers})}
+        )
     except ConfigError as err:
         fail_config(err)
-    click.echo(
-        "etlrouter dev is not available in this build yet: it needs the router cluster and the data plane "
-        "(see the README's status table).",
-        err=True,
+    from etlrouter.dev import DevOptions, SpecError, load_spec, run_dev  # imported late: keeps `--help` fast
+
+    try:
+        text = None if pipeline_file is None else open(pipeline_file, encoding="utf-8").read()  # noqa: SIM115
+        spec = load_spec(text, pipeline_file or "sample.etl")
+    except (OSError, SpecError) as err:
+        click.echo(f"etlrouter dev: {err}", err=True)
+        sys.exit(2)
+    options = DevOptions(
+        spec=spec,
+        data_dir=Path(config.dev.data_dir),
+        base_port=config.dev.base_port,
+        routers=config.dev.routers,
+        limit=limit,
+        rate=rate,
+        view=not no_view,
+        timeout_s=timeout,
     )
-    sys.exit(1)
+    sys.exit(run_dev(options))
 
 
 @cli.group(name="config", help="Inspect configuration.")

@@ -37,7 +37,14 @@ class RouterProcesses:
     def addresses(self) -> list[str]:
         return [self.address(node) for node in self.ids]
 
-    def start(self, node: str) -> None:
+    def add_joining(self, node: str) -> None:
+        """Start a new, empty router that joins the running cluster through the existing members."""
+        existing = list(self.ids)
+        self.ids.append(node)
+        self.grpc_ports[node], self.http_ports[node] = free_port(), free_port()
+        self.start(node, join=[self.address(n) for n in existing])
+
+    def start(self, node: str, *, join: list[str] | None = None) -> None:
         env = {
             **os.environ,
             "ETLROUTER_ROUTER__RAFT__TICK_MS": str(TICK_MS),
@@ -46,7 +53,10 @@ class RouterProcesses:
             "ETLROUTER_ROUTER__SIDECAR_HEARTBEAT_TIMEOUT_MS": "3000",
             "ETLROUTER_ROUTER__LEADER_GRACE_MS": "3000",
         }
-        peers = [arg for other in self.ids for arg in ("--peer", f"{other}={self.address(other)}")]
+        if join:
+            peers = [arg for address in join for arg in ("--join", address)]
+        else:
+            peers = [arg for other in self.ids for arg in ("--peer", f"{other}={self.address(other)}")]
         log = (self.workdir / f"{node}.log").open("ab")
         ports = ["--grpc-port", str(self.grpc_ports[node]), "--http-port", str(self.http_ports[node])]
         args = ["router", "--node-id", node, *ports, "--data-dir", str(self.workdir / node), *peers]

@@ -316,3 +316,49 @@ async def test_metrics_parse_and_name_the_router_series(
     assert samples["etlrouter_raft_is_leader"].value == 1
     assert samples["etlrouter_raft_commit_index"].value >= 2
     assert samples["etlrouter_sidecar_heartbeats_total"].value >= 1
+
+
+async def test_a_router_joins_and_the_leader_leaves_through_the_admin_api(
+    routers: RouterProcesses, client: RouterClient
+) -> None:
+    await register_sidecar(client, "sc-x", service("orders-src", control_pb2.SERVICE_KIND_SOURCE, 1))
+    routers.add_joining("router-3")
+
+    async def members() -> dict[str, bool]:
+        status = await client.call(
+            admin_grpc.PipelineAdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest()
+        )
+        return {m.id: m.voter for m in status.members}
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (await members()).get("router-3") is not True:
+        await asyncio.sleep(0.2)
+    assert (await members()).get("router-3") is True, "the joining router did not become a voter"
+    # The new member has the replicated state.
+    only_new = RouterClient([routers.address("router-3")], timeout=10)
+    try:
+        reply = await only_new.call(
+            admin_grpc.PipelineAdminStub,
+            "ListSidecars",
+            admin_pb2.ListSidecarsRequest(consistency=STALE),
+            any_node=True,
+        )
+        assert [s.sidecar_id for s in reply.sidecars] == ["sc-x"]
+    finally:
+        only_new.close()
+
+    old_leader = await leader_id(client)
+    await client.call(
+        admin_grpc.PipelineAdminStub,
+        "RemoveMember",
+        admin_pb2.RemoveMemberRequest(node_id=old_leader),
+        write=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and old_leader in await members():
+        await asyncio.sleep(0.2)
+    assert old_leader not in await members()
+    assert await leader_id(client) not in ("", old_leader)
+    await register_sidecar(
+        client, "sc-y", service("orders-src", control_pb2.SERVICE_KIND_SOURCE, 2)
+    )  # writes go on

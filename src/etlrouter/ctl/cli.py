@@ -364,6 +364,44 @@ def cluster_status(obj: Context) -> None:
     click.echo(render(members, "table"))
 
 
+def _membership(obj: Context, method: str, request: Any) -> None:
+    reply, fmt = run_call(obj, lambda c: c.call(admin_grpc.PipelineAdminStub, method, request, write=True))
+    members = [
+        {"id": m.id, "address": m.address, "voter": m.voter, "leader": m.leader} for m in reply.members
+    ]
+    click.echo(render(members, fmt))
+
+
+@cluster.command(
+    name="add-member", help="Add a router (started with no peers and --join) as a learner, then a voter."
+)
+@click.argument("node_id")
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--learner-only", is_flag=True, help="Do not promote it to a voter.")
+@click.pass_obj
+def cluster_add_member(obj: Context, node_id: str, address: str, learner_only: bool) -> None:
+    request = admin_pb2.AddMemberRequest(node_id=node_id, address=address, learner_only=learner_only)
+    _membership(obj, "AddMember", request)
+
+
+@cluster.command(
+    name="remove-member", help="Remove a router from the cluster (leadership moves first if needed)."
+)
+@click.argument("node_id")
+@click.pass_obj
+def cluster_remove_member(obj: Context, node_id: str) -> None:
+    _membership(obj, "RemoveMember", admin_pb2.RemoveMemberRequest(node_id=node_id))
+
+
+@cluster.command(
+    name="transfer-leader", help="Move leadership to NODE_ID (default: the most up-to-date voter)."
+)
+@click.argument("node_id", required=False, default="")
+@click.pass_obj
+def cluster_transfer_leader(obj: Context, node_id: str) -> None:
+    _membership(obj, "TransferLeadership", admin_pb2.TransferLeadershipRequest(node_id=node_id))
+
+
 @ctl.group(help="Back up the replicated state, or restore it into a fresh cluster.")
 def backup() -> None:
     pass

@@ -113,6 +113,7 @@ class RouterNode:
         self._leader_since_ms = 0
         self._poke = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._join_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -126,8 +127,33 @@ class RouterNode:
             )
         await self.raft.start()
         self._loop_task = asyncio.ensure_future(self._control_loop())
+        if rc.join and self.raft.core is not None and not self.raft.core.conf_state.voters:
+            self._join_task = asyncio.ensure_future(self._join(grpc_address))
+
+    async def _join(self, grpc_address: str) -> None:
+        """Ask the existing cluster to add this (empty) node; the leader adds it as a learner, waits until it
+        has caught up, then promotes it. Retried until it succeeds: the cluster may be electing."""
+        from etlrouter._proto.v1 import admin_grpc, admin_pb2
+        from etlrouter.router.client import RouterClient
+
+        rc = self.config.router
+        client = RouterClient(list(rc.join), timeout=60, transport_config=self.config.transport)
+        request = admin_pb2.AddMemberRequest(node_id=rc.node_id, address=grpc_address)
+        try:
+            while True:
+                try:
+                    await client.call(admin_grpc.PipelineAdminStub, "AddMember", request, write=True)
+                    log.info("joined the cluster", extra={"fields": {"via": list(rc.join)}})
+                    return
+                except Exception as e:
+                    log.warning("joining the cluster failed, retrying: %s", e)
+                    await asyncio.sleep(1.0)
+        finally:
+            client.close()
 
     async def stop(self) -> None:
+        if self._join_task is not None:
+            self._join_task.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
