@@ -16,7 +16,7 @@ import click
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter._proto.v1 import admin_grpc, admin_pb2, dataplane_grpc, dataplane_pb2
 from etlrouter.cli_context import Context
 from etlrouter.core.config import ConfigError
 from etlrouter.ctl.output import render
@@ -468,3 +468,170 @@ async def _leader_address(c: RouterClient) -> str:
 
 def _consistency(stale: bool) -> Any:
     return admin_pb2.READ_CONSISTENCY_STALE if stale else admin_pb2.READ_CONSISTENCY_LINEARIZABLE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dead letters and taps live on the sidecars: ctl finds them through the router's sidecar list.
+
+
+async def _sidecar_addresses(c: RouterClient) -> dict[str, str]:
+    reply = await c.call(admin_grpc.PipelineAdminStub, "ListSidecars", admin_pb2.ListSidecarsRequest())
+    return {s.sidecar_id: s.data_address for s in reply.sidecars}
+
+
+_ERROR_CLASSES = {0: "unspecified", 1: "transient", 2: "permanent", 3: "rejected"}
+
+
+def _letter_row(sidecar_id: str, letter: Any) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "sidecar": sidecar_id,
+        "pipeline": letter.pipeline,
+        "stage": letter.stage_id,
+        "service": letter.service,
+        "class": _ERROR_CLASSES.get(letter.error_class, "?"),
+        "reason": letter.reason,
+        "error": letter.error,
+    }
+
+
+@ctl.group(help="Dead letters: records that failed permanently, kept by the sidecars with their provenance.")
+def dlq() -> None:
+    pass
+
+
+@dlq.command(name="list", help="List dead letters across all sidecars.")
+@click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--stage", "stage_id", default="", help="Only this stage id.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="Per sidecar.")
+@click.pass_obj
+def dlq_list(obj: Context, pipeline: str, stage_id: str, limit: int) -> None:
+    async def work(c: RouterClient) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for sidecar_id, address in (await _sidecar_addresses(c)).items():
+            stub = dataplane_grpc.SidecarAdminStub(c.channel(address))
+            request = dataplane_pb2.ListDeadLettersRequest(pipeline=pipeline, stage_id=stage_id, limit=limit)
+            reply = await stub.ListDeadLetters(request, timeout=c.timeout)
+            rows += [_letter_row(sidecar_id, letter) for letter in reply.dead_letters]
+        return rows
+
+    rows, fmt = run_call(obj, work)
+    click.echo(render(rows, fmt, columns=["id", "sidecar", "pipeline", "stage", "class", "reason", "error"]))
+
+
+async def _find_letter(c: RouterClient, letter_id: str) -> tuple[str, str, Any]:
+    for sidecar_id, address in (await _sidecar_addresses(c)).items():
+        stub = dataplane_grpc.SidecarAdminStub(c.channel(address))
+        try:
+            letter = await stub.GetDeadLetter(
+                dataplane_pb2.GetDeadLetterRequest(id=letter_id), timeout=c.timeout
+            )
+        except GRPCError as e:
+            if e.status == Status.NOT_FOUND:
+                continue
+            raise
+        return sidecar_id, address, letter
+    raise GRPCError(Status.NOT_FOUND, f"no sidecar holds dead letter {letter_id!r}")
+
+
+@dlq.command(name="show", help="Show one dead letter with its record and provenance.")
+@click.argument("letter_id")
+@click.pass_obj
+def dlq_show(obj: Context, letter_id: str) -> None:
+    (sidecar_id, _, letter), fmt = run_call(obj, lambda c: _find_letter(c, letter_id))
+    data = {
+        **_letter_row(sidecar_id, letter),
+        "attempts": letter.attempts,
+        "batch_id": letter.batch_id,
+        "source": f"{letter.source_id}/{letter.partition}",
+        "record": {
+            "offset": letter.record.offset,
+            "event_time_ms": letter.record.event_time_ms,
+            "key": letter.record.key.decode(errors="replace"),
+            "value": letter.record.value.decode(errors="replace"),
+            "headers": dict(letter.record.headers),
+        },
+    }
+    click.echo(render(data, "yaml" if fmt == "table" else fmt))
+
+
+@dlq.command(name="redrive", help="Send dead letters back into the stage they failed at (or --to STAGE).")
+@click.argument("letter_ids", nargs=-1)
+@click.option("--pipeline", default="", help="Redrive every letter of this pipeline (when no ids are given).")
+@click.option("--to", "target_stage", default="", help="Stage id to send them to.")
+@click.pass_obj
+def dlq_redrive(obj: Context, letter_ids: Sequence[str], pipeline: str, target_stage: str) -> None:
+    if not letter_ids and not pipeline:
+        die("give dead-letter ids or --pipeline", EXIT_INVALID)
+
+    async def work(c: RouterClient) -> tuple[int, dict[str, str]]:
+        redriven, failed = 0, {}
+        for address in (await _sidecar_addresses(c)).values():
+            stub = dataplane_grpc.SidecarAdminStub(c.channel(address))
+            request = dataplane_pb2.RedriveDeadLettersRequest(
+                ids=list(letter_ids), pipeline=pipeline, target_stage_id=target_stage
+            )
+            reply = await stub.RedriveDeadLetters(request, timeout=max(c.timeout, 60))
+            redriven += reply.redriven
+            failed.update({k: v for k, v in reply.failed.items() if not letter_ids or k in letter_ids})
+        return redriven, failed
+
+    (redriven, failed), fmt = run_call(obj, work)
+    click.echo(
+        render({"redriven": redriven, "failed": failed}, fmt) if fmt != "table" else f"redriven {redriven}"
+    )
+    for letter_id, why in failed.items():
+        click.echo(f"not redriven {letter_id}: {why}", err=True)
+    if failed:
+        sys.exit(EXIT_RUNTIME)
+
+
+@ctl.command(help="Show a live sample of the records passing a stage of a pipeline (Ctrl-C to stop).")
+@click.argument("pipeline")
+@click.argument("stage", metavar="STAGE")
+@click.option(
+    "--sample", "sample_rate", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True
+)
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True, help="0 = until Ctrl-C.")
+@click.pass_obj
+def tap(obj: Context, pipeline: str, stage: str, sample_rate: float, limit: int) -> None:
+    """STAGE is a stage id or the name of the service the stage calls."""
+
+    async def work(c: RouterClient) -> int:
+        one = await c.call(
+            admin_grpc.PipelineAdminStub, "GetPipeline", admin_pb2.GetPipelineRequest(name=pipeline)
+        )
+        listing = await c.call(
+            admin_grpc.PipelineAdminStub, "ListPipelines", admin_pb2.ListPipelinesRequest()
+        )
+        dag = next(d for d in listing.dags if d.id == one.pipeline.dag_id)
+        stage_ids = set(one.pipeline.stage_ids)
+        matches = [s.id for s in dag.stages if s.id in stage_ids and stage in (s.id, s.service)]
+        if not matches:
+            raise GRPCError(
+                Status.NOT_FOUND, f"pipeline {pipeline} has no stage {stage!r} (a stage id or service)"
+            )
+        sidecars = await c.call(admin_grpc.PipelineAdminStub, "ListSidecars", admin_pb2.ListSidecarsRequest())
+        holders = [
+            s.data_address for s in sidecars.sidecars if any(p.stage_id == matches[0] for p in s.stages)
+        ]
+        if not holders:
+            raise GRPCError(Status.FAILED_PRECONDITION, f"stage {matches[0]} is not running on any sidecar")
+        stub = dataplane_grpc.SidecarAdminStub(c.channel(holders[0]))
+        request = dataplane_pb2.TapRequest(
+            dag_id=dag.id, stage_id=matches[0], sample_rate=sample_rate, limit=limit
+        )
+        shown = 0
+        async with stub.Tap.open() as stream:
+            await stream.send_message(request, end=True)
+            async for event in stream:
+                record = event.record
+                click.echo(
+                    f"offset={record.offset} key={record.key.decode(errors='replace')} "
+                    f"value={record.value.decode(errors='replace')[:200]}"
+                    + (f"  (dropped so far: {event.dropped})" if event.dropped else "")
+                )
+                shown += 1
+        return shown
+
+    run_call(obj, work)
