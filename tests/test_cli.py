@@ -160,3 +160,15 @@ def test_role_process_serves_health_metrics_and_stops_on_sigterm(tmp_path: Path)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_shell_completion_offers_subcommands() -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "COMP_WORDS": "etlrouter ctl d",
+        "COMP_CWORD": "2",
+        "_ETLROUTER_COMPLETE": "bash_complete",
+    }
+    result = etlrouter(env=env)
+    assert result.returncode == 0
+    assert result.stdout.split() == ["plain,delete", "plain,describe", "plain,dlq"]
