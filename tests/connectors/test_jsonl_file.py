@@ -7,10 +7,11 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from etlrouter._proto.v1 import records_pb2, services_grpc
+from etlrouter._proto.v1 import records_pb2, services_grpc, services_pb2
 from etlrouter.connectors.jsonl_file_sink import CommitLog, JsonlFileSink
 from etlrouter.connectors.jsonl_file_source import ERROR_HEADER, JsonlFileSource
 from etlrouter.sdk import Record, records_from_proto, serving
@@ -173,3 +174,39 @@ async def test_sink_output_replays_through_the_source_record_format(tmp_path: Pa
         (r.key, r.value, r.headers, r.event_time_ms) for r in RECORDS
     ]
     assert [r.offset for r in replayed] == [1, 2]  # offsets are the replayed file's line numbers
+
+
+async def pull_rewound(channel: Channel, max_records: int) -> services_pb2.PullRecordsResponse:
+    """PullRecords as a new sidecar session sends it: rewind first."""
+    request = services_pb2.PullRecordsRequest(max_records=max_records, rewind=True)
+    return await services_grpc.SourceServiceStub(channel).PullRecords(request)
+
+
+async def test_source_rewind_redelivers_from_the_line_after_the_last_ack(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    write_lines(path, ["a", "b", "", "d", "e", "f", "g"])  # line 3 is blank
+    async with serving(JsonlFileSource(path)) as host, channel_to(host.address) as channel:
+        first = await pull(channel, 2)  # lines 1, 2
+        await pull(channel, 2)  # lines 4, 5
+        await ack(channel, 0, first.batch.header.last_offset)
+        again = await pull_rewound(channel, 10)
+        await ack(channel, 0, 6)
+        # A rewind with nothing new acknowledged starts at the same place again.
+        once_more = await pull_rewound(channel, 1)
+    assert [r.offset for r in records_from_proto(again.batch.records)] == [4, 5, 6, 7]
+    assert [r.value for r in records_from_proto(again.batch.records)] == [b"d", b"e", b"f", b"g"]
+    assert [r.offset for r in records_from_proto(once_more.batch.records)] == [7]
+    assert (tmp_path / "in.jsonl.ack").read_text().strip() == "6"
+
+
+async def test_source_a_late_ack_after_a_rewind_skips_what_it_covers(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    write_lines(path, [str(i) for i in range(1, 9)])
+    async with serving(JsonlFileSource(path)) as host, channel_to(host.address) as channel:
+        await pull(channel, 3)  # lines 1..3
+        await pull(channel, 3)  # lines 4..6
+        rewound = await pull_rewound(channel, 1)  # line 1 again
+        await ack(channel, 0, 5)  # the old session's ack arrives late: lines 1..5 are done
+        rest = await pull(channel, 10)
+    assert [r.offset for r in records_from_proto(rewound.batch.records)] == [1]
+    assert [r.offset for r in records_from_proto(rest.batch.records)] == [6, 7, 8]

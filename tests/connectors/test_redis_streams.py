@@ -12,6 +12,7 @@ import redis.asyncio as redis
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from etlrouter._proto.v1 import services_grpc, services_pb2
 from etlrouter.connectors.redis_streams import ID_HEADER, RedisStreamsSource, id_to_offset, offset_to_id
 from etlrouter.sdk import PermanentError, Record, records_from_proto, serving
 from tests.sdk.grpc_helpers import ack, channel_to, pull
@@ -151,3 +152,26 @@ async def test_two_consumers_of_a_group_share_the_stream(
     ids: list[Record] = from_a + from_b
     assert sorted(r.headers[ID_HEADER] for r in ids) == sorted({r.headers[ID_HEADER] for r in ids})
     assert (len(from_a), len(from_b)) == (2, 2)
+
+
+async def test_rewind_rereads_the_pending_entries_then_continues_with_new_ones(
+    redis_url: str, client: redis.Redis, stream: str
+) -> None:
+    await add(client, stream, 5)
+    async with (
+        serving(RedisStreamsSource(redis_url, stream, "etl", "c1")) as host,
+        channel_to(host.address) as channel,
+    ):
+        first = records_from_proto((await pull(channel, 3)).batch.records)
+        await ack(channel, 0, first[0].offset)
+        # A new sidecar session: PullRecords with rewind, without a restart of the source.
+        request = services_pb2.PullRecordsRequest(max_records=10, rewind=True)
+        again = records_from_proto(
+            (await services_grpc.SourceServiceStub(channel).PullRecords(request)).batch.records
+        )
+        rest = records_from_proto((await pull(channel, 10)).batch.records)
+        await ack(channel, 0, rest[-1].offset)
+        pending = await client.xpending(stream, "etl")
+    assert again == first[1:]
+    assert [msgspec.json.decode(r.value)["id"] for r in rest] == ["o3", "o4"]
+    assert pending["pending"] == 0

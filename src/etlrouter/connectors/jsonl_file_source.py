@@ -4,7 +4,10 @@
 
 The acknowledged offset is kept in `<path>.ack` (written atomically and fsynced on every Acknowledge), so
 a restarted source continues with the first unacknowledged line: lines delivered but not acknowledged are
-delivered again (at-least-once). Blank lines are skipped but keep their line number.
+delivered again (at-least-once). Blank lines are skipped but keep their line number. A rewind (a new sidecar
+session) seeks back to the byte after the last acknowledged line, so the same happens without a restart;
+an acknowledgement that arrives after a rewind for lines delivered before it still counts, and the lines it
+covers are not delivered again.
 
 Formats:
 - `raw` (default): the value is the line; `--key-field` / `--event-time-field` take the key and the event
@@ -21,6 +24,7 @@ import asyncio
 import base64
 import logging
 import os
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -125,6 +129,9 @@ class JsonlFileSource(Source):
         )
         self.acked = 0
         self.last_line = 0  # line number of the last line read (delivered or skipped)
+        self.high_water = 0  # highest line number ever read (delivered or skipped), across rewinds
+        self.acked_position = 0  # byte offset just after the acknowledged line
+        self._ends: deque[tuple[int, int]] = deque()  # (line number, byte offset after it), unacknowledged
         self._file: IO[bytes] | None = None
         self._lock = asyncio.Lock()
 
@@ -140,6 +147,17 @@ class JsonlFileSource(Source):
                     f"but {self.ack_path} says {self.acked} were acknowledged"
                 )
             self.last_line += 1
+        self.high_water = self.last_line
+        self.acked_position = self._file.tell()
+        self._ends.clear()
+
+    async def rewind(self) -> None:
+        """Deliver again everything after the last acknowledged line."""
+        async with self._lock:
+            if self._file is None:
+                return
+            self._file.seek(self.acked_position)
+            self.last_line = self.acked
 
     async def close(self) -> None:
         if self._file is not None:
@@ -160,6 +178,9 @@ class JsonlFileSource(Source):
                 self._file.seek(position)  # the writer has not finished this line yet
                 return records, True
             self.last_line += 1
+            if self.last_line > self.high_water:
+                self.high_water = self.last_line
+                self._ends.append((self.last_line, self._file.tell()))
             line = line.rstrip(b"\r\n")
             if not line.strip():
                 continue
@@ -193,13 +214,20 @@ class JsonlFileSource(Source):
     async def acknowledge(self, partition: int, up_to_offset: int) -> None:
         if partition != 0:
             raise PermanentError(f"jsonl-file has only partition 0, got an acknowledgement for {partition}")
-        if up_to_offset > self.last_line:
+        if up_to_offset > self.high_water:
             raise PermanentError(
-                f"acknowledgement up to line {up_to_offset}, but only {self.last_line} lines were delivered"
+                f"acknowledgement up to line {up_to_offset}, but only {self.high_water} lines were delivered"
             )
         if up_to_offset <= self.acked:
             return  # cumulative: an older or repeated ack changes nothing
+        # No lock: pull reads synchronously between its awaits, so this never runs in the middle of a read.
+        while self._ends and self._ends[0][0] <= up_to_offset:
+            _, self.acked_position = self._ends.popleft()
         self.acked = up_to_offset
+        if self.last_line < up_to_offset and self._file is not None:
+            # A late acknowledgement after a rewind: do not deliver again what it covers.
+            self._file.seek(self.acked_position)
+            self.last_line = up_to_offset
         await asyncio.to_thread(write_ack, self.ack_path, up_to_offset)
 
 

@@ -9,9 +9,10 @@ honoured even after a restart. Offsets: a stream id `MS-SEQ` becomes the offset 
 increases strictly with the id and needs no state of its own (sequence numbers must stay below 2^20 per
 millisecond, always true for ids Redis assigns at any realistic rate).
 
-Redelivery: on start the source first re-reads this consumer's pending entries (delivered before, never
-acknowledged) and only then new ones. With --redeliver-after-ms, when acknowledgements make no progress for
-that long while entries are outstanding, it re-reads the pending list again (covers a sidecar restart).
+Redelivery: on start, and on a rewind (a new sidecar session), the source first re-reads this consumer's
+pending entries (delivered before, never acknowledged) and only then new ones. With --redeliver-after-ms,
+when acknowledgements make no progress for that long while entries are outstanding, it re-reads the
+pending list again (covers a sidecar that vanished without a new session).
 
 A record's value is the --value-field of the entry, or else all its fields as a JSON object of strings;
 its key is the --key-field (or empty); its event time the entry id's milliseconds; header `redis.id`.
@@ -143,14 +144,24 @@ class RedisStreamsSource(Source):
         # Never hand out an offset twice in one run unless rewound (pending re-reads may overlap a buffer).
         return [r for r in records if r.offset > self.delivered]
 
+    def _rewind_to_ack(self, now: float) -> None:
+        """Re-read this consumer's pending list from just after the acknowledged entry."""
+        self.pending_cursor = offset_to_id(self.acked) if self.acked >= 0 else "0"
+        self.buffer.clear()
+        self.delivered = self.acked
+        self.progress_at = now
+
     def _rewind_if_stalled(self, now: float) -> None:
         if not self.redeliver_after_s or self.delivered <= self.acked:
             return
         if now - self.progress_at >= self.redeliver_after_s:
-            self.pending_cursor = offset_to_id(self.acked) if self.acked >= 0 else "0"
-            self.buffer.clear()
-            self.delivered = self.acked
-            self.progress_at = now
+            self._rewind_to_ack(now)
+
+    async def rewind(self) -> None:
+        """A new sidecar session: deliver again every entry delivered and not acknowledged (the consumer's
+        pending entries), then continue with new ones."""
+        async with self._lock:
+            self._rewind_to_ack(asyncio.get_running_loop().time())
 
     async def pull(
         self, *, max_records: int, max_bytes: int, wait_ms: int, partitions: Sequence[int]

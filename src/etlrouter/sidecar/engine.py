@@ -516,6 +516,7 @@ class SourceRunner(StageRunner):
         self._stopping = False
         self._acks_due: dict[int, int] = {}
         self._last_offset: dict[tuple[str, int], int] = {}  # highest offset handed out, per partition
+        self._acked: dict[int, int] = {}  # last offset acknowledged to the source, per partition
         self._ack_lock = asyncio.Lock()  # one Acknowledge at a time: they reach the source in order
         self.end_of_stream = False
 
@@ -661,7 +662,10 @@ class SourceRunner(StageRunner):
                 self._acks_due[p] = max(self._acks_due.get(p, -1), o)
             log.warning("acknowledging the source failed, will retry: %s", e)
             return
-        ACKED.labels(*self.labels).inc(sum(1 for _ in due))
+        # Records newly acknowledged: acks are cumulative, so count from this session's previous ack.
+        newly = sum(o - self._acked.get(p, -1) for p, o in due.items())
+        self._acked.update(due)
+        ACKED.labels(*self.labels).inc(max(0, newly))
 
     async def handle(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
         """A redriven batch entering at the source: route it as if pulled, without touching the ledger."""

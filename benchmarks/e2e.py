@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""End-to-end records/s and latency through the real processes `etlrouter dev` starts (3 routers, one
+process per service, one sidecar per service), for a filter and a map transform.
+
+    python benchmarks/e2e.py [--records 200000] [--latency-rate 1000] [--latency-seconds 10]
+
+Throughput: `etlrouter dev --limit N` runs generator → TRANSFORM → jsonl-file sink as fast as it goes;
+this script tails the sink file and reports N / (time the last record appeared - the time dev
+had every sidecar registered, just before it applied the pipeline), so process start-up is not counted
+but placement and the first batches' way through are (use enough records to make that small).
+
+Latency: the generator cannot say when it handed a record out (its event times are computed, and its first
+pull comes seconds after dev started it), so latency runs feed the same transform from a jsonl-file source
+in follow mode: this script appends lines at a fixed rate, each carrying the wall-clock time it was written
+as its event time (`--event-time-field ts`), tails the sink file (5 ms polls) and reports, per record, the
+time it appeared in the sink minus its event time: write → source → sidecars → transform → sink → file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+POLL_S = 0.005
+TRANSFORMS = {
+    "filter": ("filter", "config.expr", "value.amount >= 0"),
+    "map": ("map", "config.program", "value.twice = value.amount * 2"),
+}
+
+
+class Tail:
+    """Lines of a growing file, each with the time this process first saw it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pos = 0
+        self.partial = b""
+
+    def poll(self) -> list[tuple[float, bytes]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        now = time.time()
+        self.pos += len(data)
+        data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        return [(now, line) for line in lines if line.strip()]
+
+
+def dev(data: Path, pipeline_file: Path, *args: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "etlrouter", "dev", str(pipeline_file), "--no-view"]
+    cmd += ["--data-dir", str(data), "--base-port", "0", *args]
+    return subprocess.Popen(cmd, stdout=(data.parent / "dev.out").open("wb"), stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pipeline_text(source_line: str, transform: str) -> str:
+    connector, option, expr = TRANSFORMS[transform]
+    return (
+        f"{source_line}\n"
+        f"# dev: service step {connector}\n"
+        "# dev: service out jsonl_file_sink\n"
+        f'pipeline bench {{ source src | transform step ({option} = "{expr}") | sink out }}\n'
+    )
+
+
+def throughput(transform: str, records: int, workdir: Path) -> tuple[float, float]:
+    """(records/s, seconds) from just before the pipeline was applied to the last record in the sink."""
+    file = workdir / f"tp-{transform}.etl"
+    file.write_text(pipeline_text("# dev: service src generator --seed 1 --record-size 200", transform))
+    data = workdir / f"tp-{transform}"
+    proc = dev(data, file, "--limit", str(records), "--timeout", "300")
+    tail = Tail(data / "sinks" / "out.jsonl")
+    seen: set[int] = set()
+    last = 0.0
+    try:
+        while len(seen) < records:
+            exited = proc.poll() is not None
+            lines = tail.poll()
+            for at, line in lines:
+                seen.add(json.loads(line)["offset"])
+                last = at
+            if exited and not lines and len(seen) < records:
+                raise SystemExit(f"dev exited with {proc.returncode}: see {workdir / 'dev.out'}")
+            time.sleep(POLL_S)
+        proc.wait(timeout=120)
+    finally:
+        stop(proc)
+    if proc.returncode != 0:
+        raise SystemExit(f"dev --limit failed ({proc.returncode}): see {data / 'logs'}")
+    seconds = last - (data / "dev.json").stat().st_mtime
+    return records / seconds, seconds
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def latency(transform: str, rate: float, seconds: float, workdir: Path) -> tuple[int, list[float]]:
+    """Latencies (ms) of records written at `rate`/s for `seconds`, after a 2 s warm-up."""
+    source = workdir / f"lat-{transform}.jsonl"
+    source.write_text("")
+    file = workdir / f"lat-{transform}.etl"
+    file.write_text(
+        pipeline_text(
+            f"# dev: service src jsonl_file_source --path {source} --follow --event-time-field ts", transform
+        )
+    )
+    data = workdir / f"lat-{transform}"
+    proc = dev(data, file)
+    tail = Tail(data / "sinks" / "out.jsonl")
+    latencies: list[float] = []
+    written = seen = 0
+
+    def collect() -> None:
+        nonlocal seen
+        for at, line in tail.poll():
+            seen += 1
+            event_ms = json.loads(line)["event_time_ms"]
+            if event_ms / 1000 >= warmup_end:
+                latencies.append(at * 1000 - event_ms)
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "dev.json").exists():  # written once every sidecar is registered
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"dev did not start: see {workdir / 'dev.out'}")
+            time.sleep(0.05)
+        warmup_end = time.time() + 2
+        start = time.monotonic()
+        end = start + 2 + seconds
+        with source.open("a") as out:
+            while time.monotonic() < end:
+                due = int((time.monotonic() - start) * rate)
+                while written < due:
+                    now_ms = int(time.time() * 1000)
+                    out.write(json.dumps({"ts": now_ms, "n": written, "amount": written % 1000}) + "\n")
+                    written += 1
+                out.flush()
+                collect()
+                time.sleep(POLL_S)
+        drain_end = time.monotonic() + 15
+        while seen < written and time.monotonic() < drain_end:
+            collect()
+            time.sleep(POLL_S)
+    finally:
+        stop(proc)
+    return written, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=200_000, help="records per throughput run")
+    parser.add_argument(
+        "--latency-rate", type=float, default=1000.0, help="records/s written in latency runs"
+    )
+    parser.add_argument(
+        "--latency-seconds", type=float, default=10.0, help="measured seconds per latency run"
+    )
+    parser.add_argument("--transforms", default="filter,map")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    print(
+        f"# e2e through `etlrouter dev` processes (3 routers, 3 services, 3 sidecars); "
+        f"{cores} cores ({usable} usable); 200 B values"
+    )
+    head = f"{'pipeline':<44} {'records':>8} {'seconds':>8} {'records/s':>10}"
+    print(f"{head} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
+    with tempfile.TemporaryDirectory(prefix="etlrouter-e2e-") as tmp:
+        workdir = Path(tmp)
+        for transform in args.transforms.split(","):
+            rate, seconds = throughput(transform, args.records, workdir)
+            name = f"generator -> {transform} -> jsonl sink"
+            print(
+                f"{name:<44} {args.records:>8} {seconds:>8.2f} {rate:>10.0f} {'-':>7} {'-':>7} {'-':>7}",
+                flush=True,
+            )
+        for transform in args.transforms.split(","):
+            _, lat = latency(transform, args.latency_rate, args.latency_seconds, workdir)
+            lat.sort()
+            name = f"jsonl(follow) -> {transform} -> jsonl @ {args.latency_rate:.0f}/s"
+            if not lat:
+                print(f"{name:<44} no records measured (see {workdir})")
+                continue
+            per_s = len(lat) / args.latency_seconds
+            print(
+                f"{name:<44} {len(lat):>8} {args.latency_seconds:>8.2f} {per_s:>10.0f} "
+                f"{percentile(lat, 0.5):>7.1f} {percentile(lat, 0.99):>7.1f} {lat[-1]:>7.1f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

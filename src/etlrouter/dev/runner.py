@@ -1,0 +1,545 @@
+"""`etlrouter dev`: routers, services and sidecars as separate processes on loopback, a pipeline set applied,
+a live view, and an orderly stop.
+
+Start order: routers (wait until ready) → services (wait until they listen) → one sidecar per service
+(wait until registered) → ApplyPipelines. Stop order on Ctrl-C, SIGTERM, the end of a `--limit` run or an
+error: sidecars first (they drain: in-flight batches finish, sources are acknowledged), then services, then
+routers; each group gets a deadline, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+
+from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter.connectors.generator import GeneratorConfig
+from etlrouter.dev import view
+from etlrouter.dev.layout import HOST, Layout, busy_ports, make_layout
+from etlrouter.dev.procs import Child, Supervisor
+from etlrouter.dev.progress import (
+    PathStep,
+    SinkFile,
+    describe_missing,
+    expected_offsets,
+    generator_config,
+    source_done,
+)
+from etlrouter.dev.spec import DevSpec, ServiceSpec
+from etlrouter.router.client import RouterClient
+
+MARKER = ".etlrouter-dev"
+OWNED = ("routers", "sidecars", "services", "sinks", "logs", "dev.json")
+SIDECAR_DEADLINE_S, SERVICE_DEADLINE_S, ROUTER_DEADLINE_S = 15.0, 10.0, 10.0
+DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a demo, not a disk filler)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class DevError(Exception):
+    """Something dev cannot go on with; the message says what and where to look."""
+
+
+class DevUsageError(DevError):
+    """The arguments cannot work (a data dir dev did not make, busy ports): exit code 2."""
+
+
+class Interrupted(Exception):
+    pass
+
+
+@dataclass
+class DevOptions:
+    spec: DevSpec
+    data_dir: Path
+    base_port: int = 17400
+    routers: int = 3
+    limit: int = 0
+    rate: float | None = None
+    view: bool = True
+    timeout_s: float = 120.0
+    startup_timeout_s: float = 60.0
+
+
+@dataclass
+class Endpoint:
+    name: str
+    http_port: int
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{HOST}:{self.http_port}/metrics"
+
+
+@dataclass
+class Dev:
+    options: DevOptions
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    supervisor: Supervisor = field(init=False)
+    layout: Layout = field(init=False)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    signals: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    topology: view.Topology = field(default_factory=view.Topology)
+    router_ids: list[str] = field(default_factory=list)
+    endpoints: list[Endpoint] = field(default_factory=list)
+    sink_files: dict[str, Path] = field(default_factory=dict)
+    state_files: dict[str, Path] = field(default_factory=dict)
+    service_argv: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.options.data_dir.resolve()
+        self.supervisor = Supervisor(self.data_dir / "logs")
+
+    # ------------------------------------------------------------------------------------------ output
+
+    def say(self, text: str = "", *, err: bool = False) -> None:
+        with contextlib.suppress(OSError):  # a closed pipe (`etlrouter dev | head`) must not stop shutdown
+            print(text, file=sys.stderr if err else self.out, flush=True)
+
+    # ---------------------------------------------------------------------------------------- signals
+
+    def on_signal(self, signum: int) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            self.say(
+                f"\n{signal.Signals(signum).name}: stopping (sidecars drain first; again to kill at once)"
+            )
+            self.stop.set()
+        else:
+            self.supervisor.hurry.set()
+
+    # --------------------------------------------------------------------------------------- data dir
+
+    def prepare_data_dir(self) -> None:
+        d = self.data_dir
+        if d.exists() and any(d.iterdir()) and not (d / MARKER).exists():
+            raise DevUsageError(
+                f"{d} is not empty and was not made by `etlrouter dev` (no {MARKER}); pick another --data-dir"
+            )
+        d.mkdir(parents=True, exist_ok=True)
+        (d / MARKER).write_text("made by `etlrouter dev`; it wipes its own subdirectories on start\n")
+        for name in OWNED:  # a fresh cluster each run: old Raft logs and sink files would confuse it
+            path = d / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    # ---------------------------------------------------------------------------------------- startup
+
+    def _python(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    def start_routers(self) -> None:
+        n = self.options.routers
+        self.router_ids = [f"router-{i}" for i in range(n)]
+        peers = [
+            arg
+            for i, node in enumerate(self.router_ids)
+            for arg in ("--peer", f"{node}={HOST}:{self.layout.router_grpc[i]}")
+        ]
+        env = {
+            "ETLROUTER_ROUTER__SIDECAR_HEARTBEAT_TIMEOUT_MS": "5000",
+            "ETLROUTER_ROUTER__LEADER_GRACE_MS": "5000",
+        }
+        for i, node in enumerate(self.router_ids):
+            args = [
+                "-m", "etlrouter", "--log-format", "json", "router", "--node-id", node, "--host", HOST,
+                "--grpc-port", str(self.layout.router_grpc[i]),
+                "--http-port", str(self.layout.router_http[i]),
+                "--data-dir", str(self.data_dir / "routers" / node), *peers,
+            ]  # fmt: skip
+            self.supervisor.start(node, "router", self._python(*args), env)
+            self.endpoints.append(Endpoint(node, self.layout.router_http[i]))
+
+    @property
+    def router_addresses(self) -> list[str]:
+        return [f"{HOST}:{p}" for p in self.layout.router_grpc]
+
+    def service_args(self, service: ServiceSpec, port: int) -> list[str]:
+        auto: list[str] = []
+        late: list[str] = []
+        if service.connector == "generator":
+            state = self.data_dir / "services" / f"{service.name}.state"
+            state.parent.mkdir(parents=True, exist_ok=True)
+            self.state_files[service.name] = state
+            auto += ["--state-file", str(state), "--event-time-start-ms", str(int(time.time() * 1000))]
+            if self.options.limit:
+                late += ["--limit", str(self.options.limit)]
+            if self.options.rate is not None:
+                late += ["--rate", str(self.options.rate)]
+            elif not self.options.limit and service.arg_value("--rate") is None:
+                late += ["--rate", str(DEFAULT_RATE)]
+        elif service.connector == "jsonl_file_sink":
+            path_arg = service.arg_value("--path")
+            path = Path(path_arg) if path_arg else self.data_dir / "sinks" / f"{service.name}.jsonl"
+            if not path_arg:
+                auto += ["--path", str(path)]
+            self.sink_files[service.name] = path
+        return [
+            "-m", f"etlrouter.connectors.{service.connector}", "--name", service.name, "--host", HOST,
+            "--port", str(port), "--log-format", "json", *auto, *service.args, *late,
+        ]  # fmt: skip
+
+    def start_services(self) -> None:
+        for j, service in enumerate(self.options.spec.services):
+            args = self.service_args(service, self.layout.service[j])
+            self.service_argv[service.name] = args
+            self.supervisor.start(service.name, "service", self._python(*args))
+
+    def start_sidecars(self) -> None:
+        routers = [arg for address in self.router_addresses for arg in ("--router", address)]
+        for j, service in enumerate(self.options.spec.services):
+            sidecar_id = f"sidecar-{service.name}"
+            env = {
+                "ETLROUTER_SIDECAR__DATA_DIR": str(self.data_dir / "sidecars" / sidecar_id),
+                "ETLROUTER_SIDECAR__HEARTBEAT_INTERVAL_MS": "1000",
+                "ETLROUTER_SIDECAR__SCAN_INTERVAL_MS": "500",
+                "ETLROUTER_SIDECAR__DRAIN_TIMEOUT_MS": "10000",
+            }
+            args = [
+                "-m", "etlrouter", "--log-format", "json", "sidecar", "--id", sidecar_id, *routers,
+                "--scan-ports", str(self.layout.service[j]),
+                "--grpc-port", str(self.layout.sidecar_grpc[j]),
+                "--http-port", str(self.layout.sidecar_http[j]),
+            ]  # fmt: skip
+            self.supervisor.start(sidecar_id, "sidecar", self._python(*args), env)
+            self.endpoints.append(Endpoint(sidecar_id, self.layout.sidecar_http[j]))
+
+    def check_children(self) -> None:
+        dead = self.supervisor.dead()
+        if dead:
+            child = dead[0]
+            raise DevError(
+                f"{child.name} exited with status {child.proc.returncode}; its log ({child.log_path}) ends:\n"
+                + self.supervisor.tail(child)
+            )
+
+    async def wait_for(self, what: str, check: Callable[[], object], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.stop.is_set():
+                raise Interrupted
+            self.check_children()
+            if await check():  # type: ignore[misc]
+                return
+            if time.monotonic() > deadline:
+                raise DevError(
+                    f"timed out after {timeout:.0f} s waiting for {what}; logs in {self.supervisor.log_dir}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def _ready(self, session: aiohttp.ClientSession, port: int) -> bool:
+        try:
+            async with session.get(
+                f"http://{HOST}:{port}/readyz", timeout=aiohttp.ClientTimeout(total=2)
+            ) as r:
+                return bool((await r.json(content_type=None)).get("ready"))
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return False
+
+    async def _listening(self, port: int) -> bool:
+        try:
+            _, writer = await asyncio.open_connection(HOST, port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        services = self.options.spec.services
+        self.layout = make_layout(self.options.base_port, self.options.routers, len(services))
+        busy = busy_ports(self.layout.all_ports())
+        if busy:
+            raise DevUsageError(
+                f"ports already in use: {', '.join(map(str, busy[:8]))} (another `etlrouter dev`?); "
+                "choose another --base-port, or 0 for free ports"
+            )
+        self.start_routers()
+        self.start_services()
+
+        async def routers_ready() -> bool:
+            return all(await asyncio.gather(*(self._ready(session, p) for p in self.layout.router_http)))
+
+        async def services_listening() -> bool:
+            return all(await asyncio.gather(*(self._listening(p) for p in self.layout.service)))
+
+        await self.wait_for("the routers to elect a leader", routers_ready, self.options.startup_timeout_s)
+        await self.wait_for("the services to listen", services_listening, self.options.startup_timeout_s)
+        self.start_sidecars()
+
+        async def sidecars_ready() -> bool:
+            return all(await asyncio.gather(*(self._ready(session, p) for p in self.layout.sidecar_http)))
+
+        await self.wait_for("the sidecars to register", sidecars_ready, self.options.startup_timeout_s)
+        (self.data_dir / "dev.json").write_text(
+            json.dumps({"pid": os.getpid(), "children": self.supervisor.pids()}, indent=2) + "\n"
+        )
+
+    # ------------------------------------------------------------------------------------- admin API
+
+    async def apply(self, client: RouterClient) -> None:
+        spec = self.options.spec
+        reply = await client.call(
+            admin_grpc.PipelineAdminStub,
+            "ApplyPipelines",
+            admin_pb2.ApplyPipelinesRequest(definition=spec.pipelines, filename=spec.filename),
+            write=True,
+        )
+        if reply.diagnostics:
+            lines = []
+            for d in reply.diagnostics:
+                lines.append(f"{d.file or spec.filename}:{d.line}:{d.column}: error: {d.message}")
+                if d.excerpt:
+                    lines.append(d.excerpt)
+                if d.hint:
+                    lines.append(f"hint: {d.hint}")
+            names = ", ".join(s.name for s in spec.services)
+            raise DevError("the pipelines were not applied:\n" + "\n".join(lines) + f"\n(dev runs: {names})")
+        for change in reply.changes:
+            action = admin_pb2.PipelineChange.Action.Name(change.action).removeprefix("ACTION_").lower()
+            self.say(f"pipeline {change.name}: {action}")
+
+    async def refresh_topology(self, client: RouterClient) -> None:
+        try:
+            reply = await client.call(
+                admin_grpc.PipelineAdminStub, "ListPipelines", admin_pb2.ListPipelinesRequest()
+            )
+        except Exception:  # the view keeps the last topology while the cluster elects a leader
+            return
+        self.topology = view.topology_from(reply)
+
+    # --------------------------------------------------------------------------------------- metrics
+
+    async def sample(self, session: aiohttp.ClientSession) -> view.Sample:
+        sample = view.Sample(at=time.monotonic())
+
+        async def one(endpoint: Endpoint) -> None:
+            try:
+                async with session.get(endpoint.metrics, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    text = await r.text()
+            except (TimeoutError, aiohttp.ClientError):
+                sample.unreachable.append(endpoint.name)
+                return
+            view.parse_metrics(text, sample, endpoint.name)
+
+        await asyncio.gather(*(one(e) for e in self.endpoints))
+        return sample
+
+    # -------------------------------------------------------------------------------------- --limit
+
+    def progress(self) -> tuple[bool, list[str]]:
+        """Whether the `--limit` run is complete, and what is still missing."""
+        missing: list[str] = []
+        for name, state in self.state_files.items():
+            done, text = source_done(state, self._generator_config(name))
+            if not done:
+                missing.append(f"source {name}: {text}")
+        for sink in self._sinks.values():
+            sink.file.refresh()
+            if sink.expected is None:
+                if sink.file.lines == 0:
+                    missing.append(f"sink {sink.name}: no records yet in {sink.file.path}")
+                continue
+            lacking = sink.expected - sink.file.offsets
+            if lacking:
+                missing.append(f"sink {sink.name} ({sink.file.path}): {describe_missing(lacking)}")
+        return not missing, missing
+
+    def _generator_config(self, name: str) -> GeneratorConfig:
+        return generator_config(self.service_argv[name][2:])  # without "-m MODULE"
+
+    def plan_sinks(self) -> None:
+        """Which offsets each jsonl-file sink must hold at the end of a --limit run (None: unknown)."""
+        self._sinks: dict[str, _Sink] = {}
+        spec = self.options.spec
+        names = {s.name for s in spec.services}
+        for stage in self.topology.sinks():
+            if stage.service not in self.sink_files:
+                continue
+            path = self.topology.path_to(stage)
+            source = path[0]
+            expected: set[int] | None = None
+            if source.service in self.state_files and all(s.service in names for s in path[1:-1]):
+                config = self._generator_config(source.service)
+                steps = [
+                    PathStep(spec.service(s.service).connector, spec.service(s.service), dict(s.options))
+                    for s in path[1:-1]
+                ]
+                expected = expected_offsets(config, steps)
+            self._sinks[stage.service] = _Sink(
+                stage.service, SinkFile(self.sink_files[stage.service]), expected
+            )
+
+    # ---------------------------------------------------------------------------------------- running
+
+    def banner(self) -> list[str]:
+        lines = [
+            f"etlrouter dev: {self.options.routers} routers, {len(self.options.spec.services)} services, "
+            f"{len(self.options.spec.services)} sidecars on {HOST}",
+            f"GraphQL      http://{HOST}:{self.layout.router_http[0]}/graphql  (any router: "
+            + ", ".join(str(p) for p in self.layout.router_http)
+            + ")",
+            f"admin API    {', '.join(self.router_addresses)}"
+            f"  (etlrouter ctl --router {self.router_addresses[0]})",
+            f"data dir     {self.data_dir}",
+            f"logs         {self.supervisor.log_dir}/<process>.log",
+        ]
+        for name, path in self.sink_files.items():
+            lines.append(f"{'sink ' + name:<12} {path}")
+        return lines
+
+    def metrics_lines(self) -> list[str]:
+        return [f"/metrics     {e.name:<24} {e.metrics}" for e in self.endpoints]
+
+    async def run_loop(self, session: aiohttp.ClientSession, client: RouterClient, tty: bool) -> int:
+        limit = self.options.limit
+        deadline = time.monotonic() + self.options.timeout_s
+        before: view.Sample | None = None
+        last_summary = 0.0
+        planned = False
+        run_started = time.monotonic()
+        if tty:
+            self.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide the cursor
+        try:
+            while not self.stop.is_set():
+                self.check_children()
+                await self.refresh_topology(client)
+                now = await self.sample(session)
+                if tty:
+                    up = int(time.monotonic() - self.started_at)
+                    header = [
+                        *self.banner(),
+                        f"up {up // 60:02d}:{up % 60:02d}   Ctrl-C stops everything"
+                        + (f"   --limit {limit}" if limit else ""),
+                    ]
+                    lines = view.render(self.topology, now, before, header)
+                    self.out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+                    self.out.flush()
+                elif time.monotonic() - last_summary >= 5:
+                    self.say(view.summary_line(self.topology, now, before))
+                    last_summary = time.monotonic()
+                before = now
+                if limit:
+                    if not planned and self.topology.sinks():
+                        await asyncio.to_thread(self.plan_sinks)  # computes N records: off the loop
+                        planned = True
+                    if planned:
+                        done, missing = await asyncio.to_thread(self.progress)
+                        if done:
+                            elapsed = time.monotonic() - run_started
+                            self._leave_screen(tty)
+                            tty = False
+                            self.say(f"--limit {limit}: done in {elapsed:.1f} s")
+                            for sink in self._sinks.values():
+                                self.say(f"  {sink.name}: {sink.file.lines} lines in {sink.file.path}")
+                            return EXIT_OK
+                        if time.monotonic() > deadline:
+                            raise DevError(
+                                f"--limit {limit}: not complete after {self.options.timeout_s:.0f} s:\n  "
+                                + "\n  ".join(missing)
+                            )
+                    elif time.monotonic() > deadline:
+                        raise DevError(
+                            f"--limit {limit}: no pipeline was running after {self.options.timeout_s:.0f} s"
+                        )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=1.0)
+            return EXIT_OK
+        finally:
+            self._leave_screen(tty)
+
+    def _leave_screen(self, tty: bool) -> None:
+        if tty:
+            self.out.write("\x1b[?25h\x1b[?1049l")
+            self.out.flush()
+
+    async def main(self) -> int:
+        self.prepare_data_dir()
+        async with aiohttp.ClientSession() as session:
+            await self.start(session)
+            client = RouterClient(self.router_addresses, timeout=20)
+            try:
+                await self.apply(client)
+                await self.refresh_topology(client)
+                for line in [*self.banner(), *self.metrics_lines()]:
+                    self.say(line)
+                if self.topology.stages:
+                    shared = [s for s in view.shared_stages(self.topology)]
+                    for s in shared:
+                        self.say(f"shared stage {s.kind} {s.service}: runs once for {', '.join(s.pipelines)}")
+                tty = self.options.view and self.out.isatty()
+                return await self.run_loop(session, client, tty)
+            finally:
+                client.close()
+
+    def stop_steps(self) -> list[tuple[list[str], float]]:
+        """Sidecars by the depth of their service in the DAGs (sources first: they stop pulling and their
+        in-flight batches still find the sidecars below them running), then services, then routers."""
+        depth: dict[str, int] = {}
+        for stage in self.topology.stages:
+            depth[stage.service] = min(depth.get(stage.service, stage.depth), stage.depth)
+        levels: dict[int, list[str]] = {}
+        for child in self.supervisor.children:
+            if child.group == "sidecar":
+                service = child.name.removeprefix("sidecar-")
+                levels.setdefault(depth.get(service, 1 << 20), []).append(child.name)
+        steps = [(levels[d], SIDECAR_DEADLINE_S) for d in sorted(levels)]
+        for group, deadline in (("service", SERVICE_DEADLINE_S), ("router", ROUTER_DEADLINE_S)):
+            steps.append(([c.name for c in self.supervisor.children if c.group == group], deadline))
+        return steps
+
+    def shutdown(self) -> list[str]:
+        return self.supervisor.stop_all(self.stop_steps())
+
+
+@dataclass
+class _Sink:
+    name: str
+    file: SinkFile
+    expected: set[int] | None
+
+
+async def _run(options: DevOptions) -> int:
+    dev = Dev(options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, dev.on_signal, sig)
+    code = EXIT_FAILED
+    try:
+        code = await dev.main()
+    except Interrupted:
+        code = EXIT_OK
+    except DevError as exc:
+        dev.say(f"etlrouter dev: {exc}", err=True)
+        code = EXIT_USAGE if isinstance(exc, DevUsageError) else EXIT_FAILED
+    finally:
+        if dev.supervisor.children:
+            dev.say("stopping: sidecars (sources first), then services, then routers …")
+            killed = await asyncio.to_thread(dev.shutdown)
+            if killed:
+                dev.say(f"killed after their deadline: {', '.join(killed)}")
+            dev.say(f"all {len(dev.supervisor.children)} processes stopped; logs in {dev.supervisor.log_dir}")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return code
+
+
+def run_dev(options: DevOptions) -> int:
+    """Run dev until done (exit code 0), failed (1) or interrupted (0)."""
+    return asyncio.run(_run(options))
+
+
+__all__ = ["Child", "DevError", "DevOptions", "run_dev"]
