@@ -144,9 +144,11 @@ def test_zero_loss_when_a_sidecar_a_sink_and_the_leader_are_killed(
     run_for(2.0)
     routers.start(leader)
 
-    wait_until(
-        lambda: check_acks() is None and acked() == total - 1, 120, "the source acknowledged every record"
-    )
+    def all_acked() -> bool:
+        check_acks()
+        return acked() == total - 1
+
+    wait_until(all_acked, 120, "the source acknowledged every record")
     check_acks()
     assert not violations, violations[:5]
     for sink in (left, right):

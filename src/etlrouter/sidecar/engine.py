@@ -200,9 +200,7 @@ class Edge:
         self.name = name
         self.sidecar_id = sidecar_id  # where the child replica runs
 
-    async def deliver(
-        self, batch: records_pb2.RawRecordBatch, *, credit_timeout: float | None = None
-    ) -> BatchResult:
+    async def deliver(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -226,11 +224,9 @@ class LocalEdge(Edge):
         first = self.buffer.open()
         self.gate.grant(first.records, first.nbytes)
 
-    async def deliver(
-        self, batch: records_pb2.RawRecordBatch, *, credit_timeout: float | None = None
-    ) -> BatchResult:
+    async def deliver(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
         records, nbytes = batch.header.record_count, len(batch.records)
-        await _acquire(self, self.gate, records, nbytes, credit_timeout)
+        await _acquire(self, self.gate, records, nbytes)
         self.buffer.on_received(records, nbytes)
         try:
             return await self.target(batch)
@@ -250,15 +246,14 @@ class RemoteEdge(Edge):
         name: str,
         address: str,
         open_frame: dataplane_pb2.EdgeOpen,
-        window: Credits,
         transport_config: TransportConfig,
     ) -> None:
         super().__init__(dag_id, name)
         self.address = address
         self.open_frame = open_frame
-        self.window = window
         self.transport_config = transport_config
-        self.gate = AsyncCreditGate(CreditSender(window))
+        # The window is the receiver's: its first grant on every new stream says how large it is.
+        self.gate = AsyncCreditGate(CreditSender(Credits(1, 1)))
         self._channel = open_channel(address, transport_config)
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -275,11 +270,17 @@ class RemoteEdge(Edge):
             try:
                 await stream.__aenter__()
                 await stream.send_message(dataplane_pb2.DataFrame(open=self.open_frame))
-            except (GRPCError, StreamTerminatedError, OSError) as e:
+                first = await stream.recv_message()
+                if first is None or not (first.grant.records and first.grant.bytes):
+                    raise EdgeBrokenError(f"edge {self.name} to {self.address}: no initial credit grant")
+            except (GRPCError, StreamTerminatedError, OSError, EdgeBrokenError) as e:
                 with contextlib.suppress(Exception):
                     await stream.__aexit__(None, None, None)
                 raise EdgeBrokenError(f"cannot open edge {self.name} to {self.address}: {e!r}") from e
-            self.gate.reset()
+            window = Credits(first.grant.records, first.grant.bytes)
+            gate = AsyncCreditGate(CreditSender(window))
+            gate.grant(window.records, window.nbytes)
+            self.gate = gate
             self._stream = stream
             self._reader = asyncio.ensure_future(self._read(stream))
 
@@ -304,34 +305,35 @@ class RemoteEdge(Edge):
                     fut.set_result(BatchResult.retry(error))
             self._pending.clear()
 
-    async def deliver(
-        self, batch: records_pb2.RawRecordBatch, *, credit_timeout: float | None = None
-    ) -> BatchResult:
+    async def deliver(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
         await self._connect()
         records, nbytes = batch.header.record_count, len(batch.records)
         reader = self._reader
         assert reader is not None
         # Wait for credits, unless the stream dies first (the receiver refused the edge, or went away):
         # then the caller retries, reconnecting, instead of waiting for credits that will never come.
-        acquire = asyncio.ensure_future(_acquire(self, self.gate, records, nbytes, credit_timeout))
+        acquire = asyncio.ensure_future(_acquire(self, self.gate, records, nbytes))
         await asyncio.wait({acquire, reader}, return_when=asyncio.FIRST_COMPLETED)
         if not acquire.done():
             acquire.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await acquire
             raise EdgeBrokenError(f"edge {self.name} to {self.address} closed while waiting for credits")
-        acquire.result()  # TimeoutError: starved past the shed bound
+        acquire.result()
         stream = self._stream
         if stream is None:
             raise EdgeBrokenError(f"edge {self.name} to {self.address} closed while waiting for credits")
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._pending[batch.header.batch_id] = fut
         try:
-            await stream.send_message(dataplane_pb2.DataFrame(batch=batch))
-        except (GRPCError, StreamTerminatedError, OSError) as e:
-            self._pending.pop(batch.header.batch_id, None)
-            raise EdgeBrokenError(f"sending on edge {self.name} failed: {e!r}") from e
-        return await fut
+            try:
+                await stream.send_message(dataplane_pb2.DataFrame(batch=batch))
+            except (GRPCError, StreamTerminatedError, OSError) as e:
+                raise EdgeBrokenError(f"sending on edge {self.name} failed: {e!r}") from e
+            return await fut
+        finally:  # answered, failed, or given up on (a shed deadline): no longer pending either way
+            if self._pending.get(batch.header.batch_id) is fut:
+                del self._pending[batch.header.batch_id]
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -343,15 +345,10 @@ class RemoteEdge(Edge):
         self._channel.close()
 
 
-async def _acquire(
-    edge: Edge, gate: AsyncCreditGate, records: int, nbytes: int, timeout: float | None
-) -> None:
+async def _acquire(edge: Edge, gate: AsyncCreditGate, records: int, nbytes: int) -> None:
     started = time.monotonic()
     try:
-        if timeout is None:
-            await gate.acquire(records, nbytes)
-        else:
-            await asyncio.wait_for(gate.acquire(records, nbytes), timeout)
+        await gate.acquire(records, nbytes)
     finally:
         waited = time.monotonic() - started
         if waited > 0.001:
@@ -419,14 +416,7 @@ class StageRunner:
         while True:
             try:
                 return await asyncio.wait_for(call(), self.options.timeout_s)
-            except (StreamTerminatedError, OSError) as e:
-                unreachable += 1
-                ERRORS.labels(*self.labels, "unreachable").inc()
-                self.stats.last_error = f"{what}: service unreachable: {e!r}"
-                if unreachable == 1 or unreachable % 50 == 0:
-                    log.warning("%s: %s unreachable, retrying", what, self.service.endpoint)
-                await asyncio.sleep(min(self.options.backoff_max_s, 0.05 * 2 ** min(unreachable, 6)))
-            except (GRPCError, TimeoutError) as e:
+            except (GRPCError, TimeoutError) as e:  # first: TimeoutError is an OSError since Python 3.11
                 answered_failures += 1
                 code = e.status.value if isinstance(e, GRPCError) else 4  # DEADLINE_EXCEEDED
                 message = (
@@ -440,6 +430,13 @@ class StageRunner:
                     raise PermanentFailureError(f"{what} failed ({decision.reason.value}): {message}") from e
                 log.debug("retrying %s after %r", what, e)
                 await asyncio.sleep(decision.delay)
+            except (StreamTerminatedError, OSError) as e:
+                unreachable += 1
+                ERRORS.labels(*self.labels, "unreachable").inc()
+                self.stats.last_error = f"{what}: service unreachable: {e!r}"
+                if unreachable == 1 or unreachable % 50 == 0:
+                    log.warning("%s: %s unreachable, retrying", what, self.service.endpoint)
+                await asyncio.sleep(min(self.options.backoff_max_s, 0.05 * 2 ** min(unreachable, 6)))
 
     async def dead_letter(
         self,
@@ -538,6 +535,7 @@ class SourceRunner(StageRunner):
 
     async def _run(self) -> None:
         rewind = True  # a new sidecar session: whatever an earlier one pulled and did not ack must come again
+        failures = 0
         while not self._stopping:
             await self.inflight.acquire()
             try:
@@ -547,14 +545,20 @@ class SourceRunner(StageRunner):
                     rewind=rewind,
                     max_bytes=self.dag.engine.config.edge_buffer_bytes // 4,
                 )
-                reply = await self.call_with_retries(
-                    "PullRecords", functools.partial(self.client.pull, request)
-                )
+                reply = await asyncio.wait_for(self.client.pull(request), self.options.timeout_s)
                 rewind = False
-            except PermanentFailureError as e:
+                failures = 0
+            except (GRPCError, StreamTerminatedError, OSError) as e:  # OSError covers TimeoutError
+                # The source may have handed out records whose answer we never got: the next pull rewinds to
+                # the last acknowledged offset, and what was already in flight is recognised and skipped.
                 self.inflight.release()
-                log.warning("source pull failed: %s", e)
-                await asyncio.sleep(1.0)
+                rewind, failures = True, failures + 1
+                self.stats.errors += 1
+                self.stats.last_error = f"PullRecords: {e!r}"
+                ERRORS.labels(*self.labels, "pull_failed").inc()
+                if failures == 1 or failures % 50 == 0:
+                    log.warning("pulling from %s failed (%r); retrying with rewind", self.service.endpoint, e)
+                await asyncio.sleep(min(self.options.backoff_max_s, 0.05 * 2 ** min(failures, 6)))
                 continue
             except asyncio.CancelledError:
                 self.inflight.release()
@@ -817,7 +821,7 @@ class DagRuntime:
                     fencing_token=self.token,
                 )
                 edge = RemoteEdge(
-                    self.dag_id, name, placement.data_address, open_frame, window, engine.transport_config
+                    self.dag_id, name, placement.data_address, open_frame, engine.transport_config
                 )
             edge.sidecar_id = placement.sidecar_id
             self.edges[key] = edge
@@ -838,9 +842,13 @@ class DagRuntime:
             target = targets[next(self._round_robin) % len(targets)]
             edge = self.edge_to(runner.stage.id, target)
             try:
-                result = await edge.deliver(batch, credit_timeout=shed_after)
+                if shed_after is None:
+                    result = await edge.deliver(batch)
+                else:
+                    result = await asyncio.wait_for(edge.deliver(batch), shed_after)
             except TimeoutError:
-                # The branch has been starved past its shed bound: its copy goes to the DLQ, counted.
+                # The branch lagged past its shed bound (waiting for credits or for its outcome): its copy
+                # goes to the DLQ, counted. If the branch still writes it later: a duplicate, not a loss.
                 DISCARDED.labels(self.dag_id, child, "shed", "true").inc(batch.header.record_count)
                 dead = await runner.dead_letter_all(
                     batch, f"branch {child} lagged past its shed bound", "shed"
