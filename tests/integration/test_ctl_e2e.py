@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from etlrouter._proto.v1 import control_grpc, control_pb2
+from etlrouter.control import ControlState
 from etlrouter.router.client import RouterClient
 from tests.conftest import free_port
 from tests.integration.cluster import RouterProcesses
@@ -196,6 +197,13 @@ def test_backup_and_restore_into_a_fresh_cluster(routers: RouterProcesses, tmp_p
         assert [(p["name"], p["generation"], p["dag"]) for p in after] == [
             (p["name"], p["generation"], p["dag"]) for p in before
         ]
+        # The whole portable state (pipelines with generations, direct services, merged DAGs) is identical:
+        # compare canonical dumps of a backup of each cluster.
+        copy = tmp_path / "copy.snap"
+        assert ctl(None, "backup", "create", str(copy), router=fresh.addresses[0]).returncode == 0
+        original_dump = ControlState.from_snapshot(snapshot.read_bytes()).canonical_dump(portable=True)
+        restored_dump = ControlState.from_snapshot(copy.read_bytes()).canonical_dump(portable=True)
+        assert restored_dump == original_dump
         again = ctl(None, "backup", "restore", str(snapshot), router=fresh.addresses[0])
         assert again.returncode == 2 and "FAILED_PRECONDITION" in again.stderr  # only into an empty cluster
     finally:

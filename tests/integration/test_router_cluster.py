@@ -362,3 +362,20 @@ async def test_a_router_joins_and_the_leader_leaves_through_the_admin_api(
     await register_sidecar(
         client, "sc-y", service("orders-src", control_pb2.SERVICE_KIND_SOURCE, 2)
     )  # writes go on
+
+
+async def test_concurrent_writes_from_one_client_all_apply(
+    routers: RouterProcesses, client: RouterClient
+) -> None:
+    requests = [
+        control_pb2.RegisterServiceRequest(
+            instance=service(f"c-{i}", control_pb2.SERVICE_KIND_SINK, 30000 + i)
+        )
+        for i in range(30)
+    ]
+    replies = await asyncio.gather(
+        *(client.call(control_grpc.ServiceRegistryStub, "Register", r, write=True) for r in requests)
+    )
+    assert len({r.instance_id for r in replies}) == 30
+    listed = await client.call(admin_grpc.PipelineAdminStub, "ListServices", admin_pb2.ListServicesRequest())
+    assert {s.name for s in listed.services} >= {f"c-{i}" for i in range(30)}

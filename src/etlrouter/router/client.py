@@ -58,10 +58,12 @@ class RouterClient:
         self.transport_config = transport_config
         self.leader_address: str | None = None
         self._channels: dict[str, Channel] = {}
-        # A client session: writes carry (client id, sequence); a retried write reuses its sequence, so the
-        # cluster applies it at most once even when the first attempt's outcome was unknown.
+        # Client sessions: a write carries (client id, sequence) and its retries reuse them, so the cluster
+        # applies it at most once even when an attempt's outcome was unknown. The state machine keeps one
+        # sequence per client id and refuses a lower one, and concurrent writes may reach the log in any
+        # order: so each write gets its own id (this client's prefix + a counter) with sequence 1.
         self.client_id = uuid.uuid4().hex
-        self._seq = itertools.count(1)
+        self._writes = itertools.count(1)
 
     def channel(self, address: str) -> Channel:
         if address not in self._channels:
@@ -88,7 +90,9 @@ class RouterClient:
         `write=True` attaches a client session so retries of this call are applied at most once.
         """
         deadline = time.monotonic() + (timeout or self.timeout)
-        metadata = {SESSION_CLIENT: self.client_id, SESSION_SEQ: str(next(self._seq))} if write else None
+        metadata = None
+        if write:
+            metadata = {SESSION_CLIENT: f"{self.client_id}/{next(self._writes)}", SESSION_SEQ: "1"}
         last_error: BaseException | None = None
         attempt = 0
         while time.monotonic() < deadline:

@@ -111,6 +111,7 @@ class RouterNode:
         # Direct registrations: instance id -> (last heartbeat ms, ttl ms). Leader-local soft state.
         self.direct_heartbeats: dict[str, tuple[int, int]] = {}
         self._leader_since_ms = 0
+        self._leader_term = 0
         self._poke = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._join_task: asyncio.Task[None] | None = None
@@ -208,6 +209,10 @@ class RouterNode:
             if not self.raft.is_leader():
                 self._leader_since_ms = 0
                 continue
+            term = self.raft.status().term
+            if term != self._leader_term:
+                # Leader in a new term (possibly lost and regained within one wait): start afresh.
+                self._leader_term, self._leader_since_ms = term, 0
             if not self._leader_since_ms:
                 # New leader: every sidecar gets a full grace period, whatever the old leader knew.
                 self._leader_since_ms = now_ms()
