@@ -224,6 +224,12 @@ async def test_records_flow_across_sidecars_with_ordered_acks_and_dlq() -> None:
         await a.engine.assign(1, assign(spec, where, a))
         await until(lambda: source.acked == total - 1)
 
+        # Event-time watermarks travel with the batches: every stage ends at the source's (lateness 0).
+        reports = [*a.engine.stage_reports(), *b.engine.stage_reports()]
+        assert {r.stage_id: r.watermark_ms for r in reports} == {
+            s: 1_000 + total - 1 for s in ("src", "dbl", "l", "r")
+        }
+
     expected = sorted(2 * n for n in range(total) if n not in {5, 500, 1999} and n % 10 != 9)
     assert sorted(left.values) == expected and sorted(right.values) == expected  # every record, both branches
     assert source.ack_history == sorted(source.ack_history)  # in order, never past a gap

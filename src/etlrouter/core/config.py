@@ -153,6 +153,10 @@ class SidecarConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     edge_buffer_bytes: Bytes = 16 << 20
     data_dir: str = "./.data/sidecar"
     drain_timeout_ms: PositiveMs = 30_000
+    # Event-time watermarks: how late a record may be, and how long a silent source partition holds
+    # the watermark back.
+    watermark_lateness_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    watermark_idle_ms: PositiveMs = 30_000
 
     def __post_init__(self) -> None:
         for addr in self.routers:

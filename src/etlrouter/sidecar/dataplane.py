@@ -51,7 +51,9 @@ class DataPlaneService(dataplane_grpc.SidecarDataPlaneBase):
         )
 
         async def handle(batch: records_pb2.RawRecordBatch) -> None:
-            result = await self.engine.receive(edge.dag_id, edge.stage_id, batch)
+            result = await self.engine.receive(
+                edge.dag_id, edge.stage_id, batch, sender=f"{edge.sender_sidecar_id}/{edge.from_stage_id}"
+            )
             grant = buffer.on_consumed(batch.header.record_count, len(batch.records))
             frame = dataplane_pb2.ControlFrame(
                 grant=records_pb2.Credits(records=grant.records, bytes=grant.nbytes),

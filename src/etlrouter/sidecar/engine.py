@@ -45,6 +45,7 @@ from etlrouter.flow.credits import Credits, CreditSender, ReceiveBuffer
 from etlrouter.flow.gate import AsyncCreditGate
 from etlrouter.flow.ledger import AckLedger, Outcome, SourcePartition
 from etlrouter.flow.retry import GiveUp, RetryPolicy, classify_grpc_status
+from etlrouter.flow.watermarks import NO_WATERMARK, SourceWatermarks, StageWatermark, WatermarkValve
 from etlrouter.sidecar.model import DeadLetterSink, LocalService
 from etlrouter.sidecar.wire import ServiceClient, count_records, decode_records, encode_records
 
@@ -382,6 +383,7 @@ class StageRunner:
         self.options = StageOptions.parse(dict(stage.options))
         self.client = ServiceClient(dag.engine.channel_for(service.endpoint))
         self.stats = StageStats()
+        self.input_watermarks: WatermarkValve[str] = WatermarkValve()
         self.labels = (dag.dag_id, stage.id)
         self.rng = random.Random(hash((dag.dag_id, stage.id, replica)))
 
@@ -398,10 +400,20 @@ class StageRunner:
         self.stats.records_in += batch.header.record_count
         RECEIVED.labels(*self.labels).inc(batch.header.record_count)
         RECEIVED_BYTES.labels(*self.labels).inc(len(batch.records))
-        if batch.header.watermark_ms > self.stats.watermark_ms:
-            self.stats.watermark_ms = batch.header.watermark_ms
-            WATERMARK_LAG.labels(*self.labels).set(max(0.0, time.time() - batch.header.watermark_ms / 1000))
         self.dag.engine.tap(self.dag.dag_id, self.stage.id, batch)
+
+    def note_watermark(self, sender: str, batch: records_pb2.RawRecordBatch) -> None:
+        """The stage's event-time watermark is the minimum over its senders (the replicas of its parent)."""
+        if not batch.header.watermark_ms:
+            return
+        output = self.input_watermarks.update(sender, StageWatermark(batch.header.watermark_ms / 1000))
+        self.set_watermark(output)
+
+    def set_watermark(self, watermark: StageWatermark) -> None:
+        if watermark.value == NO_WATERMARK:
+            return
+        self.stats.watermark_ms = int(watermark.value * 1000)
+        WATERMARK_LAG.labels(*self.labels).set(max(0.0, time.time() - watermark.value))
 
     async def call_with_retries(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Run `call`, retrying transient failures with backoff; raise PermanentFailureError on giving up.
@@ -514,6 +526,12 @@ class SourceRunner(StageRunner):
         self._acks_due: dict[int, int] = {}
         self._last_offset: dict[tuple[str, int], int] = {}  # highest offset handed out, per partition
         self._acked: dict[int, int] = {}  # last offset acknowledged to the source, per partition
+        config = self.dag.engine.config
+        # Event-time watermark per partition, max event time seen minus the allowed lateness; a partition
+        # silent past the idle timeout stops holding the source's watermark back.
+        self.watermarks = SourceWatermarks(
+            allowed_lateness=config.watermark_lateness_ms / 1000, idle_timeout=config.watermark_idle_ms / 1000
+        )
         self._ack_lock = asyncio.Lock()  # one Acknowledge at a time: they reach the source in order
         self.end_of_stream = False
 
@@ -584,8 +602,13 @@ class SourceRunner(StageRunner):
                 )
             header.byte_size = len(batch.records)
             header.attempt = header.attempt or 1
+            now = time.time()
             if header.max_event_time_ms:
-                header.watermark_ms = max(self.stats.watermark_ms, header.max_event_time_ms)
+                watermark = self.watermarks.observe(header.partition, header.max_event_time_ms / 1000, now)
+            else:
+                watermark = self.watermarks.advance(now)
+            self.set_watermark(watermark)
+            header.watermark_ms = self.stats.watermark_ms
             self.note_input(batch)
             partition = SourcePartition(header.source_id, header.partition)
             acks = self.ledger.register(
@@ -809,7 +832,12 @@ class DagRuntime:
                 edge = LocalEdge(
                     self.dag_id,
                     name,
-                    functools.partial(engine.receive, self.dag_id, placement.stage_id),
+                    functools.partial(
+                        engine.receive,
+                        self.dag_id,
+                        placement.stage_id,
+                        sender=f"{engine.sidecar_id}/{from_stage}",
+                    ),
                     window,
                 )
             else:
@@ -1004,11 +1032,15 @@ class Engine:
 
     # -- receiving ---------------------------------------------------------------------------------------
 
-    async def receive(self, dag_id: str, stage_id: str, batch: records_pb2.RawRecordBatch) -> BatchResult:
+    async def receive(
+        self, dag_id: str, stage_id: str, batch: records_pb2.RawRecordBatch, sender: str = ""
+    ) -> BatchResult:
+        """Handle a batch for a local stage; `sender` (sidecar/stage) keys the stage's input watermarks."""
         dag = self.dags.get(dag_id)
         runner = dag.local_runner(stage_id) if dag is not None else None
         if runner is None:
             return BatchResult.retry(f"stage {stage_id} of {dag_id} does not run on {self.sidecar_id}")
+        runner.note_watermark(sender, batch)
         try:
             return await runner.handle(batch)
         except Exception as e:  # a bug or an unexpected failure: the sender retries, nothing is lost
