@@ -20,6 +20,8 @@ from etlrouter.core.config import SidecarConfig, TransportConfig
 from etlrouter.core.grpc import GrpcServer
 from etlrouter.sdk import (
     Capabilities,
+    Lookup,
+    LookupResult,
     PermanentError,
     Processed,
     Pulled,
@@ -35,10 +37,11 @@ from etlrouter.sidecar.dataplane import DataPlaneService
 from etlrouter.sidecar.engine import Engine
 from etlrouter.sidecar.model import LocalService, ServiceCapabilities
 
-SOURCE, TRANSFORM, SINK = (
+SOURCE, TRANSFORM, SINK, LOOKUP = (
     control_pb2.SERVICE_KIND_SOURCE,
     control_pb2.SERVICE_KIND_TRANSFORM,
     control_pb2.SERVICE_KIND_SINK,
+    control_pb2.SERVICE_KIND_LOOKUP,
 )
 
 
@@ -327,3 +330,42 @@ async def test_dead_letters_can_be_redriven_after_the_fix(poison: set[int]) -> N
         transform.poison.clear()  # the fix
         assert await a.engine.redrive("dag-1", "dbl", a.dlq.letters) == 1
         assert 6 in sink.values
+
+
+class Directory(Lookup):
+    capabilities = Capabilities(name="directory")
+
+    async def lookup(self, key: bytes) -> LookupResult | None:
+        n = int(key)
+        return LookupResult(fields={"parity": "even" if n % 2 == 0 else "odd"}) if n % 3 else None
+
+
+async def test_lookup_stage_copies_fields_into_headers() -> None:
+    source, sink = CountingSource(30), RecordingSink("left")
+    headers: dict[int, dict[str, str]] = {}
+
+    async def write(batch_id: str, records: Sequence[Record], options: Mapping[str, str]) -> Written:
+        for r in records:
+            headers[int(r.value)] = dict(r.headers)
+        return Written(len(records))
+
+    sink.write = write  # type: ignore[method-assign]
+    kinds = {**KINDS, "directory": "lookup"}
+    async with (
+        serving(source) as s1,
+        serving(Directory()) as s2,
+        serving(sink) as s3,
+        sidecar("A", {"numbers": s1.address, "directory": s2.address, "left": s3.address}, kinds) as a,
+    ):
+        spec = dag(
+            [
+                ("src", SOURCE, "numbers", ["look"], 0),
+                ("look", LOOKUP, "directory", ["l"], 0),
+                ("l", SINK, "left", [], 0),
+            ]
+        )
+        await a.engine.assign(1, assign(spec, {"src": a, "look": a, "l": a}, a))
+        await until(lambda: source.acked == 29)
+    assert len(headers) == 30
+    assert headers[4] == {"directory.parity": "even"} and headers[5] == {"directory.parity": "odd"}
+    assert headers[3] == {}  # not found: the record passes unchanged

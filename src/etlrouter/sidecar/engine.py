@@ -37,10 +37,11 @@ from typing import Any
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client import Counter, Gauge, Histogram
 
-from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2, services_pb2
+from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2, services_grpc, services_pb2
 from etlrouter.core.config import SidecarConfig, TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.dsl.options import parse_duration_ms
 from etlrouter.flow.credits import Credits, CreditSender, ReceiveBuffer
 from etlrouter.flow.gate import AsyncCreditGate
 from etlrouter.flow.ledger import AckLedger, Outcome, SourcePartition
@@ -156,26 +157,22 @@ class StageOptions:
     timeout_s: float = 30.0
     flush: bool | None = None  # None: as the sink's capabilities say
     lookup_key: str = ""
-    shed_after_s: float | None = None
     service_options: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, options: dict[str, str]) -> StageOptions:
-        def duration(text: str) -> float:
-            units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
-            for suffix, factor in units:
-                if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
-                    return float(text[: -len(suffix)]) * factor
-            return float(text)
+        """From a DagSpec's options, already checked by the DSL and in its canonical text (`2s`, `1m..5m`)."""
 
-        backoff = options.get("backoff", "")
-        low, _, high = backoff.partition("..")
+        def seconds(text: str) -> float:
+            return parse_duration_ms(text) / 1000
+
+        low, _, high = options.get("backoff", "").partition("..")
         return cls(
             batch_size=int(options.get("batch_size", 1000)),
             retries=int(options.get("retries", 5)),
-            backoff_min_s=duration(low) if low else 0.05,
-            backoff_max_s=duration(high) if high else 5.0,
-            timeout_s=duration(options["timeout"]) if "timeout" in options else 30.0,
+            backoff_min_s=seconds(low) if low else 0.05,
+            backoff_max_s=seconds(high) if high else 5.0,
+            timeout_s=seconds(options["timeout"]) if "timeout" in options else 30.0,
             flush={"true": True, "false": False}.get(options.get("flush", "")),
             lookup_key=options.get("key", ""),
             service_options={k[len("config.") :]: v for k, v in options.items() if k.startswith("config.")},
@@ -742,8 +739,6 @@ class LookupRunner(StageRunner):
             (r.headers[key_name].encode() if key_name and key_name in r.headers else r.key) for r in records
         ]
         lookup = services_pb2.BatchLookupRequest(keys=keys)
-        from etlrouter._proto.v1 import services_grpc
-
         stub = services_grpc.LookupServiceStub(self.dag.engine.channel_for(self.service.endpoint))
         try:
             reply = await self.call_with_retries("BatchLookup", lambda: stub.BatchLookup(lookup))
