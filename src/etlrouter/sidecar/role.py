@@ -62,7 +62,8 @@ class SidecarRole:
             interval_s=cfg.scan_interval_ms / 1000,
             transport_config=config.transport,
         )
-        self._tasks: list[asyncio.Task[None]] = []
+        self._heartbeats: asyncio.Task[None] | None = None
+        self._rescans: asyncio.Task[None] | None = None
 
     def _tap(self, dag_id: str, stage_id: str, batch: records_pb2.RawRecordBatch) -> None:
         self.taps.offer(dag_id, stage_id, batch.header.batch_id, batch.records)
@@ -100,10 +101,8 @@ class SidecarRole:
         except (ClusterUnreachableError, GRPCError) as e:
             # Not fatal: the heartbeat loop registers as soon as the cluster answers.
             log.warning("could not register yet, will keep trying: %s", e)
-        self._tasks = [
-            asyncio.ensure_future(self.cluster.run()),
-            asyncio.ensure_future(self.discovery.run(self._services_changed)),
-        ]
+        self._heartbeats = asyncio.ensure_future(self.cluster.run())
+        self._rescans = asyncio.ensure_future(self.discovery.run(self._services_changed))
         await self.runtime.start_http()
         log.info(
             "sidecar started",
@@ -128,17 +127,18 @@ class SidecarRole:
         if self.runtime is not None:
             self.runtime.grpc.set_serving(False)
         self.taps.close()  # open Tap streams would otherwise hold the gRPC drain until its deadline
-        for task in self._tasks:
-            task.cancel()
+        if self._rescans is not None:
+            self._rescans.cancel()  # heartbeats go on while draining, or the router would expire us
         await self.engine.close()  # sources stop pulling; in-flight batches finish and are acknowledged
         if self.cluster is not None:
-            await self.cluster.deregister()
+            await self.cluster.deregister()  # also ends the heartbeat loop
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._heartbeats, self._rescans):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.cluster is not None:
             await self.cluster.close()
         await self.engine.close()
