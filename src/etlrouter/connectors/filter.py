@@ -8,6 +8,7 @@ value is not JSON, types do not compare) is a per-record PERMANENT error (to the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import click
@@ -15,6 +16,9 @@ import click
 from etlrouter.connectors._common import VERSION, invoke, serve_service, server_options
 from etlrouter.connectors.expr import EvaluationError, ExpressionError, compile_predicate
 from etlrouter.sdk import Capabilities, ErrorClass, OptionsError, Processed, Record, RecordError, Transform
+
+# Stage options arrive with every batch; compile each distinct text once, not per batch.
+_cached_predicate = functools.lru_cache(maxsize=64)(compile_predicate)
 
 
 class FilterTransform(Transform):
@@ -30,7 +34,7 @@ class FilterTransform(Transform):
         if not source:
             raise OptionsError("no filter expression: set the stage option 'expr' or start with --expr")
         try:
-            keep = compile_predicate(source)
+            keep = _cached_predicate(source)
         except ExpressionError as exc:
             raise OptionsError(f"options.expr: {exc}") from None
         output: list[Record] = []

@@ -9,6 +9,7 @@ a record the program cannot be applied to is a per-record PERMANENT error.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import click
@@ -16,6 +17,9 @@ import click
 from etlrouter.connectors._common import VERSION, invoke, serve_service, server_options
 from etlrouter.connectors.expr import EvaluationError, ExpressionError, compile_program
 from etlrouter.sdk import Capabilities, ErrorClass, OptionsError, Processed, Record, RecordError, Transform
+
+# Stage options arrive with every batch; compile each distinct text once, not per batch.
+_cached_program = functools.lru_cache(maxsize=64)(compile_program)
 
 
 class MapTransform(Transform):
@@ -32,7 +36,7 @@ class MapTransform(Transform):
         if not source:
             raise OptionsError("no map program: set the stage option 'program' or start with --program")
         try:
-            apply = compile_program(source)
+            apply = _cached_program(source)
         except ExpressionError as exc:
             raise OptionsError(f"options.program: {exc}") from None
         output: list[Record] = []

@@ -819,11 +819,11 @@ class DagRuntime:
     def edge_to(self, from_stage: str, placement: control_pb2.StagePlacement) -> Edge:
         key = (from_stage, placement.stage_id, placement.replica)
         edge = self.edges.get(key)
-        engine = self.engine
-        window = Credits(engine.config.edge_buffer_records, engine.config.edge_buffer_bytes)
-        name = f"{from_stage}->{placement.stage_id}#{placement.replica}"
         if edge is None:
+            engine = self.engine
+            name = f"{from_stage}->{placement.stage_id}#{placement.replica}"
             if placement.sidecar_id == engine.sidecar_id:
+                window = Credits(engine.config.edge_buffer_records, engine.config.edge_buffer_bytes)
                 edge = LocalEdge(
                     self.dag_id,
                     name,
