@@ -46,6 +46,7 @@ EXPIRED = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+PLACEMENT_INTERVAL_S = 5.0
 PLACEMENT_CHANGES = Counter(
     "etlrouter_router_placement_changes_total", "Replica moves proposed by the leader.", registry=REGISTRY
 )
@@ -202,9 +203,12 @@ class RouterNode:
         )
 
     async def _control_loop(self) -> None:
+        last_placement = 0.0
         while True:
+            poked = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), 1.0)
+                poked = True
             self._poke.clear()
             if not self.raft.is_leader():
                 self._leader_since_ms = 0
@@ -218,15 +222,21 @@ class RouterNode:
                 self._leader_since_ms = now_ms()
                 self.sidecar_liveness.become_leader(self._leader_since_ms)
                 self.direct_heartbeats.clear()
+                last_placement = 0.0
+            # Placement depends on the replicated state (which pokes us when it changes) and on sidecar
+            # health; without a change, re-place every few seconds only: its cost grows with the sidecars.
+            place_now = poked or time.monotonic() - last_placement >= PLACEMENT_INTERVAL_S
             try:
-                await self._leader_duties()
+                await self._leader_duties(run_placement=place_now)
+                if place_now:
+                    last_placement = time.monotonic()
             except NotLeader:
                 continue
             except Exception:
                 log.exception("leader control loop failed; retrying")
                 await asyncio.sleep(0.5)
 
-    async def _leader_duties(self) -> None:
+    async def _leader_duties(self, *, run_placement: bool = True) -> None:
         now = now_ms()
         for sidecar_id in self.sidecar_liveness.expired(now, self.state.sidecar_services()):
             log.warning(
@@ -242,6 +252,8 @@ class RouterNode:
                 EXPIRED.labels("service").inc()
                 await self.propose(DeregisterService(instance_id=record.instance_id))
                 self.direct_heartbeats.pop(record.instance_id, None)
+        if not run_placement:
+            return
         plan = place(
             self.state.dags(),
             self.sidecar_liveness.views(self.state.sidecar_services()),
