@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test check lint format typecheck proto bench clean
+.PHONY: setup system-deps run test check lint format typecheck proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+## system-deps: PostgreSQL and Redis servers for the connector tests (Debian packages, when root)
+system-deps:
+	bash scripts/system-deps.sh
+
 ## run: the main job — a local cluster moving records through the sample pipelines
 run: $(STAMP)
 	$(BIN)/etlrouter dev
 
 ## test: the whole test suite
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## check: lint, format, types, generated code

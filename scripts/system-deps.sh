@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# System packages the test suite uses: real PostgreSQL and Redis servers for the connector tests (the test
+# fixtures start and stop their own instances; nothing runs as a system service). Idempotent.
+set -euo pipefail
+need=()
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "note: ${need[*]} not installed and cannot be installed here (needs root and apt-get);" \
+       "the tests that need them will be skipped, each saying which package is missing" >&2
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
