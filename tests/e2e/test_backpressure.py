@@ -13,7 +13,7 @@ import json
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +27,6 @@ from tests.e2e.test_pipeline import apply
 from tests.integration.cluster import RouterProcesses
 
 RSS_BOUND_MIB = 250
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[tuple[RouterProcesses, Processes, Path]]:
-    routers = RouterProcesses(tmp_path / "routers", fsync=False)
-    procs = Processes(tmp_path / "procs")
-    routers.start_all()
-    try:
-        routers.wait_ready()
-        yield routers, procs, tmp_path
-    finally:
-        procs.stop_all()
-        routers.stop_all()
 
 
 class Sidecar:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.e2e.processes import Processes, connector, jsonl_offsets, ready, sidecar, wait_until
 from tests.e2e.test_pipeline import apply
@@ -17,19 +14,6 @@ from tests.integration.cluster import RouterProcesses
 
 TOTAL = 1000
 POISON = "1 / (offset % 100) > 0"  # offsets 0, 100, 200, ... divide by zero: a permanent per-record error
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[tuple[RouterProcesses, Processes, Path]]:
-    routers = RouterProcesses(tmp_path / "routers", fsync=False)
-    procs = Processes(tmp_path / "procs")
-    routers.start_all()
-    try:
-        routers.wait_ready()
-        yield routers, procs, tmp_path
-    finally:
-        procs.stop_all()
-        routers.stop_all()
 
 
 def ctl(routers: RouterProcesses, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,19 +21,6 @@ from tests.integration.cluster import RouterProcesses
 
 SCRIPT = Path(__file__).with_name("grpcio_services.py")
 TOTAL = 5000
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[tuple[RouterProcesses, Processes, Path]]:
-    routers = RouterProcesses(tmp_path / "routers", fsync=False)
-    procs = Processes(tmp_path / "procs")
-    routers.start_all()
-    try:
-        routers.wait_ready()
-        yield routers, procs, tmp_path
-    finally:
-        procs.stop_all()
-        routers.stop_all()
 
 
 def grpcio_service(procs: Processes, kind: str, name: str, *args: str) -> int:

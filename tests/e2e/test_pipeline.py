@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.router.client import RouterClient
@@ -21,19 +18,6 @@ PIPELINES = """
 pipeline to-left  { source orders | transform clean (config.expr = "true") | sink left }
 pipeline to-right { source orders | transform clean (config.expr = "true") | sink right }
 """
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[tuple[RouterProcesses, Processes, Path]]:
-    routers = RouterProcesses(tmp_path / "routers", fsync=False)
-    procs = Processes(tmp_path / "procs")
-    routers.start_all()
-    try:
-        routers.wait_ready()
-        yield routers, procs, tmp_path
-    finally:
-        procs.stop_all()
-        routers.stop_all()
 
 
 def apply(routers: RouterProcesses, text: str) -> None:

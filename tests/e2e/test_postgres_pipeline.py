@@ -54,19 +54,6 @@ def database(postgres_dsn: str) -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[tuple[RouterProcesses, Processes, Path]]:
-    routers = RouterProcesses(tmp_path / "routers", fsync=False)
-    procs = Processes(tmp_path / "procs")
-    routers.start_all()
-    try:
-        routers.wait_ready()
-        yield routers, procs, tmp_path
-    finally:
-        procs.stop_all()
-        routers.stop_all()
-
-
 class Rows:
     """Queries on the sink's table over one connection, from synchronous test code."""
 
