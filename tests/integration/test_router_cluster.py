@@ -321,7 +321,11 @@ async def test_metrics_parse_and_name_the_router_series(
 async def test_a_router_joins_and_the_leader_leaves_through_the_admin_api(
     routers: RouterProcesses, client: RouterClient
 ) -> None:
-    await register_sidecar(client, "sc-x", service("orders-src", control_pb2.SERVICE_KIND_SOURCE, 1))
+    # A direct registration with a long ttl: a sidecar that never heartbeats would expire during the test.
+    keep = control_pb2.RegisterServiceRequest(
+        instance=service("kept", control_pb2.SERVICE_KIND_SINK, 1), ttl_ms=600_000
+    )
+    await client.call(control_grpc.ServiceRegistryStub, "Register", keep, write=True)
     routers.add_joining("router-3")
 
     async def members() -> dict[str, bool]:
@@ -334,16 +338,21 @@ async def test_a_router_joins_and_the_leader_leaves_through_the_admin_api(
     while time.monotonic() < deadline and (await members()).get("router-3") is not True:
         await asyncio.sleep(0.2)
     assert (await members()).get("router-3") is True, "the joining router did not become a voter"
-    # The new member has the replicated state.
+    # The new member has the replicated state (a stale read there: it may still be applying).
     only_new = RouterClient([routers.address("router-3")], timeout=10)
     try:
-        reply = await only_new.call(
-            admin_grpc.PipelineAdminStub,
-            "ListSidecars",
-            admin_pb2.ListSidecarsRequest(consistency=STALE),
-            any_node=True,
-        )
-        assert [s.sidecar_id for s in reply.sidecars] == ["sc-x"]
+        names: list[str] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "kept" not in names:
+            reply = await only_new.call(
+                admin_grpc.PipelineAdminStub,
+                "ListServices",
+                admin_pb2.ListServicesRequest(consistency=STALE),
+                any_node=True,
+            )
+            names = [s.name for s in reply.services]
+            await asyncio.sleep(0.1)
+        assert "kept" in names
     finally:
         only_new.close()
 
