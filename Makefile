@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps run test check lint format typecheck proto bench clean
+.PHONY: setup system-deps k8s-deps run test check lint format typecheck proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,17 @@ setup: $(STAMP)
 system-deps:
 	bash scripts/system-deps.sh
 
+## k8s-deps: a real kube-apiserver + controller manager for the operator tests (built once, cached;
+## installs golang/etcd Debian packages when root)
+k8s-deps:
+	bash scripts/k8s-apiserver.sh
+
 ## run: the main job — a local cluster moving records through the sample pipelines
 run: $(STAMP)
 	$(BIN)/etlrouter dev
 
 ## test: the whole test suite
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps k8s-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## check: lint, format, types, generated code

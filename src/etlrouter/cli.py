@@ -132,9 +132,15 @@ def sidecar(
 
 @cli.command(help="Run the Kubernetes operator: CRD controllers and the sidecar injection webhook.")
 @click.option("--namespace", help="Namespace to watch (default: all).")
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Kubeconfig file (default: the pod's service account).",
+)
 @click.pass_obj
-def operator(obj: Context, namespace: str | None) -> None:
-    _run_role("operator", obj, {"operator": {"namespace": namespace}} if namespace else {})
+def operator(obj: Context, namespace: str | None, kubeconfig: str | None) -> None:
+    section = _drop_none({"namespace": namespace, "kubeconfig": kubeconfig})
+    _run_role("operator", obj, {"operator": section} if section else {})
 
 
 @cli.command(help="Run a local cluster with sample services and pipelines on loopback.")

@@ -66,15 +66,8 @@ async def _serve_role(role: str, config: Config) -> None:
         await serve(SidecarRole(config), drain_deadline_s=config.sidecar.drain_timeout_ms / 1000)
         return
     if role == "operator":
-        from etlrouter.core.config import ListenConfig
+        from etlrouter.operator.role import OperatorRole
 
-        runtime = RoleRuntime(
-            "operator",
-            grpc_listen=ListenConfig(port=0),
-            http_listen=config.operator.http,
-            transport_config=config.transport,
-            readiness=lambda: (False, "the CRD controllers are not part of this build yet"),
-        )
-        await serve(runtime, drain_deadline_s=5.0)
+        await serve(OperatorRole(config), drain_deadline_s=5.0)
         return
     raise ValueError(f"{role!r} is not a long-running role")

@@ -166,8 +166,15 @@ class SidecarConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     namespace: str = ""  # "" = all namespaces
+    kubeconfig: str = ""  # "" = the pod's service account (in-cluster)
     lease_name: str = "etlrouter-operator"
+    lease_namespace: str = ""  # "" = the operator's own namespace (POD_NAMESPACE), else "default"
     lease_duration_s: Annotated[int, msgspec.Meta(ge=2)] = 15
+    # Every known object is reconciled again this often, event or not: drift repair.
+    resync_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # "" = the apiserver calls the webhook through the webhook_service Service; a URL for operators
+    # running outside the cluster (tests).
+    webhook_url: str = ""
     webhook: ListenConfig = ListenConfig(host="0.0.0.0", port=9443)
     webhook_service: str = "etlrouter-webhook"
     http: ListenConfig = ListenConfig(port=7680)
