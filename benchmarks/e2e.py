@@ -14,21 +14,41 @@ pull comes seconds after dev started it), so latency runs feed the same transfor
 in follow mode: this script appends lines at a fixed rate, each carrying the wall-clock time it was written
 as its event time (`--event-time-field ts`), tails the sink file (5 ms polls) and reports, per record, the
 time it appeared in the sink minus its event time: write → source → sidecars → transform → sink → file.
+
+PostgreSQL rows (skipped, saying why, without Debian's postgresql binaries): a throw-away server (trust
+auth, fsync off; started as the `postgres` user when run as root) and the `postgres` sink in insert mode
+into a table whose `written_ms` column defaults to the commit's clock: throughput is N rows counted in the
+table, latency is `written_ms - event_time_ms` per row (event time → sink write), with the same source
+set-ups as above.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import glob
 import json
 import os
+import pwd
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 POLL_S = 0.005
+PG_TABLE = "bench"
+PG_DDL = (
+    f"CREATE TABLE {PG_TABLE} (key bytea NOT NULL, value bytea, headers jsonb NOT NULL, "
+    "event_time_ms bigint NOT NULL, source_offset bigint NOT NULL, batch_id text NOT NULL, "
+    "written_ms bigint NOT NULL DEFAULT (extract(epoch from clock_timestamp()) * 1000)::bigint)"
+)
 TRANSFORMS = {
     "filter": ("filter", "config.expr", "value.amount >= 0"),
     "map": ("map", "config.program", "value.twice = value.amount * 2"),
@@ -168,6 +188,147 @@ def latency(transform: str, rate: float, seconds: float, workdir: Path) -> tuple
     return written, latencies
 
 
+@contextlib.contextmanager
+def postgres_server(workdir: Path) -> Iterator[str | None]:
+    """A throw-away PostgreSQL server (the logic of tests/connectors/conftest.py); None when impossible."""
+    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    bindir = next((Path(d) for d in bindirs if (Path(d) / "initdb").exists()), None)
+    if bindir is None:
+        print("# PostgreSQL rows skipped: no initdb/postgres binaries (apt-get install postgresql)")
+        yield None
+        return
+    home = workdir / "pg"
+    home.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        user = pwd.getpwnam("postgres")
+        os.chown(home, user.pw_uid, user.pw_gid)
+        os.chmod(workdir, 0o755)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data = home / "data"
+    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "etl", "-A", "trust", "--no-sync"]
+    subprocess.run([*run_as, *initdb], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            *run_as,
+            *(str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(home)),
+            *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"),
+        ],
+        stdout=(home / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(600):
+            ready = subprocess.run(
+                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "etl"],
+                capture_output=True,
+            )
+            if ready.returncode == 0:
+                break
+            time.sleep(0.05)
+        yield f"postgresql://etl@127.0.0.1:{port}/postgres"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def pg(dsn: str, query: str) -> Any:
+    """Rows of a query; a query without result rows may hold several statements."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    async def run() -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:
+            if not query.lstrip().upper().startswith("SELECT"):
+                return await conn.execute(query)  # the simple protocol: several statements allowed
+            return await conn.fetch(query)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def pg_pipeline(source_line: str, dsn: str) -> str:
+    connector, option, expr = TRANSFORMS["filter"]
+    return (
+        f"{source_line}\n"
+        f"# dev: service step {connector}\n"
+        f"# dev: service out postgres --dsn {dsn} --table {PG_TABLE} --mode insert\n"
+        f'pipeline bench {{ source src | transform step ({option} = "{expr}") | sink out }}\n'
+    )
+
+
+def pg_throughput(records: int, workdir: Path, dsn: str) -> tuple[float, float, list[float]]:
+    """(records/s, seconds, latencies in ms) of generator -> filter -> postgres; the generator's event
+    times start when dev starts it, so its latencies include start-up: reported as the max only."""
+    pg(dsn, f"DROP TABLE IF EXISTS {PG_TABLE}; DROP TABLE IF EXISTS etlrouter_batches; {PG_DDL}")
+    file = workdir / "tp-pg.etl"
+    file.write_text(pg_pipeline("# dev: service src generator --seed 1 --record-size 200", dsn))
+    data = workdir / "tp-pg"
+    proc = dev(data, file, "--limit", str(records), "--timeout", "300")
+    try:
+        deadline = time.monotonic() + 300
+        count, last = 0, 0.0
+        while count < records:
+            if proc.poll() is not None and proc.returncode != 0:
+                raise SystemExit(f"dev exited with {proc.returncode}: see {workdir / 'dev.out'}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {count} of {records} rows after 300 s")
+            count = pg(dsn, f"SELECT count(DISTINCT source_offset) AS n FROM {PG_TABLE}")[0]["n"]
+            last = time.time()
+            time.sleep(0.05)
+        proc.wait(timeout=120)
+    finally:
+        stop(proc)
+    seconds = last - (data / "dev.json").stat().st_mtime
+    return records / seconds, seconds, []
+
+
+def pg_latency(rate: float, seconds: float, workdir: Path, dsn: str) -> list[float]:
+    """Latencies (ms, event time -> row committed) of records written at `rate`/s after a 2 s warm-up."""
+    pg(dsn, f"DROP TABLE IF EXISTS {PG_TABLE}; DROP TABLE IF EXISTS etlrouter_batches; {PG_DDL}")
+    source = workdir / "lat-pg.jsonl"
+    source.write_text("")
+    file = workdir / "lat-pg.etl"
+    follow = f"# dev: service src jsonl_file_source --path {source} --follow --event-time-field ts"
+    file.write_text(pg_pipeline(follow, dsn))
+    data = workdir / "lat-pg"
+    proc = dev(data, file)
+    written = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "dev.json").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"dev did not start: see {workdir / 'dev.out'}")
+            time.sleep(0.05)
+        warmup_end_ms = int((time.time() + 2) * 1000)
+        start = time.monotonic()
+        with source.open("a") as out:
+            while time.monotonic() < start + 2 + seconds:
+                due = int((time.monotonic() - start) * rate)
+                while written < due:
+                    out.write(json.dumps({"ts": int(time.time() * 1000), "amount": written % 1000}) + "\n")
+                    written += 1
+                out.flush()
+                time.sleep(POLL_S)
+        drain_end = time.monotonic() + 15
+        while time.monotonic() < drain_end:
+            if pg(dsn, f"SELECT count(*) AS n FROM {PG_TABLE}")[0]["n"] >= written:
+                break
+            time.sleep(0.1)
+        rows = pg(
+            dsn,
+            f"SELECT written_ms - event_time_ms AS ms FROM {PG_TABLE} WHERE event_time_ms >= {warmup_end_ms}",
+        )
+    finally:
+        stop(proc)
+    return sorted(float(r["ms"]) for r in rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,6 +341,7 @@ def main() -> None:
         "--latency-seconds", type=float, default=10.0, help="measured seconds per latency run"
     )
     parser.add_argument("--transforms", default="filter,map")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL sink rows")
     args = parser.parse_args()
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
@@ -208,6 +370,28 @@ def main() -> None:
             per_s = len(lat) / args.latency_seconds
             print(
                 f"{name:<44} {len(lat):>8} {args.latency_seconds:>8.2f} {per_s:>10.0f} "
+                f"{percentile(lat, 0.5):>7.1f} {percentile(lat, 0.99):>7.1f} {lat[-1]:>7.1f}",
+                flush=True,
+            )
+        if args.no_postgres:
+            return
+        with postgres_server(workdir) as dsn:
+            if dsn is None:
+                return
+            rate, seconds, _ = pg_throughput(args.records, workdir, dsn)
+            name = "generator -> filter -> postgres sink"
+            print(
+                f"{name:<44} {args.records:>8} {seconds:>8.2f} {rate:>10.0f} {'-':>7} {'-':>7} {'-':>7}",
+                flush=True,
+            )
+            lat = pg_latency(args.latency_rate, args.latency_seconds, workdir, dsn)
+            name = f"jsonl(follow) -> filter -> postgres @ {args.latency_rate:.0f}/s"
+            if not lat:
+                print(f"{name:<44} no rows measured")
+                return
+            print(
+                f"{name:<44} {len(lat):>8} {args.latency_seconds:>8.2f} "
+                f"{len(lat) / args.latency_seconds:>10.0f} "
                 f"{percentile(lat, 0.5):>7.1f} {percentile(lat, 0.99):>7.1f} {lat[-1]:>7.1f}",
                 flush=True,
             )

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # System packages the test suite uses: real PostgreSQL and Redis servers for the connector tests (the test
-# fixtures start and stop their own instances; nothing runs as a system service). Idempotent.
+# fixtures start and stop their own instances; nothing runs as a system service), and Chromium for the
+# dashboard's browser tests. Idempotent.
 set -euo pipefail
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # the dashboard's browser tests (Playwright drives it)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "note: ${need[*]} not installed and cannot be installed here (needs root and apt-get);" \

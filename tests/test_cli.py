@@ -172,3 +172,31 @@ def test_shell_completion_offers_subcommands() -> None:
     result = etlrouter(env=env)
     assert result.returncode == 0
     assert result.stdout.split() == ["plain,delete", "plain,describe", "plain,dlq"]
+
+
+def test_connector_subcommand_runs_a_reference_connector() -> None:
+    listing = etlrouter("connector")
+    assert listing.returncode == 0 and "generator" in listing.stdout and "http-ingest" in listing.stdout
+    unknown = etlrouter("connector", "nope")
+    assert unknown.returncode == 2 and "no connector 'nope'" in unknown.stderr
+    port = free_port()
+    proc = subprocess.Popen(
+        [*ETLROUTER, "connector", "generator", "--name", "gen", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        status = None
+        while time.monotonic() < deadline and status != HealthCheckResponse.SERVING:
+            try:
+                status = asyncio.run(grpc_health(f"127.0.0.1:{port}"))
+            except OSError:
+                time.sleep(0.1)
+        assert status == HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()

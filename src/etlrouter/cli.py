@@ -143,6 +143,29 @@ def operator(obj: Context, namespace: str | None, kubeconfig: str | None) -> Non
     _run_role("operator", obj, {"operator": section} if section else {})
 
 
+@cli.command(
+    help="Run a reference connector (a user service built on the SDK): etlrouter connector NAME [ARGS]...",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("name", required=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def connector(name: str | None, args: tuple[str, ...]) -> None:
+    from etlrouter.connectors import CONNECTORS
+
+    if name is None or name in ("-h", "--help"):
+        click.echo("Usage: etlrouter connector NAME [ARGS]...  (NAME --help for its options)\n")
+        click.echo("Connectors: " + ", ".join(sorted(CONNECTORS)))
+        return
+    main = CONNECTORS.get(name.replace("_", "-"))
+    if main is None:
+        raise click.UsageError(
+            f"no connector {name!r}; choose one of: {', '.join(sorted(CONNECTORS))}",
+            click.get_current_context(),
+        )
+    main(list(args))
+
+
 @cli.command(help="Run a local cluster with sample services and pipelines on loopback.")
 @click.argument("pipeline_file", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option(

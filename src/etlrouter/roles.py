@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from etlrouter.api import mount_graphql
+from etlrouter.api.dashboard import mount_dashboard
 from etlrouter.core.config import Config
 from etlrouter.core.lifecycle import run_loop, serve
 from etlrouter.core.runtime import RoleRuntime
@@ -28,6 +29,7 @@ class RouterRole:
             readiness=self.node.ready,
         )
         mount_graphql(self.runtime.app, self.node)  # /graphql: queries, mutations, subscriptions
+        mount_dashboard(self.runtime.app)  # /: the dashboard, a client of /graphql only
 
     async def start(self) -> None:
         await self.runtime.grpc.start()  # bound first: peers must reach Raft as soon as it runs

@@ -136,7 +136,7 @@ async def test_stdout_sink_prints_one_line_per_record() -> None:
 def test_registry_names_every_connector_and_each_main_parses_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(CONNECTORS) == {
         *("generator", "jsonl-file-source", "jsonl-file-sink", "filter", "map", "lookup-file", "stdout"),
-        *("postgres", "redis-streams"),
+        *("postgres", "redis-streams", "http-ingest"),
     }
     for name, main in CONNECTORS.items():
         with pytest.raises(SystemExit) as exit_:

@@ -279,7 +279,7 @@ async def test_host_serves_health_and_reflection_for_several_services() -> None:
 def test_an_object_that_is_no_service_is_refused() -> None:
     from etlrouter.sdk import ServiceHost
 
-    with pytest.raises(TypeError, match="str is not a Source, Transform, Sink or Lookup"):
+    with pytest.raises(TypeError, match="str is not a Source, PushSource, Transform, Sink or Lookup"):
         ServiceHost("not a service")  # type: ignore[arg-type]
 
 

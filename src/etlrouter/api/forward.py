@@ -3,11 +3,18 @@
 A router that is not the leader forwards `applyPipelines` and `deletePipeline` to the leader with a
 `RouterClient` (which follows the `etlrouter-leader` trailer), and turns a linearizable read into a
 linearizable `ListPipelines` on the leader, whose revision it then waits to have applied locally.
+
+Live statistics exist only on the leader: a follower fetches them with `GetLiveStats` under a short deadline,
+and every reader on the follower (each open dashboard, each query) shares one fetch per interval
+(`SharedFetch`), so open pages do not multiply the load on the leader.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from grpclib.exceptions import GRPCError
@@ -15,8 +22,11 @@ from grpclib.exceptions import GRPCError
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.router.client import ClusterUnreachableError, RouterClient
 from etlrouter.router.node import RouterNode
+from etlrouter.router.stats import LiveStats, live_stats_from_proto
 
 FORWARD_TIMEOUT_S = 10.0
+# Short: a page must learn within a tick or two that the leader is gone, not hang for the write timeout.
+LIVE_STATS_TIMEOUT_S = 2.0
 
 _ACTIONS = {
     admin_pb2.PipelineChange.ACTION_CREATED: "created",
@@ -41,6 +51,8 @@ class LeaderForwarder:
         self.node = node
         self._client: RouterClient | None = None
         self._members: tuple[str, ...] = ()
+        # Every GraphQL reader on this router shares it (ApiContext holds this forwarder).
+        self.shared_live_stats = SharedFetch(self.live_stats)
 
     def _current(self) -> RouterClient:
         status = self.node.raft.status()
@@ -59,10 +71,14 @@ class LeaderForwarder:
             self._client.leader_address = status.leader_address
         return self._client
 
-    async def _call(self, method: str, request: Any, *, write: bool = False) -> tuple[Any, str]:
+    async def _call(
+        self, method: str, request: Any, *, write: bool = False, timeout: float | None = None
+    ) -> tuple[Any, str]:
         client = self._current()
         try:
-            reply = await client.call(admin_grpc.PipelineAdminStub, method, request, write=write)
+            reply = await client.call(
+                admin_grpc.PipelineAdminStub, method, request, write=write, timeout=timeout
+            )
         except GRPCError as e:
             raise ForwardError(e.status.name, e.message or f"the leader answered {e.status.name}") from None
         except ClusterUnreachableError as e:
@@ -89,10 +105,62 @@ class LeaderForwarder:
         reply, _ = await self._call("ListPipelines", request)
         return int(reply.revision)
 
+    async def live_stats(self) -> LiveFetch:
+        """The leader's live statistics, or why they could not be had within LIVE_STATS_TIMEOUT_S."""
+        try:
+            reply, served_by = await self._call(
+                "GetLiveStats", admin_pb2.GetLiveStatsRequest(), timeout=LIVE_STATS_TIMEOUT_S
+            )
+            return LiveFetch(live_stats_from_proto(reply), served_by, "")
+        except ForwardError as e:
+            return LiveFetch(None, "", f"{e.code}: {e}")
+        except ValueError as e:  # a reply beyond the bounds in stats.py
+            return LiveFetch(None, "", f"the leader's answer was refused: {e}")
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+@dataclass(frozen=True, slots=True)
+class LiveFetch:
+    """One attempt at the leader's live statistics: the snapshot and who served it, or why there is none."""
+
+    stats: LiveStats | None
+    served_by: str  # the leader's gRPC address
+    error: str
+
+
+class SharedFetch:
+    """One fetch shared by every concurrent caller, its result reused while younger than the caller's
+    `max_age_s` (failures too: an unreachable leader is asked once per interval, not once per reader)."""
+
+    def __init__(
+        self, fetch: Callable[[], Awaitable[LiveFetch]], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._last: tuple[float, LiveFetch] | None = None
+        self._running: asyncio.Future[LiveFetch] | None = None
+        self.fetches = 0  # how many fetches were started (for tests and logs)
+
+    async def get(self, max_age_s: float) -> LiveFetch:
+        if self._last is not None and self._clock() - self._last[0] < max_age_s:
+            return self._last[1]
+        if self._running is None:
+            self.fetches += 1
+            self._running = asyncio.ensure_future(self._run())
+        # Shielded: a reader that goes away (a closed page) does not cancel the others' fetch.
+        return await asyncio.shield(self._running)
+
+    async def _run(self) -> LiveFetch:
+        try:
+            result = await self._fetch()
+            self._last = (self._clock(), result)
+            return result
+        finally:
+            self._running = None
 
 
 def changes_from_proto(changes: Sequence[admin_pb2.PipelineChange]) -> list[dict[str, Any]]:

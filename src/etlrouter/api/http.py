@@ -18,6 +18,7 @@ from ariadne import graphql
 from ariadne.format_error import format_error
 from graphql import GraphQLError, GraphQLSchema, parse
 
+from etlrouter.api.dlq import SidecarAdmins
 from etlrouter.api.forward import LeaderForwarder
 from etlrouter.api.limits import MAX_QUERY_CHARS, MAX_QUERY_TOKENS, QueryLimitsRule
 from etlrouter.api.schema import ERROR_LOG, ApiContext, build_schema
@@ -40,10 +41,11 @@ class GraphQLEndpoint:
         self.node = node
         self.schema: GraphQLSchema = build_schema()
         self.forwarder = LeaderForwarder(node)
+        self.admins = SidecarAdmins(node.config.transport)
         self.websockets = GraphQLWebSockets(self.schema, self.context)
 
     def context(self) -> ApiContext:
-        return ApiContext(node=self.node, forwarder=self.forwarder)
+        return ApiContext(node=self.node, forwarder=self.forwarder, admins=self.admins)
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":

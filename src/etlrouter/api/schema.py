@@ -1,14 +1,17 @@
 """The executable GraphQL schema: the SDL in static/schema.graphql bound to resolvers over a RouterNode.
 
-Resolvers read the router's replica (`node.state`, `node.raft.status()`, leader-local liveness) and turn
-it into plain dicts shaped like the SDL types. Writes go through `node.propose` on the leader and through
-the leader's gRPC admin API on a follower (see `forward.py`); linearizable reads likewise.
+Resolvers read the router's replica (`node.state`, `node.raft.status()`) and turn it into plain dicts shaped
+like the SDL types. Writes go through `node.propose` on the leader and through the leader's gRPC admin API on
+a follower (see `forward.py`); linearizable reads likewise. Live statistics and sidecar liveness are kept by
+the leader only: a follower fetches them from it (`GetLiveStats`, one fetch shared per interval) and says
+where they came from (`Stats.source`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,7 +27,9 @@ from ariadne import (
 )
 from ariadne.utils import unwrap_graphql_error
 from graphql import GraphQLError, GraphQLResolveInfo, GraphQLSchema
+from grpclib.exceptions import GRPCError
 
+from etlrouter.api.dlq import DlqInputError, SidecarAdmins
 from etlrouter.api.forward import (
     ForwardError,
     LeaderForwarder,
@@ -37,6 +42,7 @@ from etlrouter.dsl import DagStage, MergedDag
 from etlrouter.raft.node import NotLeader, UnknownOutcomeError
 from etlrouter.router.node import RouterNode, now_ms
 from etlrouter.router.services import MAX_DEFINITION_BYTES
+from etlrouter.router.stats import EdgeStats, LiveStats, SidecarLive, StageStats, live_stats_of
 from etlrouter.router.watch import ChangeEvent, SubscriberLaggedError
 
 READ_TIMEOUT_S = 5.0
@@ -76,6 +82,7 @@ class ApiContext:
 
     node: RouterNode
     forwarder: LeaderForwarder
+    admins: SidecarAdmins | None = None
     _barrier: asyncio.Future[None] | None = field(default=None, repr=False)
 
     async def read(self, consistency: str) -> None:
@@ -140,6 +147,8 @@ ENUMS = [
     _enum("ChangeAction", ("created", "updated", "unchanged", "deleted")),
     _enum("EventType", ("put", "delete", "bookmark")),
     _enum("BranchMode", ("block", "shed")),
+    _enum("ErrorClass", ("unspecified", "transient", "permanent", "rejected")),
+    _enum("StatsSource", ("leader", "forwarded", "unavailable")),
 ]
 
 
@@ -222,13 +231,31 @@ def _service(instance: Any) -> dict[str, Any]:
     }
 
 
-def _sidecars(node: RouterNode) -> list[dict[str, Any]]:
-    state, liveness, now = node.state, node.sidecar_liveness, now_ms()
-    leader = node.raft.is_leader()
+def _sidecar_live(live: SidecarLive | None) -> dict[str, Any]:
+    """The liveness fields of a Sidecar: from the leader's snapshot; unknown without one."""
+    load = live.load if live is not None else None
+    return {
+        "health": live.health if live is not None else "unknown",
+        "load": None
+        if load is None
+        else {
+            "recordsPerSecond": load.records_per_second,
+            "bufferUtilization": load.buffer_utilization,
+            "rssBytes": load.rss_bytes,
+            "runningStages": load.running_stages,
+        },
+        "lastHeartbeatAgeMs": live.age_ms if live is not None else None,
+        "silent": live.silent if live is not None else False,
+    }
+
+
+def _sidecars(node: RouterNode, live: LiveStats | None, *, with_gone: bool = False) -> list[dict[str, Any]]:
+    """This replica's registered sidecars with the leader's liveness (`live`), then, `with_gone`, those the
+    leader heard from recently that are no longer registered."""
+    state = node.state
+    heard = {s.sidecar_id: s for s in live.sidecars} if live is not None else {}
     out = []
     for record in state.sidecars():
-        pulse = liveness.pulse(record.id) if leader else None
-        load = pulse.load if pulse is not None else None
         out.append(
             {
                 "id": record.id,
@@ -236,16 +263,7 @@ def _sidecars(node: RouterNode) -> list[dict[str, Any]]:
                 "version": record.version,
                 "labels": _labels(record.labels),
                 "services": [_service(s) for s in record.services],
-                "health": pulse.health if pulse is not None else "unknown",
-                "load": None
-                if load is None
-                else {
-                    "recordsPerSecond": load.records_per_second,
-                    "bufferUtilization": load.buffer_utilization,
-                    "rssBytes": load.rss_bytes,
-                    "runningStages": load.running_stages,
-                },
-                "lastHeartbeatAgeMs": max(0, now - pulse.last_heartbeat_ms) if pulse is not None else None,
+                **_sidecar_live(heard.get(record.id)),
                 "stages": [
                     {
                         "stageId": stage_id,
@@ -255,9 +273,59 @@ def _sidecars(node: RouterNode) -> list[dict[str, Any]]:
                     }
                     for _, stage_id, replica in state.replicas_of(record.id)
                 ],
+                "registered": True,
             }
         )
+    if with_gone:  # the dashboard shows them as gone
+        registered = {r.id for r in state.sidecars()}
+        for sidecar in heard.values():
+            if not sidecar.registered and sidecar.sidecar_id not in registered:
+                out.append(
+                    {
+                        "id": sidecar.sidecar_id,
+                        "address": "",
+                        "version": "",
+                        "labels": [],
+                        "services": [],
+                        **_sidecar_live(sidecar),
+                        "stages": [],
+                        "registered": False,
+                    }
+                )
     return out
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """The leader's live statistics as this router can have them, and where they came from."""
+
+    source: str  # leader | forwarded | unavailable
+    message: str
+    stats: LiveStats | None
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def live_view(ctx: ApiContext, max_age_s: float) -> LiveView:
+    """Computed here on the leader; on a follower fetched from the leader (a fetch at most `max_age_s` old,
+    shared by every reader on this router), or `unavailable` with the reason after a short deadline."""
+    node = ctx.node
+    if node.raft.is_leader():
+        return LiveView("leader", "", live_stats_of(node, now_ms=now_ms(), wall_ms=wall_ms()))
+    fetched = await ctx.forwarder.shared_live_stats.get(max_age_s)
+    if fetched.stats is None:
+        leader = node.raft.status().leader_id
+        return LiveView(
+            "unavailable",
+            f"live statistics are kept by the leader ({leader or 'none known: an election may be running'})"
+            f" and this router ({node.raft.status().node_id}) could not get them: {fetched.error}",
+            None,
+        )
+    stats = fetched.stats
+    where = f"{stats.leader_id} at {fetched.served_by}" if fetched.served_by else stats.leader_id
+    return LiveView("forwarded", f"forwarded from the leader {where}", stats)
 
 
 def _cluster(node: RouterNode) -> dict[str, Any]:
@@ -332,7 +400,139 @@ async def _resolve_services(_: Any, info: GraphQLResolveInfo[Any], consistency: 
 async def _resolve_sidecars(_: Any, info: GraphQLResolveInfo[Any], consistency: str) -> list[dict[str, Any]]:
     ctx = _context(info)
     await ctx.read(consistency)
-    return _sidecars(ctx.node)
+    live = await live_view(ctx, QUERY_MAX_AGE_S)
+    return _sidecars(ctx.node, live.stats)
+
+
+def _stage_stats(s: StageStats) -> dict[str, Any]:
+    return {
+        "dagId": s.dag_id,
+        "stageId": s.stage_id,
+        "replicas": s.replicas,
+        "sidecars": s.sidecars,
+        "recordsIn": s.records_in,
+        "recordsOut": s.records_out,
+        "bytesIn": s.bytes_in,
+        "bytesOut": s.bytes_out,
+        "recordsInPerSecond": s.records_in_per_s,
+        "recordsOutPerSecond": s.records_out_per_s,
+        "bytesInPerSecond": s.bytes_in_per_s,
+        "bytesOutPerSecond": s.bytes_out_per_s,
+        "errors": s.errors,
+        "deadLettered": s.dead_lettered,
+        "watermarkMs": float(s.watermark_ms) if s.watermark_ms else None,
+        "watermarkLagMs": float(s.watermark_lag_ms) if s.watermark_lag_ms is not None else None,
+        "ackedRecords": s.acked_records,
+        "ackedOffsets": [{"partition": p, "offset": o} for p, o in sorted(s.acked_offsets.items())],
+        "lastError": s.last_error,
+    }
+
+
+def _edge_stats(e: EdgeStats) -> dict[str, Any]:
+    return {
+        "dagId": e.dag_id,
+        "from": e.from_stage,
+        "to": e.to_stage,
+        "recordsSent": e.records_sent,
+        "recordsPerSecond": e.records_per_s,
+        "creditsAvailable": e.credits_available,
+        "starvedSecondsTotal": e.starved_s,
+        "starvedRatio": e.starved_ratio,
+        "inFlightBatches": e.in_flight,
+        "oldestInFlightSeconds": e.oldest_in_flight_s,
+        "backpressure": e.backpressure,
+        "backpressureOrigin": e.origin,
+    }
+
+
+def _stats(node: RouterNode, live: LiveView) -> dict[str, Any]:
+    stats = live.stats
+    return {
+        "atMs": float(stats.at_ms if stats is not None else wall_ms()),
+        "fromLeader": stats is not None,
+        "source": live.source,
+        "message": live.message,
+        "cluster": _cluster(node),
+        "stages": [_stage_stats(s) for s in stats.stages] if stats is not None else [],
+        "edges": [_edge_stats(e) for e in stats.edges] if stats is not None else [],
+        "sidecars": _sidecars(node, stats, with_gone=True),
+    }
+
+
+# How old a follower's fetched snapshot may be for a query (a subscription allows its own interval).
+QUERY_MAX_AGE_S = 0.5
+
+
+@query.field("stats")
+async def _resolve_stats(_: Any, info: GraphQLResolveInfo[Any]) -> dict[str, Any]:
+    ctx = _context(info)
+    return _stats(ctx.node, await live_view(ctx, QUERY_MAX_AGE_S))
+
+
+def _admins(ctx: ApiContext) -> SidecarAdmins:
+    if ctx.admins is None:
+        ctx.admins = SidecarAdmins(ctx.node.config.transport)
+    return ctx.admins
+
+
+def _sidecar_addresses(node: RouterNode, only: str = "") -> list[tuple[str, str]]:
+    found = [(r.id, r.data_address) for r in node.state.sidecars() if not only or r.id == only]
+    if only and not found:
+        raise api_error("NOT_FOUND", f"sidecar {only!r} is not registered")
+    return found
+
+
+def _unknown_filters(node: RouterNode, pipeline: str, stage: str) -> list[str]:
+    """What in a DLQ filter names nothing the registry knows, in words; empty when everything is known."""
+    problems = []
+    names = sorted(p.name for p in node.state.pipelines())
+    if pipeline and pipeline not in names:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        problems.append(f"pipeline {pipeline!r} does not exist (pipelines: {shown or 'none'})")
+    if stage and stage not in {s.id for dag in node.state.dags() for s in dag.stages}:
+        problems.append(f"stage {stage!r} is not a stage of any merged DAG (see `dags` for the stage ids)")
+    return problems
+
+
+@query.field("deadLetters")
+async def _resolve_dead_letters(
+    _: Any,
+    info: GraphQLResolveInfo[Any],
+    pipeline: str,
+    stage: str,
+    limit: int,
+    errorClass: str | None = None,
+) -> dict[str, Any]:
+    ctx = _context(info)
+    _check_optional_name(pipeline, "pipeline")
+    _check_optional_name(stage, "stage")
+    try:
+        page = await _admins(ctx).list(_sidecar_addresses(ctx.node), pipeline, stage, errorClass, limit)
+    except DlqInputError as e:
+        raise api_error("INVALID_ARGUMENT", str(e)) from None
+    # Letters outlive their pipeline (a deleted one's stay listable): an unknown name is an error only when
+    # nothing matches it, which is what a typo looks like.
+    problems = _unknown_filters(ctx.node, pipeline, stage)
+    if problems and not page["total"]:
+        mute = f"; {len(page['unreachable'])} sidecars did not answer" if page["unreachable"] else ""
+        raise api_error("NOT_FOUND", f"{'; '.join(problems)}, and no sidecar holds dead letters for it{mute}")
+    return page
+
+
+@query.field("deadLetter")
+async def _resolve_dead_letter(
+    _: Any, info: GraphQLResolveInfo[Any], sidecar: str, id: str
+) -> dict[str, Any] | None:
+    ctx = _context(info)
+    _check_name(sidecar, "sidecar")
+    _check_name(id, "id")
+    [(sidecar_id, address)] = _sidecar_addresses(ctx.node, sidecar)
+    try:
+        return await _admins(ctx).get(sidecar_id, address, id)
+    except (OSError, TimeoutError) as e:
+        raise api_error("UNAVAILABLE", f"sidecar {sidecar_id} at {address} did not answer: {e!r}") from None
+    except GRPCError as e:
+        raise api_error(e.status.name, f"sidecar {sidecar_id}: {e.message}") from None
 
 
 # --- mutations -------------------------------------------------------------------------------------
@@ -350,6 +550,43 @@ def _check_name(name: str, what: str) -> str:
     if not name or len(name) > MAX_NAME_CHARS:
         raise api_error("INVALID_ARGUMENT", f"{what} must be 1..{MAX_NAME_CHARS} characters, got {len(name)}")
     return name
+
+
+def _check_optional_name(name: str, what: str) -> str:
+    return _check_name(name, what) if name else name
+
+
+@mutation.field("redriveDeadLetters")
+async def _resolve_redrive(
+    _: Any,
+    info: GraphQLResolveInfo[Any],
+    sidecar: str,
+    ids: list[str],
+    pipeline: str,
+    stage: str,
+    targetStage: str,
+) -> dict[str, Any]:
+    ctx = _context(info)
+    for i, letter_id in enumerate(ids):
+        _check_name(letter_id, f"ids[{i}]")
+    for value, what in ((sidecar, "sidecar"), (pipeline, "pipeline"), (stage, "stage")):
+        _check_optional_name(value, what)
+    _check_optional_name(targetStage, "targetStage")
+    if ids and not sidecar:
+        raise api_error("INVALID_ARGUMENT", "ids are per sidecar: give `sidecar` with `ids`")
+    if not ids and not (pipeline or stage):
+        raise api_error("INVALID_ARGUMENT", "give `sidecar` and `ids`, or `pipeline` and/or `stage`")
+    # Letters go back into a running stage: what the filter or the target names must exist now.
+    problems = _unknown_filters(ctx.node, pipeline, "" if targetStage else stage)
+    problems += [f"targetStage: {p}" for p in _unknown_filters(ctx.node, "", targetStage)]
+    if problems:
+        raise api_error("NOT_FOUND", f"nothing to redrive into: {'; '.join(problems)}")
+    try:
+        return await _admins(ctx).redrive(
+            _sidecar_addresses(ctx.node, sidecar), ids, pipeline, stage, targetStage
+        )
+    except DlqInputError as e:
+        raise api_error("INVALID_ARGUMENT", str(e)) from None
 
 
 async def _on_leader(
@@ -515,6 +752,35 @@ async def _pipelines_source(
 def _pipelines_event(pipelines: list[PipelineStatus], info: GraphQLResolveInfo[Any]) -> list[dict[str, Any]]:
     node = _context(info).node
     return [_pipeline(node, p) for p in pipelines]
+
+
+MIN_STATS_INTERVAL_MS, MAX_STATS_INTERVAL_MS = 250, 60_000
+
+
+@subscription.source("stats")
+def _stats_source(
+    _: Any, info: GraphQLResolveInfo[Any], intervalMs: int = 1000
+) -> AsyncGenerator[dict[str, Any], None]:
+    if not MIN_STATS_INTERVAL_MS <= intervalMs <= MAX_STATS_INTERVAL_MS:
+        raise api_error(
+            "INVALID_ARGUMENT",
+            f"intervalMs must be {MIN_STATS_INTERVAL_MS}..{MAX_STATS_INTERVAL_MS}, got {intervalMs}",
+        )
+    ctx = _context(info)
+
+    async def snapshots() -> AsyncGenerator[dict[str, Any], None]:
+        while True:
+            # Taken when the previous one has been sent, so never older than the interval; on a follower
+            # every subscriber with this interval shares one fetch from the leader per interval.
+            yield _stats(ctx.node, await live_view(ctx, intervalMs / 1000))
+            await asyncio.sleep(intervalMs / 1000)
+
+    return snapshots()
+
+
+@subscription.field("stats")
+def _stats_event(snapshot: dict[str, Any], _: GraphQLResolveInfo[Any], **__: Any) -> dict[str, Any]:
+    return snapshot
 
 
 def build_schema() -> GraphQLSchema:

@@ -30,6 +30,7 @@ CONNECTORS: dict[str, Callable[[Sequence[str] | None], None]] = {
     "stdout": _lazy_main("stdout"),
     "postgres": _lazy_main("postgres"),  # needs asyncpg
     "redis-streams": _lazy_main("redis_streams"),  # needs redis
+    "http-ingest": _lazy_main("http_ingest"),  # a push source
 }
 
 __all__ = ["CONNECTORS"]

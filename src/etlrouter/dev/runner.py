@@ -44,6 +44,10 @@ MARKER = ".etlrouter-dev"
 OWNED = ("routers", "sidecars", "services", "sinks", "logs", "dev.json")
 SIDECAR_DEADLINE_S, SERVICE_DEADLINE_S, ROUTER_DEADLINE_S = 15.0, 10.0, 10.0
 DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a demo, not a disk filler)
+# Sidecars heartbeat every second (default 5 s) so the dashboard shows a stall or a dead sidecar within a few
+# seconds (silent after 3 intervals); the routers move a silent sidecar's stages after 5 missed heartbeats.
+HEARTBEAT_INTERVAL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5 * HEARTBEAT_INTERVAL_MS
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -151,8 +155,10 @@ class Dev:
             for arg in ("--peer", f"{node}={HOST}:{self.layout.router_grpc[i]}")
         ]
         env = {
-            "ETLROUTER_ROUTER__SIDECAR_HEARTBEAT_TIMEOUT_MS": "5000",
-            "ETLROUTER_ROUTER__LEADER_GRACE_MS": "5000",
+            "ETLROUTER_ROUTER__SIDECAR_HEARTBEAT_TIMEOUT_MS": str(HEARTBEAT_TIMEOUT_MS),
+            "ETLROUTER_ROUTER__LEADER_GRACE_MS": str(HEARTBEAT_TIMEOUT_MS),
+            # The interval the routers tell registering sidecars (they use the shorter of it and their own).
+            "ETLROUTER_SIDECAR__HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS),
         }
         for i, node in enumerate(self.router_ids):
             args = [
@@ -168,7 +174,8 @@ class Dev:
     def router_addresses(self) -> list[str]:
         return [f"{HOST}:{p}" for p in self.layout.router_grpc]
 
-    def service_args(self, service: ServiceSpec, port: int) -> list[str]:
+    def service_args(self, service: ServiceSpec, j: int) -> list[str]:
+        port = self.layout.service[j]
         auto: list[str] = []
         late: list[str] = []
         if service.connector == "generator":
@@ -188,6 +195,8 @@ class Dev:
             if not path_arg:
                 auto += ["--path", str(path)]
             self.sink_files[service.name] = path
+        elif service.connector == "http_ingest" and service.arg_value("--sidecar") is None:
+            auto += ["--sidecar", f"{HOST}:{self.layout.sidecar_grpc[j]}"]  # it pushes to its own sidecar
         return [
             "-m", f"etlrouter.connectors.{service.connector}", "--name", service.name, "--host", HOST,
             "--port", str(port), "--log-format", "json", *auto, *service.args, *late,
@@ -195,7 +204,7 @@ class Dev:
 
     def start_services(self) -> None:
         for j, service in enumerate(self.options.spec.services):
-            args = self.service_args(service, self.layout.service[j])
+            args = self.service_args(service, j)
             self.service_argv[service.name] = args
             self.supervisor.start(service.name, "service", self._python(*args))
 
@@ -205,7 +214,7 @@ class Dev:
             sidecar_id = f"sidecar-{service.name}"
             env = {
                 "ETLROUTER_SIDECAR__DATA_DIR": str(self.data_dir / "sidecars" / sidecar_id),
-                "ETLROUTER_SIDECAR__HEARTBEAT_INTERVAL_MS": "1000",
+                "ETLROUTER_SIDECAR__HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS),
                 "ETLROUTER_SIDECAR__SCAN_INTERVAL_MS": "500",
                 "ETLROUTER_SIDECAR__DRAIN_TIMEOUT_MS": "10000",
             }
@@ -389,6 +398,7 @@ class Dev:
         lines = [
             f"etlrouter dev: {self.options.routers} routers, {len(self.options.spec.services)} services, "
             f"{len(self.options.spec.services)} sidecars on {HOST}",
+            f"dashboard    http://{HOST}:{self.layout.router_http[0]}/  (any router)",
             f"GraphQL      http://{HOST}:{self.layout.router_http[0]}/graphql  (any router: "
             + ", ".join(str(p) for p in self.layout.router_http)
             + ")",

@@ -5,11 +5,12 @@ A pipeline file declares the services dev must start in comment lines, one per s
     # dev: service NAME CONNECTOR [ARG ...]
 
 CONNECTOR is a reference connector module of `etlrouter.connectors` (generator, filter, map,
-jsonl_file_sink, jsonl_file_source, lookup_file, stdout, postgres, redis_streams); ARGs are passed to it as
-written (shell-quoted). A file without such lines gets the sample's services (orders, valid-orders, archive,
-warehouse). dev adds what only it knows: `--name`, `--port`, and for a generator `--state-file`,
-`--event-time-start-ms`, `--limit`/`--rate`; for a jsonl_file_sink `--path DATA/sinks/NAME.jsonl` unless
-the line gives a `--path`.
+jsonl_file_sink, jsonl_file_source, lookup_file, stdout, postgres, redis_streams, http_ingest); ARGs are
+passed to it as written (shell-quoted). A file without such lines gets the sample's services (orders,
+valid-orders, archive, warehouse). dev adds what only it knows: `--name`, `--port`; for a generator
+`--state-file`, `--event-time-start-ms`, `--limit`/`--rate`; for a jsonl_file_sink `--path
+DATA/sinks/NAME.jsonl` unless the line gives a `--path`; for an http_ingest `--sidecar` (its own sidecar;
+give `--http-port` yourself).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CONNECTORS = (
     "stdout",
     "postgres",
     "redis_streams",
+    "http_ingest",
 )
 _SERVICE_LINE = re.compile(r"^\s*#\s*dev:\s*(.*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")

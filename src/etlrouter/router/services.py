@@ -51,6 +51,7 @@ from etlrouter.router.convert import (
     require_name,
 )
 from etlrouter.router.node import RouterNode, now_ms
+from etlrouter.router.stats import StageSample, live_stats_of, live_stats_to_proto, stats_of
 from etlrouter.router.watch import SubscriberLaggedError
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,13 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
                     )
                 )
             )
+        # Leader-local live stats for the dashboard (router/stats.py), stamped with this router's clock.
+        received = now_ms()
+        stats_of(self.node).record(
+            sidecar_id,
+            received,
+            ((r.dag_id, r.stage_id, StageSample.from_proto(r, received)) for r in request.stages),
+        )
         applied = dict(request.applied_tokens)
         for report in request.stages:
             applied[report.dag_id] = max(applied.get(report.dag_id, 0), report.fencing_token)
@@ -554,6 +562,13 @@ class AdminService(_Base, admin_grpc.PipelineAdminBase):
         self.node.require_leader()
         await self.node.raft.transfer_leadership(request.node_id)
         await stream.send_message(self._cluster_status())
+
+    @handles_errors
+    async def GetLiveStats(self, stream: Stream[Any, Any]) -> None:
+        await recv(stream)
+        self.node.require_leader()  # only the leader hears the heartbeats: followers send the leader trailer
+        live = live_stats_of(self.node, now_ms=now_ms(), wall_ms=int(time.time() * 1000))
+        await stream.send_message(live_stats_to_proto(live))
 
 
 class BackupService(_Base, admin_grpc.BackupServiceBase):

@@ -21,6 +21,7 @@ from etlrouter.sdk.errors import (
     RejectedError,
     RetryableError,
 )
+from etlrouter.sdk.push import Pusher, PusherClosedError, PushRefusedError, PushTicket
 from etlrouter.sdk.records import Record, records_from_proto, records_to_proto, source_batch
 from etlrouter.sdk.server import ServiceHost, run, serve_async, serving
 from etlrouter.sdk.services import (
@@ -29,6 +30,7 @@ from etlrouter.sdk.services import (
     LookupResult,
     Processed,
     Pulled,
+    PushSource,
     RecordTransform,
     Service,
     Sink,
@@ -47,6 +49,11 @@ __all__ = [
     "PermanentError",
     "Processed",
     "Pulled",
+    "PushRefusedError",
+    "PushSource",
+    "PushTicket",
+    "Pusher",
+    "PusherClosedError",
     "Record",
     "RecordError",
     "RecordTransform",

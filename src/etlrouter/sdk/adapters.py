@@ -26,7 +26,17 @@ from etlrouter.sdk.errors import (
     errors_to_proto,
 )
 from etlrouter.sdk.records import OffsetOrderError, records_from_proto, records_to_proto, source_batch
-from etlrouter.sdk.services import Lookup, LookupResult, Processed, Service, Sink, Source, Transform, Written
+from etlrouter.sdk.services import (
+    Lookup,
+    LookupResult,
+    Processed,
+    PushSource,
+    Service,
+    Sink,
+    Source,
+    Transform,
+    Written,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +182,33 @@ class SourceAdapter(services_grpc.SourceServiceBase):
         await _capabilities(self.source, stream)
 
 
+class PushSourceAdapter(services_grpc.SourceServiceBase):
+    """What makes a push source discoverable: a SourceService whose capabilities declare push = true."""
+
+    def __init__(self, source: PushSource) -> None:
+        self.source = source
+
+    async def PullRecords(self, stream: Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        raise GRPCError(
+            Status.FAILED_PRECONDITION,
+            "PullRecords: this is a push source (Capabilities.push): its records arrive through PushRecords",
+        )
+
+    async def Acknowledge(self, stream: Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        raise GRPCError(
+            Status.FAILED_PRECONDITION,
+            "Acknowledge: this is a push source: acks travel back on its PushRecords stream",
+        )
+
+    async def GetCapabilities(self, stream: Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        caps = self.source.capabilities.to_proto()
+        caps.push = True  # whatever the subclass declared: a PushSource is never pulled
+        await stream.send_message(records_pb2.GetCapabilitiesResponse(capabilities=caps))
+
+
 class TransformAdapter(services_grpc.TransformServiceBase):
     def __init__(self, transform: Transform, gate: CallGate | None = None) -> None:
         self.transform = transform
@@ -287,6 +324,8 @@ def grpc_handlers(service: Service, gate: CallGate | None = None) -> list[Any]:
     handlers: list[Any] = []
     if isinstance(service, Source):
         handlers.append(SourceAdapter(service, gate))
+    if isinstance(service, PushSource):
+        handlers.append(PushSourceAdapter(service))
     if isinstance(service, Transform):
         handlers.append(TransformAdapter(service, gate))
     if isinstance(service, Sink):
@@ -295,6 +334,7 @@ def grpc_handlers(service: Service, gate: CallGate | None = None) -> list[Any]:
         handlers.append(LookupAdapter(service, gate))
     if not handlers:
         raise TypeError(
-            f"{type(service).__name__} is not a Source, Transform, Sink or Lookup from etlrouter.sdk"
+            f"{type(service).__name__} is not a Source, PushSource, Transform, Sink or Lookup "
+            "from etlrouter.sdk"
         )
     return handlers

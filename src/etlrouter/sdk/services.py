@@ -37,6 +37,7 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     one_to_one: bool = False
     partitions: int = 0
     labels: dict[str, str] = {}
+    push: bool = False  # a push source (see PushSource); set for you by PushSource
 
     def to_proto(self) -> records_pb2.Capabilities:
         return records_pb2.Capabilities(**msgspec.structs.asdict(self))
@@ -80,6 +81,17 @@ class Source(Service, abc.ABC):
         sidecar restarts; override it (the generator connector does)."""
         name = type(self).__name__
         log.warning("%s cannot rewind: records pulled before a sidecar restart may be lost", name)
+
+
+class PushSource(Service):
+    """A source that pushes its records to its sidecar (with `etlrouter.sdk.Pusher`) instead of being pulled.
+
+    Serve it like any service so the sidecar discovers and registers it (its GetCapabilities declares
+    `push = true`); PullRecords and Acknowledge answer FAILED_PRECONDITION. Records reach pipelines through
+    a `Pusher` the program runs beside the server, and acks come back to that Pusher.
+    """
+
+    capabilities: Capabilities = Capabilities(push=True)
 
 
 class Processed(msgspec.Struct):

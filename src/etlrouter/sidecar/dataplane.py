@@ -12,15 +12,19 @@ import contextlib
 import logging
 from typing import Any
 
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 
-from etlrouter._proto.v1 import dataplane_grpc, dataplane_pb2, records_pb2
+from etlrouter._proto.v1 import dataplane_grpc, dataplane_pb2, records_pb2, services_pb2
 from etlrouter.flow.credits import Credits, ReceiveBuffer
 from etlrouter.sidecar.engine import Engine
+from etlrouter.sidecar.push import serve_push
+from etlrouter.sidecar.wire import ServiceClient
 
 log = logging.getLogger(__name__)
+
+DLQ_WRITE_TIMEOUT_S = 5.0  # one WriteBatch of dead letters; the sender falls back to its local store
 
 
 class DataPlaneService(dataplane_grpc.SidecarDataPlaneBase):
@@ -34,6 +38,9 @@ class DataPlaneService(dataplane_grpc.SidecarDataPlaneBase):
         if first is None or not first.HasField("open"):
             raise GRPCError(Status.INVALID_ARGUMENT, "the first DataFrame of an edge must be `open`")
         edge = first.open
+        if edge.dlq_sink:
+            await self._receive_dead_letters(stream, edge)
+            return
         if not self.engine.runs(edge.dag_id, edge.stage_id):
             raise GRPCError(
                 Status.FAILED_PRECONDITION,
@@ -93,7 +100,66 @@ class DataPlaneService(dataplane_grpc.SidecarDataPlaneBase):
                     await task
 
     async def PushRecords(self, stream: Stream[Any, Any]) -> None:
-        raise GRPCError(
-            Status.UNIMPLEMENTED,
-            "push sources are not supported by this sidecar version; implement PullRecords instead",
+        await serve_push(self.engine, stream)
+
+    def __mapping__(self) -> dict[str, Handler]:
+        mapping = super().__mapping__()
+        # Pushed batches are parsed with their records left encoded, like every batch the sidecar routes.
+        push = "/etlrouter.v1.SidecarDataPlane/PushRecords"
+        mapping[push] = Handler(
+            self.PushRecords, Cardinality.STREAM_STREAM, dataplane_pb2.RawPushFrame, dataplane_pb2.PushReply
         )
+        return mapping
+
+    async def _receive_dead_letters(
+        self,
+        stream: Stream[dataplane_pb2.DataFrame, dataplane_pb2.ControlFrame],
+        edge: dataplane_pb2.EdgeOpen,
+    ) -> None:
+        """Dead letters of another stage for a local sink service (a stage's `dlq` option): each batch is
+        written once; the outcome is DONE only when the sink wrote every record, else RETRY with why, and the
+        sender keeps them in its local store. No retries here: the sender is waiting, bounded."""
+        service = self.engine.services.get(edge.dlq_sink)
+        if service is None or service.kind != "sink":
+            raise GRPCError(
+                Status.FAILED_PRECONDITION,
+                f"no sink service {edge.dlq_sink!r} is registered through sidecar {self.engine.sidecar_id}",
+            )
+        config = self.engine.config
+        buffer = ReceiveBuffer(Credits(config.edge_buffer_records, config.edge_buffer_bytes))
+        initial = buffer.open()
+        await stream.send_message(
+            dataplane_pb2.ControlFrame(
+                grant=records_pb2.Credits(records=initial.records, bytes=initial.nbytes)
+            )
+        )
+        client = ServiceClient(self.engine.channel_for(service.endpoint))
+        async for frame in stream:
+            if frame.HasField("close"):
+                break
+            if not frame.HasField("batch"):
+                continue
+            batch = frame.batch
+            buffer.on_received(batch.header.record_count, len(batch.records))
+            error = ""
+            try:
+                reply = await asyncio.wait_for(
+                    client.write(services_pb2.RawWriteBatchRequest(batch=batch)), DLQ_WRITE_TIMEOUT_S
+                )
+                if reply.errors:
+                    first_error = reply.errors[0].message
+                    error = f"the DLQ sink {edge.dlq_sink} refused {len(reply.errors)} records: {first_error}"
+                elif service.capabilities.requires_flush:
+                    await asyncio.wait_for(client.flush(services_pb2.FlushRequest()), DLQ_WRITE_TIMEOUT_S)
+            except (GRPCError, StreamTerminatedError, OSError) as e:  # OSError covers TimeoutError
+                error = f"writing to the DLQ sink {edge.dlq_sink} failed: {e!r}"
+            grant = buffer.on_consumed(batch.header.record_count, len(batch.records))
+            status = dataplane_pb2.BATCH_STATUS_RETRY if error else dataplane_pb2.BATCH_STATUS_DONE
+            await stream.send_message(
+                dataplane_pb2.ControlFrame(
+                    grant=records_pb2.Credits(records=grant.records, bytes=grant.nbytes),
+                    outcomes=[
+                        dataplane_pb2.BatchOutcome(batch_id=batch.header.batch_id, status=status, error=error)
+                    ],
+                )
+            )

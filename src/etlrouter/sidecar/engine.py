@@ -47,6 +47,7 @@ from etlrouter.flow.gate import AsyncCreditGate
 from etlrouter.flow.ledger import AckLedger, Outcome, SourcePartition
 from etlrouter.flow.retry import GiveUp, RetryPolicy, classify_grpc_status
 from etlrouter.flow.watermarks import NO_WATERMARK, SourceWatermarks, StageWatermark, WatermarkValve
+from etlrouter.sidecar.dlq import DlqSinkForwarder
 from etlrouter.sidecar.model import DeadLetterSink, LocalService
 from etlrouter.sidecar.wire import ServiceClient, count_records, decode_records, encode_records
 
@@ -157,6 +158,7 @@ class StageOptions:
     timeout_s: float = 30.0
     flush: bool | None = None  # None: as the sink's capabilities say
     lookup_key: str = ""
+    dlq: str = ""  # a sink service that receives this stage's dead letters ("" = the sidecar's local store)
     service_options: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -175,6 +177,7 @@ class StageOptions:
             timeout_s=seconds(options["timeout"]) if "timeout" in options else 30.0,
             flush={"true": True, "false": False}.get(options.get("flush", "")),
             lookup_key=options.get("key", ""),
+            dlq=options.get("dlq", ""),
             service_options={k[len("config.") :]: v for k, v in options.items() if k.startswith("config.")},
         )
 
@@ -197,9 +200,34 @@ class Edge:
         self.dag_id = dag_id
         self.name = name
         self.sidecar_id = sidecar_id  # where the child replica runs
+        # For the stage reports (the dashboard's per-edge view): see EdgeReport in control.proto.
+        self.records_sent = 0
+        self.starved_s = 0.0  # closed spans during which at least one sender waited for credits
+        self._waiters = 0
+        self._wait_started = 0.0
+        self._sent_at: dict[int, float] = {}  # unanswered batches: token -> when sent (monotonic)
+        self._tokens = itertools.count()
 
     async def deliver(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
         raise NotImplementedError
+
+    def credits_available(self) -> int:
+        return 0
+
+    def in_flight(self) -> int:
+        return 0
+
+    def oldest_in_flight(self, now: float) -> float:
+        return now - min(self._sent_at.values()) if self._sent_at else 0.0
+
+    def _sending(self) -> int:
+        token = next(self._tokens)
+        self._sent_at[token] = time.monotonic()
+        return token
+
+    def starved_seconds(self, now: float) -> float:
+        """Starved time so far, the ongoing wait included: a stalled child shows at once, not when it ends."""
+        return self.starved_s + (now - self._wait_started if self._waiters else 0.0)
 
     async def close(self) -> None:
         return None
@@ -221,14 +249,26 @@ class LocalEdge(Edge):
         self.gate = AsyncCreditGate(CreditSender(window))
         first = self.buffer.open()
         self.gate.grant(first.records, first.nbytes)
+        self._in_flight = 0
+
+    def credits_available(self) -> int:
+        return self.gate.sender.available.records
+
+    def in_flight(self) -> int:
+        return self._in_flight
 
     async def deliver(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
         records, nbytes = batch.header.record_count, len(batch.records)
         await _acquire(self, self.gate, records, nbytes)
         self.buffer.on_received(records, nbytes)
+        self.records_sent += records
+        self._in_flight += 1
+        token = self._sending()
         try:
             return await self.target(batch)
         finally:
+            self._in_flight -= 1
+            del self._sent_at[token]
             grant = self.buffer.on_consumed(records, nbytes)
             if not grant.is_zero:
                 self.gate.grant(grant.records, grant.nbytes)
@@ -257,6 +297,12 @@ class RemoteEdge(Edge):
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[BatchResult]] = {}
         self._connect_lock = asyncio.Lock()
+
+    def credits_available(self) -> int:
+        return self.gate.sender.available.records
+
+    def in_flight(self) -> int:
+        return len(self._pending)
 
     async def _connect(self) -> None:
         async with self._connect_lock:
@@ -310,8 +356,19 @@ class RemoteEdge(Edge):
         assert reader is not None
         # Wait for credits, unless the stream dies first (the receiver refused the edge, or went away):
         # then the caller retries, reconnecting, instead of waiting for credits that will never come.
-        acquire = asyncio.ensure_future(_acquire(self, self.gate, records, nbytes))
-        await asyncio.wait({acquire, reader}, return_when=asyncio.FIRST_COMPLETED)
+        gate = self.gate
+        acquire = asyncio.ensure_future(_acquire(self, gate, records, nbytes))
+        try:
+            await asyncio.wait({acquire, reader}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Given up on (a shed deadline): the wait for credits must end too, or it would take credits
+            # later for a batch never sent, and the edge would leak them until it had none left.
+            acquire.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquire
+            if not acquire.cancelled() and acquire.exception() is None:
+                gate.grant(records, nbytes)  # taken just before the cancellation: give them back
+            raise
         if not acquire.done():
             acquire.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -323,6 +380,8 @@ class RemoteEdge(Edge):
             raise EdgeBrokenError(f"edge {self.name} to {self.address} closed while waiting for credits")
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._pending[batch.header.batch_id] = fut
+        self.records_sent += records
+        token = self._sending()
         try:
             try:
                 await stream.send_message(dataplane_pb2.DataFrame(batch=batch))
@@ -330,6 +389,7 @@ class RemoteEdge(Edge):
                 raise EdgeBrokenError(f"sending on edge {self.name} failed: {e!r}") from e
             return await fut
         finally:  # answered, failed, or given up on (a shed deadline): no longer pending either way
+            del self._sent_at[token]
             if self._pending.get(batch.header.batch_id) is fut:
                 del self._pending[batch.header.batch_id]
 
@@ -345,10 +405,17 @@ class RemoteEdge(Edge):
 
 async def _acquire(edge: Edge, gate: AsyncCreditGate, records: int, nbytes: int) -> None:
     started = time.monotonic()
+    if edge._waiters == 0:
+        edge._wait_started = started
+    edge._waiters += 1
     try:
         await gate.acquire(records, nbytes)
     finally:
-        waited = time.monotonic() - started
+        now = time.monotonic()
+        edge._waiters -= 1
+        if edge._waiters == 0:
+            edge.starved_s += now - edge._wait_started
+        waited = now - started
         if waited > 0.001:
             STARVED.labels(edge.dag_id, edge.name).inc(waited)
 
@@ -365,6 +432,10 @@ class StageStats:
     dead_lettered: int = 0
     watermark_ms: int = 0
     last_error: str = ""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    acked_records: int = 0
+    acked_offsets: dict[int, int] = field(default_factory=dict)
 
 
 class StageRunner:
@@ -395,6 +466,7 @@ class StageRunner:
 
     def note_input(self, batch: records_pb2.RawRecordBatch) -> None:
         self.stats.records_in += batch.header.record_count
+        self.stats.bytes_in += len(batch.records)
         RECEIVED.labels(*self.labels).inc(batch.header.record_count)
         RECEIVED_BYTES.labels(*self.labels).inc(len(batch.records))
         self.dag.engine.tap(self.dag.dag_id, self.stage.id, batch)
@@ -454,18 +526,23 @@ class StageRunner:
         errors: Sequence[tuple[int, str, int]],
         reason: str,
         attempts: int = 1,
+        stage: control_pb2.StageSpec | None = None,
     ) -> int:
-        """Put records in the DLQ durably; `errors` holds (index into records, message, error class)."""
+        """Put records in the DLQ durably; `errors` holds (index into records, message, error class).
+
+        The letters are filed under `stage` (default: this one), whose `dlq` option may name a sink service
+        that receives them instead of the local store."""
+        stage = stage or self.stage
         letters = []
         now_ms = int(time.time() * 1000)
-        pipelines = list(self.stage.pipelines)
+        pipelines = list(stage.pipelines)
         for index, message, error_class in errors:
             letters.append(
                 dataplane_pb2.DeadLetter(
                     pipeline=pipelines[0] if pipelines else "",
                     dag_id=self.dag.dag_id,
-                    stage_id=self.stage.id,
-                    service=self.stage.service,
+                    stage_id=stage.id,
+                    service=stage.service,
                     error_class=error_class,  # type: ignore[arg-type]
                     error=message,
                     attempts=attempts,
@@ -478,16 +555,25 @@ class StageRunner:
                 )
             )
         if letters:
-            await self.dag.engine.dlq.put(letters)
+            dlq_sink = (
+                self.options.dlq if stage is self.stage else StageOptions.parse(dict(stage.options)).dlq
+            )
+            await self.dag.engine.put_dead_letters(letters, dlq_sink)
             DEAD_LETTERED.labels(*self.labels, reason).inc(len(letters))
             self.stats.dead_lettered += len(letters)
         return len(letters)
 
-    async def dead_letter_all(self, batch: records_pb2.RawRecordBatch, message: str, reason: str) -> int:
+    async def dead_letter_all(
+        self,
+        batch: records_pb2.RawRecordBatch,
+        message: str,
+        reason: str,
+        stage: control_pb2.StageSpec | None = None,
+    ) -> int:
         records = decode_records(batch)
         permanent = int(records_pb2.ERROR_CLASS_PERMANENT)
         return await self.dead_letter(
-            batch, records, [(i, message, permanent) for i in range(len(records))], reason
+            batch, records, [(i, message, permanent) for i in range(len(records))], reason, stage=stage
         )
 
     async def forward(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
@@ -497,6 +583,7 @@ class StageRunner:
             return DONE
         SENT.labels(*self.labels).inc(batch.header.record_count * len(children))
         self.stats.records_out += batch.header.record_count
+        self.stats.bytes_out += len(batch.records)
         results = await asyncio.gather(
             *(self.dag.deliver_to_branch(self, child, batch) for child in children)
         )
@@ -505,6 +592,13 @@ class StageRunner:
 
 class PermanentFailureError(Exception):
     pass
+
+
+def is_push_source(service: LocalService) -> bool:
+    """A source that declared Capabilities.push: it pushes batches in (PushRecords) and is never pulled."""
+    if service.kind != "source" or not service.capabilities_proto:
+        return False
+    return records_pb2.Capabilities.FromString(service.capabilities_proto).push
 
 
 class SourceRunner(StageRunner):
@@ -531,9 +625,30 @@ class SourceRunner(StageRunner):
         )
         self._ack_lock = asyncio.Lock()  # one Acknowledge at a time: they reach the source in order
         self.end_of_stream = False
+        # A push source (Capabilities.push) hands batches in through SidecarDataPlane.PushRecords
+        # (sidecar/push.py): no pull loop, and acks go to the push streams' listeners, not Acknowledge.
+        self.push_mode = is_push_source(self.service)
+        self.ack_listeners: set[Callable[[], None]] = set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def acked(self, partition: int) -> int:
+        """Last offset of the partition released by the ack ledger (-1 = none yet)."""
+        return self._acked.get(partition, -1)
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+        if not self.push_mode:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def accept_pushed(self, batch: records_pb2.RawRecordBatch) -> asyncio.Task[None] | None:
+        """Route a pushed batch exactly like a pulled one (same in-flight bound, ledger and fan-out). Returns
+        its delivery task, or None when its offsets were already handed out (in flight or acknowledged).
+
+        The batch is in the ledger when this returns (what the pusher is told as "accepted"); its delivery
+        waits for an in-flight slot, while the push stream's credits bound how much may wait."""
+        return self._route(batch, slot_held=False)
 
     async def stop(self) -> None:
         """Stop pulling; wait (bounded) for in-flight batches so their offsets are acknowledged."""
@@ -585,42 +700,49 @@ class SourceRunner(StageRunner):
                 if reply.end_of_stream:
                     await asyncio.sleep(0.5)
                 continue
-            header = batch.header
-            header.source_id = header.source_id or self.stage.service
-            header.record_count = header.record_count or count_records(batch.records)
-            if not self._first_time_for(batch):
+            if self._route(batch) is None:
                 self.inflight.release()
-                continue
-            if not header.batch_id:
-                # Named by its source position: a batch redelivered after a crash, with the same offsets,
-                # gets the same id, so sinks recognise what they already wrote.
-                header.batch_id = (
-                    f"{header.source_id}/{header.partition}/{header.first_offset}-{header.last_offset}"
-                )
-            header.byte_size = len(batch.records)
-            header.attempt = header.attempt or 1
-            now = time.time()
-            if header.max_event_time_ms:
-                watermark = self.watermarks.observe(header.partition, header.max_event_time_ms / 1000, now)
-            else:
-                watermark = self.watermarks.advance(now)
-            self.set_watermark(watermark)
-            header.watermark_ms = self.stats.watermark_ms
-            self.note_input(batch)
-            partition = SourcePartition(header.source_id, header.partition)
-            acks = self.ledger.register(
-                header.batch_id,
-                partition,
-                header.first_offset,
-                header.last_offset,
-                header.record_count,
-                list(self.stage.downstream),
+
+    def _route(self, batch: records_pb2.RawRecordBatch, slot_held: bool = True) -> asyncio.Task[None] | None:
+        """Register a batch in the ledger and start delivering it to every branch (its in-flight slot is held
+        by the caller, or taken by the delivery when not `slot_held`); None when it holds nothing new (the
+        caller releases a held slot)."""
+        header = batch.header
+        header.source_id = header.source_id or self.stage.service
+        header.record_count = header.record_count or count_records(batch.records)
+        if not self._first_time_for(batch):
+            return None
+        if not header.batch_id:
+            # Named by its source position: a batch redelivered after a crash, with the same offsets,
+            # gets the same id, so sinks recognise what they already wrote.
+            header.batch_id = (
+                f"{header.source_id}/{header.partition}/{header.first_offset}-{header.last_offset}"
             )
-            self._queue_acks(acks)
-            INFLIGHT.labels(*self.labels).set(self.ledger.pending_batches())
-            task = asyncio.ensure_future(self._deliver(batch))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+        header.byte_size = len(batch.records)
+        header.attempt = header.attempt or 1
+        now = time.time()
+        if header.max_event_time_ms:
+            watermark = self.watermarks.observe(header.partition, header.max_event_time_ms / 1000, now)
+        else:
+            watermark = self.watermarks.advance(now)
+        self.set_watermark(watermark)
+        header.watermark_ms = self.stats.watermark_ms
+        self.note_input(batch)
+        partition = SourcePartition(header.source_id, header.partition)
+        acks = self.ledger.register(
+            header.batch_id,
+            partition,
+            header.first_offset,
+            header.last_offset,
+            header.record_count,
+            list(self.stage.downstream),
+        )
+        self._queue_acks(acks)
+        INFLIGHT.labels(*self.labels).set(self.ledger.pending_batches())
+        task = asyncio.ensure_future(self._deliver(batch, slot_held))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+        return task
 
     def _first_time_for(self, batch: records_pb2.RawRecordBatch) -> bool:
         """False for a batch whose offsets this session already handed out (a source redelivering on its own,
@@ -643,7 +765,9 @@ class SourceRunner(StageRunner):
         self._last_offset[partition] = header.last_offset
         return True
 
-    async def _deliver(self, batch: records_pb2.RawRecordBatch) -> None:
+    async def _deliver(self, batch: records_pb2.RawRecordBatch, slot_held: bool = True) -> None:
+        if not slot_held:
+            await self.inflight.acquire()
         started = time.monotonic()
         try:
 
@@ -656,6 +780,7 @@ class SourceRunner(StageRunner):
 
             SENT.labels(*self.labels).inc(batch.header.record_count * len(self.stage.downstream))
             self.stats.records_out += batch.header.record_count
+            self.stats.bytes_out += len(batch.records)
             await asyncio.gather(*(branch(child) for child in self.stage.downstream))
             BATCH_SECONDS.labels(*self.labels).observe(time.monotonic() - started)
             await self._send_acks()
@@ -675,6 +800,13 @@ class SourceRunner(StageRunner):
         if not self._acks_due:
             return
         due, self._acks_due = self._acks_due, {}
+        if self.push_mode:
+            newly = sum(o - self._acked.get(p, -1) for p, o in due.items())
+            self._acked.update(due)
+            ACKED.labels(*self.labels).inc(max(0, newly))
+            for listener in list(self.ack_listeners):
+                listener()
+            return
         request = services_pb2.AcknowledgeRequest(
             acks=[services_pb2.PartitionAck(partition=p, up_to_offset=o) for p, o in sorted(due.items())]
         )
@@ -689,6 +821,8 @@ class SourceRunner(StageRunner):
         # Records newly acknowledged: acks are cumulative, so count from this session's previous ack.
         newly = sum(o - self._acked.get(p, -1) for p, o in due.items())
         self._acked.update(due)
+        self.stats.acked_records += max(0, newly)
+        self.stats.acked_offsets = dict(self._acked)
         ACKED.labels(*self.labels).inc(max(0, newly))
 
     async def handle(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
@@ -784,6 +918,7 @@ class SinkRunner(StageRunner):
             except PermanentFailureError as e:
                 return BatchResult.retry(str(e))
         self.stats.records_out += reply.written
+        self.stats.bytes_out += len(batch.records)
         SENT.labels(*self.labels).inc(reply.written)
         return BatchResult(True, dead)
 
@@ -851,11 +986,12 @@ class DagRuntime:
         return edge
 
     async def deliver_to_branch(
-        self, runner: StageRunner, child: str, batch: records_pb2.RawRecordBatch
+        self, runner: StageRunner, child: str, batch: records_pb2.RawRecordBatch, may_shed: bool = True
     ) -> BatchResult:
-        """Deliver a batch to one child stage (any replica), retrying until it is handled."""
+        """Deliver a batch to one child stage (any replica), retrying until it is handled. A redrive passes
+        `may_shed=False`: the operator asked for these records to go down this branch, so they wait."""
         child_spec = self.stages.get(child)
-        shed_after = _shed_after(child_spec)
+        shed_after = _shed_after(child_spec) if may_shed else None
         attempt = 0
         while True:
             targets = self.placements.get(child, [])
@@ -873,8 +1009,9 @@ class DagRuntime:
                 # The branch lagged past its shed bound (waiting for credits or for its outcome): its copy
                 # goes to the DLQ, counted. If the branch still writes it later: a duplicate, not a loss.
                 DISCARDED.labels(self.dag_id, child, "shed", "true").inc(batch.header.record_count)
+                # Filed under the branch's first stage, so a redrive sends them down that branch only.
                 dead = await runner.dead_letter_all(
-                    batch, f"branch {child} lagged past its shed bound", "shed"
+                    batch, f"branch {child} lagged past its shed bound", "shed", stage=child_spec
                 )
                 return BatchResult(True, dead)
             except EdgeBrokenError as e:
@@ -884,6 +1021,21 @@ class DagRuntime:
             attempt += 1
             ERRORS.labels(self.dag_id, runner.stage.id, "delivery_retry").inc()
             await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)) * (0.5 + random.random() / 2))
+
+
+def _edge_reports(dag: DagRuntime, stage_id: str, now: float) -> list[control_pb2.EdgeReport]:
+    """The outgoing edges of a stage, the replicas of each child summed (starved time: the worst one)."""
+    by_child: dict[str, control_pb2.EdgeReport] = {}
+    for (from_stage, to_stage, _), edge in dag.edges.items():
+        if from_stage != stage_id:
+            continue
+        report = by_child.setdefault(to_stage, control_pb2.EdgeReport(to_stage_id=to_stage))
+        report.records_sent += edge.records_sent
+        report.credits_available += max(0, edge.credits_available())
+        report.starved_seconds_total = max(report.starved_seconds_total, edge.starved_seconds(now))
+        report.in_flight_batches += edge.in_flight()
+        report.oldest_in_flight_seconds = max(report.oldest_in_flight_seconds, edge.oldest_in_flight(now))
+    return [by_child[k] for k in sorted(by_child)]
 
 
 def _shed_after(spec: control_pb2.StageSpec | None) -> float | None:
@@ -911,6 +1063,7 @@ class Engine:
         self._tap = tap
         self.services: dict[str, LocalService] = {}
         self.dags: dict[str, DagRuntime] = {}
+        self._dlq_sinks: DlqSinkForwarder | None = None  # opened on the first letter for a DLQ sink
         self._channels: dict[str, Any] = {}
         self._started = time.monotonic()
         self._lock = asyncio.Lock()
@@ -926,6 +1079,16 @@ class Engine:
     def tap(self, dag_id: str, stage_id: str, batch: records_pb2.RawRecordBatch) -> None:
         if self._tap is not None:
             self._tap(dag_id, stage_id, batch)
+
+    async def put_dead_letters(self, letters: Sequence[dataplane_pb2.DeadLetter], dlq_sink: str = "") -> None:
+        """Durably dead-letter: to the sink service `dlq_sink` when a stage names one, else (and whenever
+        that sink fails) into the local store. Returns only once the letters are durable somewhere."""
+        if dlq_sink:
+            if self._dlq_sinks is None:
+                self._dlq_sinks = DlqSinkForwarder(self.sidecar_id, self.config, self.transport_config)
+            if await self._dlq_sinks.send(dlq_sink, letters):
+                return
+        await self.dlq.put(letters)
 
     # -- AssignmentTarget ------------------------------------------------------------------------------
 
@@ -992,23 +1155,33 @@ class Engine:
 
     def stage_reports(self) -> list[control_pb2.StageReport]:
         reports = []
+        now, wall_ms = time.monotonic(), int(time.time() * 1000)
         for dag in self.dags.values():
-            for (stage_id, _), runner in dag.runners.items():
+            reported_edges: set[str] = set()
+            for (stage_id, _), runner in sorted(dag.runners.items()):
                 s = runner.stats
-                reports.append(
-                    control_pb2.StageReport(
-                        dag_id=dag.dag_id,
-                        stage_id=stage_id,
-                        records_in=s.records_in,
-                        records_out=s.records_out,
-                        errors=s.errors,
-                        dead_lettered=s.dead_lettered,
-                        watermark_ms=s.watermark_ms,
-                        fencing_token=dag.token,
-                        health=control_pb2.HEALTH_SERVING,
-                        last_error=s.last_error,
-                    )
+                report = control_pb2.StageReport(
+                    dag_id=dag.dag_id,
+                    stage_id=stage_id,
+                    records_in=s.records_in,
+                    records_out=s.records_out,
+                    errors=s.errors,
+                    dead_lettered=s.dead_lettered,
+                    watermark_ms=s.watermark_ms,
+                    fencing_token=dag.token,
+                    health=control_pb2.HEALTH_SERVING,
+                    last_error=s.last_error,
+                    bytes_in=s.bytes_in,
+                    bytes_out=s.bytes_out,
+                    acked_records=s.acked_records,
+                    acked_offsets=s.acked_offsets,
+                    reported_at_ms=wall_ms,
                 )
+                # Local replicas of one stage share their edges: reported once, with the first replica.
+                if stage_id not in reported_edges:
+                    reported_edges.add(stage_id)
+                    report.edges.extend(_edge_reports(dag, stage_id, now))
+                reports.append(report)
         return reports
 
     def load(self) -> control_pb2.SidecarLoad:
@@ -1049,14 +1222,23 @@ class Engine:
     async def redrive(self, dag_id: str, stage_id: str, letters: Sequence[dataplane_pb2.DeadLetter]) -> int:
         dag = self.dags.get(dag_id)
         runner = dag.local_runner(stage_id) if dag is not None else None
-        if runner is None:
+        # A stage that runs elsewhere (a branch whose copies were shed here) is reached from its parent,
+        # which runs here, like any batch sent down that branch.
+        parent = None
+        if dag is not None and runner is None and stage_id in dag.stages:
+            parent = next((r for (s, _), r in dag.runners.items() if stage_id in r.stage.downstream), None)
+        if dag is None or (runner is None and parent is None):
             raise LookupError(f"stage {stage_id} of {dag_id} does not run on this sidecar")
         batch = records_pb2.RawRecordBatch(records=encode_records([letter.record for letter in letters]))
         batch.header.batch_id = f"redrive/{letters[0].id}/{len(letters)}" if letters else "redrive"
         batch.header.record_count = len(letters)
         batch.header.byte_size = len(batch.records)
         batch.header.attempt = 1
-        result = await runner.handle(batch)
+        if runner is not None:
+            result = await runner.handle(batch)
+        else:
+            assert parent is not None
+            result = await dag.deliver_to_branch(parent, stage_id, batch, may_shed=False)
         if not result.done:
             raise RuntimeError(f"redrive into {stage_id} did not complete: {result.error}")
         return len(letters)
@@ -1066,3 +1248,5 @@ class Engine:
             await self.revoke(0, control_pb2.Revoke(dag_id=dag_id))
         for channel in self._channels.values():
             channel.close()
+        if self._dlq_sinks is not None:
+            self._dlq_sinks.close()

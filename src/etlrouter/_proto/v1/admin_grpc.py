@@ -72,6 +72,10 @@ class PipelineAdminBase(abc.ABC):
     async def TransferLeadership(self, stream: 'grpclib.server.Stream[etlrouter._proto.v1.admin_pb2.TransferLeadershipRequest, etlrouter._proto.v1.admin_pb2.ClusterStatus]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def GetLiveStats(self, stream: 'grpclib.server.Stream[etlrouter._proto.v1.admin_pb2.GetLiveStatsRequest, etlrouter._proto.v1.admin_pb2.LiveStats]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/etlrouter.v1.PipelineAdmin/ApplyPipelines': grpclib.const.Handler(
@@ -157,6 +161,12 @@ class PipelineAdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 etlrouter._proto.v1.admin_pb2.TransferLeadershipRequest,
                 etlrouter._proto.v1.admin_pb2.ClusterStatus,
+            ),
+            '/etlrouter.v1.PipelineAdmin/GetLiveStats': grpclib.const.Handler(
+                self.GetLiveStats,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                etlrouter._proto.v1.admin_pb2.GetLiveStatsRequest,
+                etlrouter._proto.v1.admin_pb2.LiveStats,
             ),
         }
 
@@ -247,6 +257,12 @@ class PipelineAdminStub:
             '/etlrouter.v1.PipelineAdmin/TransferLeadership',
             etlrouter._proto.v1.admin_pb2.TransferLeadershipRequest,
             etlrouter._proto.v1.admin_pb2.ClusterStatus,
+        )
+        self.GetLiveStats = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/etlrouter.v1.PipelineAdmin/GetLiveStats',
+            etlrouter._proto.v1.admin_pb2.GetLiveStatsRequest,
+            etlrouter._proto.v1.admin_pb2.LiveStats,
         )
 
 

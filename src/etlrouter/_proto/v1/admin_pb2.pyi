@@ -323,6 +323,115 @@ class TransferLeadershipRequest(_message.Message):
     node_id: str
     def __init__(self, node_id: _Optional[str] = ...) -> None: ...
 
+class GetLiveStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LiveStats(_message.Message):
+    __slots__ = ("at_ms", "leader_id", "stages", "edges", "sidecars")
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    SIDECARS_FIELD_NUMBER: _ClassVar[int]
+    at_ms: int
+    leader_id: str
+    stages: _containers.RepeatedCompositeFieldContainer[LiveStageStats]
+    edges: _containers.RepeatedCompositeFieldContainer[LiveEdgeStats]
+    sidecars: _containers.RepeatedCompositeFieldContainer[SidecarLiveness]
+    def __init__(self, at_ms: _Optional[int] = ..., leader_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[LiveStageStats, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[LiveEdgeStats, _Mapping]]] = ..., sidecars: _Optional[_Iterable[_Union[SidecarLiveness, _Mapping]]] = ...) -> None: ...
+
+class LiveStageStats(_message.Message):
+    __slots__ = ("dag_id", "stage_id", "replicas", "sidecar_ids", "records_in", "records_out", "bytes_in", "bytes_out", "records_in_per_second", "records_out_per_second", "bytes_in_per_second", "bytes_out_per_second", "errors", "dead_lettered", "watermark_ms", "watermark_lag_ms", "acked_records", "acked_offsets", "last_error")
+    class AckedOffsetsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    DAG_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SIDECAR_IDS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_IN_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_OUT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_IN_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_OUT_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_MS_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_LAG_MS_FIELD_NUMBER: _ClassVar[int]
+    ACKED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    ACKED_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    dag_id: str
+    stage_id: str
+    replicas: int
+    sidecar_ids: _containers.RepeatedScalarFieldContainer[str]
+    records_in: int
+    records_out: int
+    bytes_in: int
+    bytes_out: int
+    records_in_per_second: float
+    records_out_per_second: float
+    bytes_in_per_second: float
+    bytes_out_per_second: float
+    errors: int
+    dead_lettered: int
+    watermark_ms: int
+    watermark_lag_ms: int
+    acked_records: int
+    acked_offsets: _containers.ScalarMap[int, int]
+    last_error: str
+    def __init__(self, dag_id: _Optional[str] = ..., stage_id: _Optional[str] = ..., replicas: _Optional[int] = ..., sidecar_ids: _Optional[_Iterable[str]] = ..., records_in: _Optional[int] = ..., records_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., records_in_per_second: _Optional[float] = ..., records_out_per_second: _Optional[float] = ..., bytes_in_per_second: _Optional[float] = ..., bytes_out_per_second: _Optional[float] = ..., errors: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., watermark_ms: _Optional[int] = ..., watermark_lag_ms: _Optional[int] = ..., acked_records: _Optional[int] = ..., acked_offsets: _Optional[_Mapping[int, int]] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class LiveEdgeStats(_message.Message):
+    __slots__ = ("dag_id", "from_stage_id", "to_stage_id", "records_sent", "records_per_second", "credits_available", "starved_seconds_total", "starved_ratio", "in_flight_batches", "oldest_in_flight_seconds", "backpressure_origin")
+    DAG_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_SENT_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    STARVED_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STARVED_RATIO_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_IN_FLIGHT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKPRESSURE_ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    dag_id: str
+    from_stage_id: str
+    to_stage_id: str
+    records_sent: int
+    records_per_second: float
+    credits_available: int
+    starved_seconds_total: float
+    starved_ratio: float
+    in_flight_batches: int
+    oldest_in_flight_seconds: float
+    backpressure_origin: bool
+    def __init__(self, dag_id: _Optional[str] = ..., from_stage_id: _Optional[str] = ..., to_stage_id: _Optional[str] = ..., records_sent: _Optional[int] = ..., records_per_second: _Optional[float] = ..., credits_available: _Optional[int] = ..., starved_seconds_total: _Optional[float] = ..., starved_ratio: _Optional[float] = ..., in_flight_batches: _Optional[int] = ..., oldest_in_flight_seconds: _Optional[float] = ..., backpressure_origin: _Optional[bool] = ...) -> None: ...
+
+class SidecarLiveness(_message.Message):
+    __slots__ = ("sidecar_id", "health", "load", "last_heartbeat_age_ms", "silent", "registered")
+    SIDECAR_ID_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    SILENT_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    sidecar_id: str
+    health: _control_pb2.Health
+    load: _control_pb2.SidecarLoad
+    last_heartbeat_age_ms: int
+    silent: bool
+    registered: bool
+    def __init__(self, sidecar_id: _Optional[str] = ..., health: _Optional[_Union[_control_pb2.Health, str]] = ..., load: _Optional[_Union[_control_pb2.SidecarLoad, _Mapping]] = ..., last_heartbeat_age_ms: _Optional[int] = ..., silent: _Optional[bool] = ..., registered: _Optional[bool] = ...) -> None: ...
+
 class CreateSnapshotRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -173,7 +173,14 @@ class SidecarLoad(_message.Message):
     def __init__(self, records_per_second: _Optional[float] = ..., buffer_utilization: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., running_stages: _Optional[int] = ...) -> None: ...
 
 class StageReport(_message.Message):
-    __slots__ = ("dag_id", "stage_id", "records_in", "records_out", "errors", "dead_lettered", "watermark_ms", "fencing_token", "health", "last_error")
+    __slots__ = ("dag_id", "stage_id", "records_in", "records_out", "errors", "dead_lettered", "watermark_ms", "fencing_token", "health", "last_error", "bytes_in", "bytes_out", "acked_records", "acked_offsets", "reported_at_ms", "edges")
+    class AckedOffsetsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     DAG_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_IN_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +191,12 @@ class StageReport(_message.Message):
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    ACKED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    ACKED_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
     dag_id: str
     stage_id: str
     records_in: int
@@ -194,7 +207,29 @@ class StageReport(_message.Message):
     fencing_token: int
     health: Health
     last_error: str
-    def __init__(self, dag_id: _Optional[str] = ..., stage_id: _Optional[str] = ..., records_in: _Optional[int] = ..., records_out: _Optional[int] = ..., errors: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., watermark_ms: _Optional[int] = ..., fencing_token: _Optional[int] = ..., health: _Optional[_Union[Health, str]] = ..., last_error: _Optional[str] = ...) -> None: ...
+    bytes_in: int
+    bytes_out: int
+    acked_records: int
+    acked_offsets: _containers.ScalarMap[int, int]
+    reported_at_ms: int
+    edges: _containers.RepeatedCompositeFieldContainer[EdgeReport]
+    def __init__(self, dag_id: _Optional[str] = ..., stage_id: _Optional[str] = ..., records_in: _Optional[int] = ..., records_out: _Optional[int] = ..., errors: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., watermark_ms: _Optional[int] = ..., fencing_token: _Optional[int] = ..., health: _Optional[_Union[Health, str]] = ..., last_error: _Optional[str] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., acked_records: _Optional[int] = ..., acked_offsets: _Optional[_Mapping[int, int]] = ..., reported_at_ms: _Optional[int] = ..., edges: _Optional[_Iterable[_Union[EdgeReport, _Mapping]]] = ...) -> None: ...
+
+class EdgeReport(_message.Message):
+    __slots__ = ("to_stage_id", "records_sent", "credits_available", "starved_seconds_total", "in_flight_batches", "oldest_in_flight_seconds")
+    TO_STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_SENT_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    STARVED_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_IN_FLIGHT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    to_stage_id: str
+    records_sent: int
+    credits_available: int
+    starved_seconds_total: float
+    in_flight_batches: int
+    oldest_in_flight_seconds: float
+    def __init__(self, to_stage_id: _Optional[str] = ..., records_sent: _Optional[int] = ..., credits_available: _Optional[int] = ..., starved_seconds_total: _Optional[float] = ..., in_flight_batches: _Optional[int] = ..., oldest_in_flight_seconds: _Optional[float] = ...) -> None: ...
 
 class SidecarHeartbeatRequest(_message.Message):
     __slots__ = ("sidecar_id", "health", "load", "stages", "services", "services_changed", "applied_tokens")

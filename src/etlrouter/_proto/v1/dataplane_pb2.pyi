@@ -19,18 +19,20 @@ BATCH_STATUS_DONE: BatchStatus
 BATCH_STATUS_RETRY: BatchStatus
 
 class EdgeOpen(_message.Message):
-    __slots__ = ("dag_id", "stage_id", "from_stage_id", "sender_sidecar_id", "fencing_token")
+    __slots__ = ("dag_id", "stage_id", "from_stage_id", "sender_sidecar_id", "fencing_token", "dlq_sink")
     DAG_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_SIDECAR_ID_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DLQ_SINK_FIELD_NUMBER: _ClassVar[int]
     dag_id: str
     stage_id: str
     from_stage_id: str
     sender_sidecar_id: str
     fencing_token: int
-    def __init__(self, dag_id: _Optional[str] = ..., stage_id: _Optional[str] = ..., from_stage_id: _Optional[str] = ..., sender_sidecar_id: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
+    dlq_sink: str
+    def __init__(self, dag_id: _Optional[str] = ..., stage_id: _Optional[str] = ..., from_stage_id: _Optional[str] = ..., sender_sidecar_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., dlq_sink: _Optional[str] = ...) -> None: ...
 
 class DataFrame(_message.Message):
     __slots__ = ("open", "batch", "close")
@@ -79,14 +81,26 @@ class PushOpen(_message.Message):
     def __init__(self, source: _Optional[str] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("grant", "acks", "error")
+    __slots__ = ("grant", "acks", "error", "accepted_batch_ids", "refused_batch_id")
     GRANT_FIELD_NUMBER: _ClassVar[int]
     ACKS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     grant: _records_pb2.Credits
     acks: _containers.RepeatedCompositeFieldContainer[PushAck]
     error: str
-    def __init__(self, grant: _Optional[_Union[_records_pb2.Credits, _Mapping]] = ..., acks: _Optional[_Iterable[_Union[PushAck, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    accepted_batch_ids: _containers.RepeatedScalarFieldContainer[str]
+    refused_batch_id: str
+    def __init__(self, grant: _Optional[_Union[_records_pb2.Credits, _Mapping]] = ..., acks: _Optional[_Iterable[_Union[PushAck, _Mapping]]] = ..., error: _Optional[str] = ..., accepted_batch_ids: _Optional[_Iterable[str]] = ..., refused_batch_id: _Optional[str] = ...) -> None: ...
+
+class RawPushFrame(_message.Message):
+    __slots__ = ("open", "batch")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    open: PushOpen
+    batch: _records_pb2.RawRecordBatch
+    def __init__(self, open: _Optional[_Union[PushOpen, _Mapping]] = ..., batch: _Optional[_Union[_records_pb2.RawRecordBatch, _Mapping]] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("partition", "up_to_offset")

@@ -107,7 +107,7 @@ class Credits(_message.Message):
     def __init__(self, records: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("name", "version", "max_batch_records", "max_batch_bytes", "max_concurrency", "requires_flush", "idempotent_writes", "one_to_one", "partitions", "labels")
+    __slots__ = ("name", "version", "max_batch_records", "max_batch_bytes", "max_concurrency", "requires_flush", "idempotent_writes", "one_to_one", "partitions", "labels", "push")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class Capabilities(_message.Message):
     ONE_TO_ONE_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     max_batch_records: int
@@ -135,7 +136,8 @@ class Capabilities(_message.Message):
     one_to_one: bool
     partitions: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., max_batch_records: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., requires_flush: _Optional[bool] = ..., idempotent_writes: _Optional[bool] = ..., one_to_one: _Optional[bool] = ..., partitions: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    push: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., max_batch_records: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., requires_flush: _Optional[bool] = ..., idempotent_writes: _Optional[bool] = ..., one_to_one: _Optional[bool] = ..., partitions: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., push: _Optional[bool] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
