@@ -1,6 +1,7 @@
 """Real database servers for connector tests, started from the Debian packages' binaries.
 
-A fixture skips (with the apt package to install) only when the server binary is absent.
+A fixture skips (with the apt package to install) only when the server binary is absent, and fails
+instead under CI.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, missing_dependency
 
 
 def _postgres_bindir() -> Path | None:
@@ -52,14 +53,14 @@ def postgres_dsn() -> Iterator[str]:
     """A throw-away PostgreSQL server (trust auth, fsync off) for this test session."""
     bindir = _postgres_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, postgres) not found: apt-get install postgresql")
+        missing_dependency("PostgreSQL server binaries (initdb, postgres) not found: apt install postgresql")
     run_as: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="etlrouter-pg-"))
     if os.geteuid() == 0:  # initdb and postgres refuse to run as root
         try:
             user = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+            missing_dependency("running as root and there is no 'postgres' user to run the server as")
         os.chown(workdir, user.pw_uid, user.pw_gid)
         run_as = ["runuser", "-u", "postgres", "--"]
     data, log = workdir / "data", workdir / "server.log"
@@ -118,7 +119,7 @@ def redis_url() -> Iterator[str]:
     """A throw-away Redis server without persistence for this test session."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server not found: apt-get install redis-server")
+        missing_dependency("redis-server not found: apt-get install redis-server")
     workdir = Path(tempfile.mkdtemp(prefix="etlrouter-redis-"))
     log = workdir / "server.log"
     port = free_port()

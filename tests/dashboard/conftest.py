@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, missing_dependency
 from tests.e2e.processes import Processes, connector, ready, wait_until
 from tests.e2e.test_backpressure import start_sidecar
 from tests.e2e.test_pipeline import apply
@@ -146,7 +146,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DashboardSystem
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's `chromium` package (scripts/system-deps.sh)")
+        missing_dependency(f"{CHROMIUM} is missing: install Debian's chromium (scripts/system-deps.sh)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
