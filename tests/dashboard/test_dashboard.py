@@ -217,3 +217,18 @@ def test_killing_a_sidecar_turns_it_unhealthy(system: DashboardSystem, page: Any
     print(f"\nsidecar shown unhealthy {time.monotonic() - killed:.1f} s after it was killed")
     assert "✖" in row.inner_text()
     screenshot(page, "sidecar-killed")
+
+
+def test_fits_a_laptop_screen_without_sideways_scrolling(system: DashboardSystem, page: Any) -> None:
+    open_dashboard(page, f"http://127.0.0.1:{system.leader_http}/")
+    page.locator("[data-edge]").first.wait_for(timeout=TIMEOUT_MS)
+    for width, height in ((1280, 800), (1366, 768), (1024, 768)):
+        page.set_viewport_size({"width": width, "height": height})
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        sticking_out = page.evaluate(
+            """[...document.querySelectorAll('body *')]
+                 .filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+                 .slice(0, 5).map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : ''))"""
+        )
+        assert overflow <= 0, f"{overflow} px wider than a {width}x{height} window: {sticking_out}"
+        screenshot(page, f"laptop-{width}x{height}")
