@@ -17,9 +17,9 @@ not DAGs, and restoring recomputes them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -182,6 +182,21 @@ class _SnapshotVersionProbe(msgspec.Struct):
 
 class SnapshotError(ValueError):
     """Snapshot bytes this version cannot read."""
+
+
+class KindConflict(NamedTuple):
+    """A service offered as `offered` while another registration holds the name as `registered`."""
+
+    service: str
+    registered: StageKind
+    offered: StageKind
+
+
+class _KindClash(NamedTuple):
+    position: int  # index of the entry in the offered list
+    instance: ServiceInstance
+    kind: StageKind  # the kind it clashes with
+    within_command: bool  # True: an earlier entry of the same list; False: another registration
 
 
 class _Rejected(Exception):
@@ -354,7 +369,28 @@ class ControlState:
         return self._changed(index, instance_id=command.instance_id)
 
     def _check_kinds(self, where: str, added: list[ServiceInstance], replaced: list[ServiceInstance]) -> None:
-        """A service name has one kind cluster-wide; `replaced` instances are about to go away."""
+        """Reject `added` at its first kind clash (see `_kind_clashes`)."""
+        for clash in self._kind_clashes(added, replaced):
+            instance = clash.instance
+            if clash.within_command:
+                raise _Rejected(
+                    "invalid_argument",
+                    f"{where}: services[{clash.position}] `{instance.name}` is a {instance.kind}"
+                    f" but an earlier entry says {clash.kind}",
+                )
+            raise _Rejected(
+                "failed_precondition",
+                f"{where}: service `{instance.name}` is already registered as a {clash.kind},"
+                f" not a {instance.kind}",
+            )
+
+    def _kind_clashes(
+        self, added: Sequence[ServiceInstance], replaced: Sequence[ServiceInstance]
+    ) -> Iterator[_KindClash]:
+        """The kinds rule, in one place: a service name has one kind cluster-wide. `replaced` instances
+        are about to go away (the same sidecar's or registration's previous list), so they do not count.
+        Clashes come in entry order; for one entry, a clash with an earlier entry of the same command
+        comes before its clash with the registry (the first clash is the error apply reports)."""
         leaving: dict[str, int] = {}
         for instance in replaced:
             leaving[instance.name] = leaving.get(instance.name, 0) + 1
@@ -362,21 +398,13 @@ class ControlState:
         for position, instance in enumerate(added):
             first = seen.setdefault(instance.name, instance.kind)
             if first != instance.kind:
-                raise _Rejected(
-                    "invalid_argument",
-                    f"{where}: services[{position}] `{instance.name}` is a {instance.kind}"
-                    f" but an earlier entry says {first}",
-                )
+                yield _KindClash(position, instance, first, within_command=True)
             registered = self._kinds.get(instance.name)
             if registered is None:
                 continue
             kind, count = registered
             if kind != instance.kind and count > leaving.get(instance.name, 0):
-                raise _Rejected(
-                    "failed_precondition",
-                    f"{where}: service `{instance.name}` is already registered as a {kind},"
-                    f" not a {instance.kind}",
-                )
+                yield _KindClash(position, instance, kind, within_command=False)
 
     def _count_kinds(
         self, instances: tuple[ServiceInstance, ...] | list[ServiceInstance], delta: int
@@ -841,6 +869,20 @@ class ControlState:
 
     def service_names(self) -> list[str]:
         return sorted(self._kinds)
+
+    def kind_conflicts(self, sidecar_id: str, services: Sequence[ServiceInstance]) -> list[KindConflict]:
+        """The services a RegisterSidecar of `sidecar_id` with `services` would clash on because another
+        registration holds the name with another kind: one entry per (name, offered kind), in entry
+        order. The sidecar's own current services do not count (they are being replaced), as in apply.
+        Entries that disagree with an earlier entry of the same list are not included: apply rejects
+        those as invalid_argument."""
+        old = self._sidecars.get(sidecar_id)
+        conflicts: list[KindConflict] = []
+        for clash in self._kind_clashes(services, old.services if old else ()):
+            conflict = KindConflict(clash.instance.name, clash.kind, clash.instance.kind)
+            if not clash.within_command and conflict not in conflicts:
+                conflicts.append(conflict)
+        return conflicts
 
     def services(self) -> list[ServiceInstance]:
         """Every registered instance: direct ones and those behind sidecars."""

@@ -31,8 +31,10 @@ from etlrouter.control import (
     RegisterService,
     RegisterSidecar,
     Restore,
+    ServiceInstance,
     SnapshotError,
 )
+from etlrouter.control.state import ControlState
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.dsl import DslErrors, ExplainFormat, explain_dot, explain_mermaid, explain_tree
 from etlrouter.dsl import explain as explain_text
@@ -47,6 +49,7 @@ from etlrouter.router.convert import (
     diagnostic_to_proto,
     instance_from_proto,
     instance_to_proto,
+    kind_to_proto,
     pipeline_to_proto,
     require_name,
 )
@@ -157,6 +160,30 @@ def check_definition(definition: str, field: str = "definition") -> None:
         raise InvalidRequestError(f"{field} is {size} bytes; the limit is {MAX_DEFINITION_BYTES}")
 
 
+def without_kind_conflicts(
+    state: ControlState, sidecar_id: str, services: tuple[ServiceInstance, ...]
+) -> tuple[tuple[ServiceInstance, ...], list[control_pb2.RejectedService]]:
+    """Split a sidecar's offered services into those the state accepts and those clashing on kind with
+    another registration, so one misnamed service does not keep the sidecar's others out. The state
+    machine still checks on apply: a clash that appears in between rejects the command, and the
+    sidecar's retry is split again."""
+    conflicts = state.kind_conflicts(sidecar_id, services)
+    if not conflicts:
+        return services, []
+    clashing = {(c.service, c.offered) for c in conflicts}
+    kept = tuple(s for s in services if (s.name, s.kind) not in clashing)
+    rejected = [
+        control_pb2.RejectedService(
+            name=c.service,
+            offered_kind=kind_to_proto(c.offered),
+            registered_kind=kind_to_proto(c.registered),
+            message=f"service `{c.service}` is already registered as a {c.registered}, not a {c.offered}",
+        )
+        for c in conflicts
+    ]
+    return kept, rejected
+
+
 class _Base:
     def __init__(self, node: RouterNode) -> None:
         self.node = node
@@ -234,6 +261,8 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
         services = tuple(
             instance_from_proto(s, f"services[{i}]", sidecar_id) for i, s in enumerate(request.services)
         )
+        self.node.require_leader()  # the kinds check below reads the leader's state
+        services, rejected = without_kind_conflicts(self.node.state, sidecar_id, services)
         command = RegisterSidecar(
             sidecar_id=sidecar_id,
             data_address=request.data_address,
@@ -250,6 +279,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
                 commands=[command_to_proto(c) for c in commands],
                 heartbeat_interval_ms=self.node.config.sidecar.heartbeat_interval_ms,
                 revision=result.revision,
+                rejected_services=rejected,
             )
         )
 
@@ -276,23 +306,27 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
                 running_stages=load.running_stages,
             ),
         )
+        rejected: list[control_pb2.RejectedService] = []
         if request.services_changed:
             services = tuple(
                 instance_from_proto(s, f"services[{i}]", sidecar_id) for i, s in enumerate(request.services)
             )
+            services, rejected = without_kind_conflicts(state, sidecar_id, services)
             record = state.sidecar(sidecar_id)
             assert record is not None
-            check(
-                await self.node.propose(
-                    RegisterSidecar(
-                        sidecar_id=sidecar_id,
-                        data_address=record.data_address,
-                        services=services,
-                        labels=record.labels,
-                        version=record.version,
+            # A sidecar with rejected services resends its list every heartbeat: propose only a change.
+            if tuple(sorted(services, key=lambda s: (s.name, s.endpoint))) != record.services:
+                check(
+                    await self.node.propose(
+                        RegisterSidecar(
+                            sidecar_id=sidecar_id,
+                            data_address=record.data_address,
+                            services=services,
+                            labels=record.labels,
+                            version=record.version,
+                        )
                     )
                 )
-            )
         # Leader-local live stats for the dashboard (router/stats.py), stamped with this router's clock.
         received = now_ms()
         stats_of(self.node).record(
@@ -305,7 +339,9 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
             applied[report.dag_id] = max(applied.get(report.dag_id, 0), report.fencing_token)
         commands = state.commands_for_sidecar(sidecar_id, applied)
         await stream.send_message(
-            control_pb2.SidecarHeartbeatResponse(commands=[command_to_proto(c) for c in commands])
+            control_pb2.SidecarHeartbeatResponse(
+                commands=[command_to_proto(c) for c in commands], rejected_services=rejected
+            )
         )
 
     @handles_errors

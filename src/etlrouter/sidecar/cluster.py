@@ -8,6 +8,9 @@
   commands, registers again when the router says `reregister`, and rides out leader changes and outages
   (the data plane keeps running; one warning per outage; retries with backoff).
 - `deregister()` leaves the cluster after draining.
+- Services the router leaves out of the registration (their name is registered elsewhere with another
+  kind) are `rejected`: logged once per change, counted in a gauge, shown in readiness; the rest run.
+  While any is rejected, every heartbeat resends the full list, so one joins as soon as the clash is gone.
 
 Commands are applied in order by one worker, apart from the heartbeat loop, so a slow Revoke (it drains
 in-flight batches) never delays heartbeats. The fencing rule lives in `is_stale` and is checked in
@@ -26,7 +29,7 @@ from typing import Any
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from etlrouter import __version__
 from etlrouter._proto.v1 import control_grpc, control_pb2
@@ -56,14 +59,26 @@ COMMANDS = Counter(
     registry=REGISTRY,
 )
 
+SERVICES_REJECTED = Gauge(
+    "etlrouter_sidecar_services_rejected",
+    "1 for each service this sidecar offers that the router cluster did not register (its name is"
+    " registered with another kind).",
+    ["service"],
+    registry=REGISTRY,
+)
+
 _KIND_TO_PROTO: dict[ServiceKind, Any] = {
     "source": control_pb2.SERVICE_KIND_SOURCE,
     "transform": control_pb2.SERVICE_KIND_TRANSFORM,
     "sink": control_pb2.SERVICE_KIND_SINK,
     "lookup": control_pb2.SERVICE_KIND_LOOKUP,
 }
+_KIND_NAMES = {value: key for key, value in _KIND_TO_PROTO.items()}
 # A router refusal that retrying the same request cannot fix.
 _REFUSED = frozenset({Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION, Status.ALREADY_EXISTS})
+# FAILED_PRECONDITION on a service list is a kind clash that appeared after the router's check (the retry
+# is split again); tries before giving up on the list, as for other refusals.
+_LIST_RETRIES = 3
 
 
 # --- pure part ---------------------------------------------------------------------------------------
@@ -98,6 +113,32 @@ def instance_of(service: LocalService, sidecar_id: str) -> control_pb2.ServiceIn
 
 def mentioned_dags(commands: Iterable[control_pb2.AssignmentCommand]) -> set[str]:
     return {dag for _, dag in map(command_dag, commands) if dag}
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectedService:
+    """A service the router cluster left out of this sidecar's registration."""
+
+    name: str
+    offered: str  # kind names ("source", ...); "unknown" for a kind this version does not know
+    registered: str
+    message: str
+
+    def describe(self) -> str:
+        return f"{self.name} (offered as a {self.offered}, registered as a {self.registered})"
+
+
+def rejected_of(replies: Iterable[control_pb2.RejectedService]) -> dict[str, RejectedService]:
+    """service name -> why it was left out, from a RegisterSidecar or Heartbeat answer."""
+    return {
+        r.name: RejectedService(
+            r.name,
+            _KIND_NAMES.get(r.offered_kind, "unknown"),
+            _KIND_NAMES.get(r.registered_kind, "unknown"),
+            r.message,
+        )
+        for r in replies
+    }
 
 
 # --- I/O part ----------------------------------------------------------------------------------------
@@ -151,6 +192,9 @@ class ClusterClient:
         self._services: list[LocalService] = []
         self._services_version = 0
         self._services_sent_version = 0
+        self._list_refusals = 0
+        # Offered services the cluster did not register (name -> why), from the last answer to a list.
+        self.rejected: dict[str, RejectedService] = {}
         self._router_interval_s = 0.0
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue()
         # Commands queued or being applied: a heartbeat answer repeats them until they are applied.
@@ -175,6 +219,37 @@ class ClusterClient:
     @property
     def services_changed(self) -> bool:
         return self._services_version != self._services_sent_version
+
+    def readiness_note(self) -> str:
+        """For the sidecar's readiness reason: the rejected services, or ""."""
+        if not self.rejected:
+            return ""
+        return "services not registered (kind clash): " + ", ".join(
+            self.rejected[name].describe() for name in sorted(self.rejected)
+        )
+
+    def _set_rejected(self, rejected: dict[str, RejectedService], *, answered: bool = True) -> None:
+        """Record the answer to a service list; log and count only what changed. `answered=False`:
+        the list was refused whole, so what was rejected before is simply unknown now."""
+        for name in sorted(rejected.keys() - self.rejected.keys()):
+            why = rejected[name]
+            log.warning(
+                "the router cluster did not register service `%s`: it is offered as a %s but registered"
+                " as a %s elsewhere (%s); the other services run, and this one is offered again with"
+                " every heartbeat",
+                name,
+                why.offered,
+                why.registered,
+                why.message,
+                extra={"fields": {"service": name, "offered": why.offered, "registered": why.registered}},
+            )
+            SERVICES_REJECTED.labels(name).set(1)
+        for name in sorted(self.rejected.keys() - rejected.keys()):
+            if answered and any(service.name == name for service in self._services):
+                log.info("service `%s` is registered now", name, extra={"fields": {"service": name}})
+            with contextlib.suppress(KeyError):
+                SERVICES_REJECTED.remove(name)
+        self.rejected = rejected
 
     # --- registration --------------------------------------------------------------------------------
 
@@ -206,6 +281,7 @@ class ClusterClient:
         self.registered = True
         self.revision = reply.revision
         self._services_sent_version = version
+        self._set_rejected(rejected_of(reply.rejected_services))
         self._router_interval_s = reply.heartbeat_interval_ms / 1000
         log.info(
             "registered with the router cluster",
@@ -267,7 +343,7 @@ class ClusterClient:
             request.stages.extend(self.target.stage_reports())
         except Exception:
             log.exception("the data plane failed to report load and stages; heartbeating without them")
-        if self.services_changed:
+        if self.services_changed or self.rejected:
             request.services_changed = True
             request.services.extend(instance_of(s, self.sidecar_id) for s in self._services)
         return request
@@ -286,14 +362,18 @@ class ClusterClient:
         except GRPCError as e:
             HEARTBEATS.labels("failed").inc()
             if request.services_changed and e.status in _REFUSED:
-                # The router refuses this service list; resending it would fail every heartbeat and get
-                # the sidecar expired. Keep the last accepted list until discovery reports another.
-                log.error(
-                    "the router cluster refused the new service list (%s: %s); keeping the previous one",
-                    e.status.name,
-                    e.message,
-                )
-                self._services_sent_version = version
+                self._list_refusals += 1
+                if e.status != Status.FAILED_PRECONDITION or self._list_refusals >= _LIST_RETRIES:
+                    # Resending a list the router refuses would fail every heartbeat (and lose their
+                    # commands). Keep the last accepted list until discovery reports another.
+                    log.error(
+                        "the router cluster refused the new service list (%s: %s); keeping the previous one",
+                        e.status.name,
+                        e.message,
+                    )
+                    self._services_sent_version = version
+                    self._list_refusals = 0
+                    self._set_rejected({}, answered=False)
             raise
         except ClusterUnreachableError:
             HEARTBEATS.labels("failed").inc()
@@ -304,6 +384,8 @@ class ClusterClient:
         else:
             if request.services_changed:
                 self._services_sent_version = version
+                self._list_refusals = 0
+                self._set_rejected(rejected_of(reply.rejected_services))
             if reply.commands:
                 self._submit(list(reply.commands), skip_pending=True)
         return reply

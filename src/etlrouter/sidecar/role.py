@@ -71,7 +71,10 @@ class SidecarRole:
     def ready(self) -> tuple[bool, str]:
         if self.cluster is None or not self.cluster.registered:
             return False, "not registered with the router cluster"
-        return True, f"registered; {sum(len(d.runners) for d in self.engine.dags.values())} stages running"
+        reason = f"registered; {sum(len(d.runners) for d in self.engine.dags.values())} stages running"
+        # Ready all the same: the other services run; the rejected ones join once the clash is gone.
+        note = self.cluster.readiness_note()
+        return True, f"{reason}; {note}" if note else reason
 
     async def start(self) -> None:
         cfg = self.config.sidecar

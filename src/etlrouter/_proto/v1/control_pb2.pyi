@@ -149,14 +149,28 @@ class RegisterSidecarRequest(_message.Message):
     def __init__(self, sidecar_id: _Optional[str] = ..., data_address: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RegisterSidecarResponse(_message.Message):
-    __slots__ = ("commands", "heartbeat_interval_ms", "revision")
+    __slots__ = ("commands", "heartbeat_interval_ms", "revision", "rejected_services")
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_SERVICES_FIELD_NUMBER: _ClassVar[int]
     commands: _containers.RepeatedCompositeFieldContainer[AssignmentCommand]
     heartbeat_interval_ms: int
     revision: int
-    def __init__(self, commands: _Optional[_Iterable[_Union[AssignmentCommand, _Mapping]]] = ..., heartbeat_interval_ms: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+    rejected_services: _containers.RepeatedCompositeFieldContainer[RejectedService]
+    def __init__(self, commands: _Optional[_Iterable[_Union[AssignmentCommand, _Mapping]]] = ..., heartbeat_interval_ms: _Optional[int] = ..., revision: _Optional[int] = ..., rejected_services: _Optional[_Iterable[_Union[RejectedService, _Mapping]]] = ...) -> None: ...
+
+class RejectedService(_message.Message):
+    __slots__ = ("name", "offered_kind", "registered_kind", "message")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFERED_KIND_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offered_kind: ServiceKind
+    registered_kind: ServiceKind
+    message: str
+    def __init__(self, name: _Optional[str] = ..., offered_kind: _Optional[_Union[ServiceKind, str]] = ..., registered_kind: _Optional[_Union[ServiceKind, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SidecarLoad(_message.Message):
     __slots__ = ("records_per_second", "buffer_utilization", "cpu_seconds", "rss_bytes", "running_stages")
@@ -257,12 +271,14 @@ class SidecarHeartbeatRequest(_message.Message):
     def __init__(self, sidecar_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., load: _Optional[_Union[SidecarLoad, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., services_changed: _Optional[bool] = ..., applied_tokens: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SidecarHeartbeatResponse(_message.Message):
-    __slots__ = ("commands", "reregister")
+    __slots__ = ("commands", "reregister", "rejected_services")
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_SERVICES_FIELD_NUMBER: _ClassVar[int]
     commands: _containers.RepeatedCompositeFieldContainer[AssignmentCommand]
     reregister: bool
-    def __init__(self, commands: _Optional[_Iterable[_Union[AssignmentCommand, _Mapping]]] = ..., reregister: _Optional[bool] = ...) -> None: ...
+    rejected_services: _containers.RepeatedCompositeFieldContainer[RejectedService]
+    def __init__(self, commands: _Optional[_Iterable[_Union[AssignmentCommand, _Mapping]]] = ..., reregister: _Optional[bool] = ..., rejected_services: _Optional[_Iterable[_Union[RejectedService, _Mapping]]] = ...) -> None: ...
 
 class DeregisterSidecarRequest(_message.Message):
     __slots__ = ("sidecar_id",)
