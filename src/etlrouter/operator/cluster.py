@@ -2,27 +2,32 @@
 membership that follows spec.replicas.
 
 Pure parts (tested without a server): `desired_objects` builds every owned manifest from the custom
-resource; `plan_membership` decides the next single membership change. The reconciler reads, applies,
-asks the routers, acts once, writes status, and asks to run again until nothing is left to do.
+resource; `plan_membership` decides the next single membership change; `plan_rollout` the next step of a
+rolling restart. The reconciler reads, applies, asks the routers, acts once, writes status, and asks to run
+again until nothing is left to do.
 
 Scaling (see docs/operator.md):
 - up: the StatefulSet grows at once; each new member is added to Raft (learner, then voter once caught up:
   the router's AddMember) when its pod runs.
 - down: members above the new size leave Raft first, highest ordinal first, one at a time — a leader is
   asked to transfer leadership before it is removed — and only then does the StatefulSet shrink.
-Rolling restarts (image, config, or the `etlrouter.io/restartedAt` annotation): the StatefulSet's
-RollingUpdate replaces one pod at a time, waiting for readiness; a router transfers leadership when it is
-stopped (SIGTERM drain), and the PodDisruptionBudget allows one voluntary disruption at a time.
+Rolling restarts (image, config, or the `etlrouter.io/restartedAt` annotation): the operator drives the
+StatefulSet's `rollingUpdate.partition`. A template change is applied with the partition at `replicas` (no
+pod may be replaced yet); then, one member per step and only while every other member is Ready and caught
+up in Raft, the partition drops onto the highest ordinal still on the old revision — after leadership was
+moved off that member if it leads. Partition 0 again when every pod runs the new revision.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -42,8 +47,17 @@ MEMBER_ADDRESSES = "etlrouter.io/member-addresses"
 # restart`).
 RESTARTED_AT = "etlrouter.io/restartedAt"
 CONFIG_HASH = "etlrouter.io/config-hash"
+# On the StatefulSet (not its template): a hash of the pod template the operator last applied, so a change
+# is seen before it is applied and can go out with the partition closed.
+TEMPLATE_HASH = "etlrouter.io/template-hash"
+# The StatefulSet controller labels each pod with the revision of the template it was made from.
+REVISION_LABEL = "controller-revision-hash"
+# A member within this many log entries of the leader's commit index has caught up (a few heartbeats of
+# writes; a member that restarted with an empty disk is thousands behind until a snapshot arrives).
+ROLLOUT_MAX_LAG = 64
 BOOTSTRAP_KEY = "bootstrap-peers"
 ROUTER_TIMEOUT_S = 3.0
+ROLLING_RESTART = "RollingRestart"  # the Progressing condition's reason while a rollout runs
 
 
 class SpecError(ValueError):
@@ -160,8 +174,12 @@ def desired_objects(
     statefulset_replicas: int,
     pdb_api_version: str,
     volume_claim: dict[str, Any] | None = None,
+    partition: int = 0,
 ) -> list[dict[str, Any]]:
-    """Every object the cluster owns, as server-side-apply manifests (ConfigMap first: pods mount it)."""
+    """Every object the cluster owns, as server-side-apply manifests (ConfigMap first: pods mount it).
+
+    `partition`: the StatefulSet's rollingUpdate.partition (pods with a lower ordinal keep their revision);
+    `plan_rollout` decides it. The StatefulSet carries TEMPLATE_HASH of its pod template."""
     meta, spec = cr["metadata"], parse_spec(cr)
     name, namespace = meta["name"], meta.get("namespace", "default")
     owner = [kube.owner_reference(cr)]
@@ -246,25 +264,27 @@ def desired_objects(
             **({"storageClassName": spec.storage_class} if spec.storage_class else {}),
         },
     }
+    template = {
+        "metadata": {"labels": labels(name), "annotations": template_annotations},
+        "spec": {
+            "terminationGracePeriodSeconds": 30,
+            "containers": [container],
+            "volumes": volumes,
+        },
+    }
+    template_hash = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
     statefulset = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": metadata(name),
+        "metadata": {**metadata(name), "annotations": {TEMPLATE_HASH: template_hash}},
         "spec": {
             "serviceName": f"{name}-headless",
             "replicas": statefulset_replicas,
             # All pods at once: Raft needs a quorum to become ready, so OrderedReady would never finish.
             "podManagementPolicy": "Parallel",
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition}},
             "selector": {"matchLabels": selector(name)},
-            "template": {
-                "metadata": {"labels": labels(name), "annotations": template_annotations},
-                "spec": {
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [container],
-                    "volumes": volumes,
-                },
-            },
+            "template": template,
             "volumeClaimTemplates": [claim],
         },
     }
@@ -286,6 +306,10 @@ class Member:
     address: str
     voter: bool
     leader: bool
+    # The leader's view (zero/False when asked elsewhere): highest index replicated on the member, and
+    # whether it answered the leader within the last election timeout.
+    match_index: int = 0
+    reachable: bool = True
 
 
 @dataclass(frozen=True)
@@ -330,9 +354,184 @@ def _ordinal_key(node_id: str) -> tuple[int, str]:
 
 def members_of(status: Any) -> list[Member]:
     return [
-        Member(id=m.id, address=m.address, voter=m.voter, leader=m.leader or m.id == status.leader_id)
+        Member(
+            id=m.id,
+            address=m.address,
+            voter=m.voter,
+            leader=m.leader or m.id == status.leader_id,
+            match_index=int(m.match_index),
+            reachable=bool(m.reachable),
+        )
         for m in status.members
     ]
+
+
+# -- rolling restarts --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodView:
+    revision: str  # the pod's controller-revision-hash label
+    ready: bool  # Running, Ready condition True, not being deleted
+
+
+@dataclass(frozen=True)
+class MemberReport:
+    """What a member says about itself when asked at its own address."""
+
+    leader_id: str
+    applied_index: int
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """Everything `plan_rollout` looks at, read by the reconciler."""
+
+    name: str
+    replicas: int  # the StatefulSet's
+    partition: int  # its rollingUpdate.partition now
+    template_changed: bool  # the template about to be applied differs from the applied one
+    observed: bool  # the StatefulSet controller has seen the latest spec (its revisions are current)
+    update_revision: str
+    current_revision: str
+    pods: Mapping[int, PodView]  # by ordinal; absent = no pod
+    settled: bool  # Raft membership and the StatefulSet's size match spec.replicas
+    leader: str = ""
+    commit_index: int = 0
+    members: Sequence[Member] | None = None  # the leader's view; None when no router answered
+    reports: Mapping[str, MemberReport | None] = field(default_factory=dict)  # by member id; None: silent
+
+
+@dataclass(frozen=True)
+class RolloutStep:
+    """`idle` (no rollout: partition 0), `hold` (a new template goes out with the partition closed),
+    `wait` (keep the partition; `reason` says why), `lower` (the partition drops onto `node_id`),
+    `transfer` (move leadership from `from_id` to `node_id` first; the partition stays)."""
+
+    action: Literal["idle", "hold", "wait", "lower", "transfer"]
+    partition: int
+    reason: str = ""
+    node_id: str = ""
+    from_id: str = ""
+
+
+def rollout_in_progress(view: RolloutView) -> bool:
+    """A template change to apply, a partition still closed, or pods not on the update revision."""
+    if view.template_changed or view.partition > 0:
+        return True
+    if not view.observed or not view.update_revision:
+        return False
+    return view.update_revision != view.current_revision or any(
+        pod.revision != view.update_revision for pod in view.pods.values()
+    )
+
+
+def plan_rollout(view: RolloutView) -> RolloutStep:
+    """The next single step of a rolling restart (see the module docstring).
+
+    Never two members down at once: the partition drops onto member t only when every other member's pod
+    is Ready and the member is a voter the leader reaches, within ROLLOUT_MAX_LAG of the leader's commit
+    index by the leader's match index and by its own applied index, following the same leader. Member t
+    itself may be down (replacing a broken pod costs nothing). Highest ordinal first, as the StatefulSet
+    requires; a leader hands over before its restart, preferring a member already on the new revision.
+    """
+    n, name = view.replicas, view.name
+    if not rollout_in_progress(view):
+        return RolloutStep("idle", 0)
+    if view.template_changed:
+        return RolloutStep(
+            "hold", n, "pod template changed: restarting the routers one at a time, highest ordinal first"
+        )
+    p = min(view.partition, n)
+    if not view.observed:
+        return RolloutStep("wait", p, "waiting for the StatefulSet controller to see the new template")
+    if view.members is None:
+        return RolloutStep("wait", p, "no router answered")
+    if not view.settled:
+        return RolloutStep("wait", p, "waiting for the membership change to finish")
+    # Released members (ordinal >= partition) must be on the new revision and Ready before the next one.
+    for o in range(n - 1, p - 1, -1):
+        pod = view.pods.get(o)
+        if pod is None or pod.revision != view.update_revision:
+            return RolloutStep("wait", p, f"waiting for pod {member_id(name, o)} to be replaced")
+        if not pod.ready:
+            return RolloutStep("wait", p, f"waiting for pod {member_id(name, o)} to be Ready")
+    stale = [o for o in range(p) if (pod := view.pods.get(o)) is None or pod.revision != view.update_revision]
+    if not stale:
+        problem = _unhealthy(view, skip=None)
+        if problem:  # the last restarted member has not caught up yet
+            return RolloutStep("wait", p, problem)
+        return RolloutStep("idle", 0)
+    t = max(stale)
+    target = member_id(name, t)
+    problem = _unhealthy(view, skip=t)
+    if problem:
+        return RolloutStep("wait", p, f"before restarting {target}: {problem}")
+    if view.leader == target:
+        updated = [o for o in range(n - 1, -1, -1) if o != t and o not in stale]
+        others = updated or [o for o in range(n) if o != t]  # the first to restart leads: lowest ordinal
+        if not others:  # a one-member cluster: nobody to hand over to, the restart is an outage
+            return RolloutStep(
+                "lower", t, f"restarting {target}, the only member (1 of 1): down until back", target
+            )
+        to = member_id(name, others[0])
+        return RolloutStep(
+            "transfer", p, f"moved leadership from {target} to {to} before its restart", to, target
+        )
+    return RolloutStep("lower", t, f"restarting {target} ({n - t} of {n})", target)
+
+
+def _unhealthy(view: RolloutView, skip: int | None) -> str:
+    """Why the members other than ordinal `skip` cannot lose one more member now ("" when they can)."""
+    if view.members is None:
+        return "no router answered"
+    if not view.leader:
+        return "no Raft leader"
+    by_id = {m.id: m for m in view.members}
+    for o in range(view.replicas):
+        if o == skip:
+            continue
+        node = member_id(view.name, o)
+        pod = view.pods.get(o)
+        if pod is None or not pod.ready:
+            return f"pod {node} is not Ready"
+        m = by_id.get(node)
+        if m is None or not m.voter:
+            return f"{node} is not a Raft voter"
+        if not m.reachable:
+            return f"{node} does not answer leader {view.leader}"
+        if view.commit_index - m.match_index > ROLLOUT_MAX_LAG:
+            return (
+                f"{node} is not caught up in Raft (match index {m.match_index}, "
+                f"leader commit index {view.commit_index})"
+            )
+        report = view.reports.get(node)
+        if report is None:
+            return f"{node} does not answer"
+        if report.leader_id != view.leader:
+            return f"{node} follows {report.leader_id or 'no leader'}, not {view.leader}"
+        if view.commit_index - report.applied_index > ROLLOUT_MAX_LAG:
+            return (
+                f"{node} is not caught up in Raft (applied index {report.applied_index}, "
+                f"leader commit index {view.commit_index})"
+            )
+    return ""
+
+
+def pod_views(name: str, pods: Sequence[dict[str, Any]]) -> dict[int, PodView]:
+    """The cluster's pods by ordinal; a pod being deleted is as good as gone."""
+    out: dict[int, PodView] = {}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        ordinal = member_ordinal(name, str(meta.get("name", "")))
+        if ordinal is None or meta.get("deletionTimestamp"):
+            continue
+        status = pod.get("status") or {}
+        ready = status.get("phase") == "Running" and any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        )
+        out[ordinal] = PodView(str((meta.get("labels") or {}).get(REVISION_LABEL, "")), ready)
+    return out
 
 
 # -- the reconciler ----------------------------------------------------------------------------------------
@@ -391,10 +590,10 @@ class ClusterReconciler:
         # What the routers say (None while no router answers). Pods that are not ready cannot answer: do
         # not wait for them (the test hook's routers run outside pods, so always ask them).
         members: list[Member] | None = None
-        leader = ""
+        leader, commit_index = "", 0
         hooked = MEMBER_ADDRESSES in (cr["metadata"].get("annotations") or {})
         if hooked or int(((sts or {}).get("status") or {}).get("readyReplicas") or 0) > 0:
-            members, leader = await self._members(cr, spec)
+            members, leader, commit_index = await self._members(cr, spec)
         config_map = await kube.get(api, Resource("v1", "configmaps"), namespace, f"{name}-config")
         bootstrap = str(((config_map or {}).get("data") or {}).get(BOOTSTRAP_KEY, ""))
         if not bootstrap:  # fixed at creation: later members join instead of bootstrapping
@@ -417,17 +616,60 @@ class ClusterReconciler:
                     "StorageImmutable",
                     f"spec.storage cannot change after creation (kept {_claim_size(claim)}, asked {wanted})",
                 )
-        for manifest in desired_objects(
+        objects = desired_objects(
             cr,
             bootstrap_peers=bootstrap,
             statefulset_replicas=sts_replicas,
             pdb_api_version=await self.pdb_api_version(),
             volume_claim=claim,
-        ):
+        )
+        pod_list = await self._pods(namespace, name) if sts is not None else []
+        running = {
+            p["metadata"]["name"]
+            for p in pod_list
+            if (p.get("status") or {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")
+        }
+        rollout = RolloutStep("idle", 0)
+        if sts is not None:  # a new StatefulSet creates its pods from the template: nothing to roll
+            rollout = await self._plan_rollout(
+                cr,
+                spec,
+                sts,
+                objects,
+                pod_list,
+                desired,
+                running,
+                members,
+                leader,
+                commit_index,
+                sts_replicas,
+            )
+        for manifest in objects:
+            if manifest["kind"] == "StatefulSet":
+                manifest["spec"]["updateStrategy"]["rollingUpdate"]["partition"] = rollout.partition
             applied = await kube.apply(api, manifest)
             if manifest["kind"] == "StatefulSet":
                 sts = applied
         ready_replicas = int(((sts or {}).get("status") or {}).get("readyReplicas") or 0)
+        was_rolling = any(
+            c.get("type") == "Progressing" and c.get("reason") == ROLLING_RESTART for c in conditions
+        )
+        if rollout.action == "transfer":
+            members, leader = await self._act(
+                cr,
+                spec,
+                Step("transfer", rollout.node_id),
+                event=("LeadershipTransferred", rollout.reason),
+            )
+        elif rollout.action == "lower":
+            await kube.record_event(api, cr, "Normal", "RestartingMember", rollout.reason)
+        elif rollout.action == "hold" and not was_rolling:
+            await kube.record_event(api, cr, "Normal", "RollingRestartStarted", rollout.reason)
+        elif rollout.action == "idle" and was_rolling:
+            await kube.record_event(
+                api, cr, "Normal", "RollingRestartFinished", f"all {spec.replicas} routers restarted"
+            )
 
         step: Step | None = None
         requeue: float | None = 30.0  # membership and leader are polled: routers change without events
@@ -440,7 +682,6 @@ class ClusterReconciler:
             )
             requeue = 5.0
         else:
-            running = await self._running_pods(namespace, name, sts_replicas)
             step = plan_membership(desired, running, members)
             if step is not None and step.action != "wait":
                 members, leader = await self._act(cr, spec, step)
@@ -471,6 +712,11 @@ class ClusterReconciler:
                 conditions = set_condition(
                     conditions, "Progressing", "True", "MembershipChanging", step.reason, generation, now
                 )
+        if rollout.action != "idle" and (step is None or members is None):
+            conditions = set_condition(
+                conditions, "Progressing", "True", ROLLING_RESTART, rollout.reason, generation, now
+            )
+            requeue = min(requeue or 30.0, 1.0 if rollout.action == "wait" else 0.2)
         new_status = {
             **status,
             "conditions": conditions,
@@ -502,42 +748,104 @@ class ClusterReconciler:
             return str(meta["annotations"][MEMBER_ADDRESSES])
         return client_endpoint(meta["name"], meta["namespace"], spec.grpc_port)
 
-    async def _members(self, cr: dict[str, Any], spec: ClusterSpec) -> tuple[list[Member] | None, str]:
-        client = self.ctx.router_client(self._router_address(cr, spec))
+    async def _members(self, cr: dict[str, Any], spec: ClusterSpec) -> tuple[list[Member] | None, str, int]:
+        """Membership, leader and commit index — from the leader when it answers: any router answers
+        GetClusterStatus, but only the leader knows match indexes and who is reachable."""
+        status = await self._cluster_status(self._router_address(cr, spec), any_node=False)
+        if status is None:
+            return None, "", 0
+        if status.leader_id and status.node_id != status.leader_id and status.leader_address:
+            at_leader = await self._cluster_status(status.leader_address, any_node=True)
+            if at_leader is not None and at_leader.node_id == at_leader.leader_id:
+                status = at_leader
+        return members_of(status), str(status.leader_id), int(status.commit_index)
+
+    async def _cluster_status(self, address: str, *, any_node: bool) -> Any:
+        """GetClusterStatus at `address` (several, comma-separated, unless any_node); None: no answer."""
+        client = self.ctx.router_client(address)
         try:
-            status = await client.call(
+            return await client.call(
                 admin_grpc.PipelineAdminStub,
                 "GetClusterStatus",
                 admin_pb2.GetClusterStatusRequest(),
+                any_node=any_node,
                 timeout=ROUTER_TIMEOUT_S,
             )
         except Exception as e:
-            log.info(
-                "router cluster not reachable: %s", e, extra={"fields": {"cluster": cr["metadata"]["name"]}}
-            )
-            return None, ""
+            log.info("router %s did not answer: %s", address, e)
+            return None
         finally:
             client.close()
-        return members_of(status), str(status.leader_id)
 
-    async def _running_pods(self, namespace: str, name: str, count: int) -> set[str]:
+    async def _pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         pods, _ = await kube.list_objects(
             self.ctx.api,
             Resource("v1", "pods"),
             namespace,
             label_selector=",".join(f"{k}={v}" for k, v in selector(name).items()),
         )
-        return {
-            p["metadata"]["name"]
-            for p in pods
-            if (p.get("status") or {}).get("phase") == "Running"
-            and not p["metadata"].get("deletionTimestamp")
-        }
+        return pods
+
+    async def _plan_rollout(
+        self,
+        cr: dict[str, Any],
+        spec: ClusterSpec,
+        sts: dict[str, Any],
+        objects: list[dict[str, Any]],
+        pod_list: list[dict[str, Any]],
+        desired: dict[str, str],
+        running: set[str],
+        members: list[Member] | None,
+        leader: str,
+        commit_index: int,
+        sts_replicas: int,
+    ) -> RolloutStep:
+        """Read what `plan_rollout` needs (asking every member about itself only during a rollout)."""
+        manifest = next(o for o in objects if o["kind"] == "StatefulSet")
+        sts_meta, sts_spec, sts_status = sts["metadata"], sts.get("spec") or {}, sts.get("status") or {}
+        applied_hash = (sts_meta.get("annotations") or {}).get(TEMPLATE_HASH)
+        strategy = (sts_spec.get("updateStrategy") or {}).get("rollingUpdate") or {}
+        view = RolloutView(
+            name=cr["metadata"]["name"],
+            replicas=sts_replicas,
+            partition=int(strategy.get("partition") or 0),
+            template_changed=applied_hash != manifest["metadata"]["annotations"][TEMPLATE_HASH],
+            observed=int(sts_status.get("observedGeneration") or 0) >= int(sts_meta.get("generation") or 0),
+            update_revision=str(sts_status.get("updateRevision") or ""),
+            current_revision=str(sts_status.get("currentRevision") or ""),
+            pods=pod_views(cr["metadata"]["name"], pod_list),
+            settled=members is not None
+            and plan_membership(desired, running, members) is None
+            and sts_replicas == spec.replicas
+            and int(sts_spec.get("replicas") or 0) == spec.replicas,
+            leader=leader,
+            commit_index=commit_index,
+            members=members,
+        )
+        if members is not None and rollout_in_progress(view) and not view.template_changed:
+            view = replace(view, reports=await self._reports(desired))
+        return plan_rollout(view)
+
+    async def _reports(self, addresses: dict[str, str]) -> dict[str, MemberReport | None]:
+        """Each member's own view (leader, applied index), asked at its own address; None: no answer."""
+
+        async def ask(address: str) -> MemberReport | None:
+            status = await self._cluster_status(address, any_node=True)
+            return None if status is None else MemberReport(str(status.leader_id), int(status.applied_index))
+
+        answers = await asyncio.gather(*(ask(a) for a in addresses.values()))
+        return dict(zip(addresses, answers, strict=True))
 
     async def _act(
-        self, cr: dict[str, Any], spec: ClusterSpec, step: Step
+        self,
+        cr: dict[str, Any],
+        spec: ClusterSpec,
+        step: Step,
+        *,
+        event: tuple[str, str] | None = None,
     ) -> tuple[list[Member] | None, str]:
-        """Carry out one membership change through the router admin API; records an Event."""
+        """Carry out one membership change through the router admin API; records an Event (`event`:
+        its reason and message instead of the step's)."""
         client = self.ctx.router_client(self._router_address(cr, spec))
         try:
             if step.action == "add":
@@ -555,6 +863,8 @@ class ClusterReconciler:
             )
         finally:
             client.close()
+        if event is not None:
+            reason, message = event
         log.info(message, extra={"fields": {"cluster": cr["metadata"]["name"], "step": step.action}})
         await kube.record_event(self.ctx.api, cr, "Normal", reason, message)
         return members_of(status), str(status.leader_id)

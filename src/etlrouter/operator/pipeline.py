@@ -401,11 +401,10 @@ class PipelineReconciler:
             for p in listed.pipelines
             if p.name in names
         }
+        # From the leader, like the listing above: a follower's stale view could report stages unplaced
+        # that the Running phase already counts as placed.
         sidecars = await client.call(
-            admin_grpc.PipelineAdminStub,
-            "ListSidecars",
-            admin_pb2.ListSidecarsRequest(consistency=admin_pb2.READ_CONSISTENCY_STALE),
-            any_node=True,
+            admin_grpc.PipelineAdminStub, "ListSidecars", admin_pb2.ListSidecarsRequest()
         )
         placements = [(st.stage_id, sc.sidecar_id) for sc in sidecars.sidecars for st in sc.stages]
         verdict = verdict_applied(names, at_router, assignments_summary(at_router.values(), placements))

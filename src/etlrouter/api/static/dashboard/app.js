@@ -292,20 +292,19 @@ async function inspectLetter(sidecar, id) {
 }
 
 async function redriveLetter(sidecar, id) {
-  const message = $("#dlq-message");
-  message.textContent = `Redriving ${id}…`;
-  let outcome;
+  // The outcome goes to its own line: the listing's message is rewritten whenever the DLQ counts change.
+  const outcome = $("#dlq-outcome");
+  outcome.textContent = `Redriving ${id}…`;
   try {
     const result = (await request(api.http, REDRIVE, { sidecar, ids: [id] }, 70000)).redriveDeadLetters;
     const failed = result.failed.map((f) => `${f.id}: ${f.reason}`).concat(result.unreachable.map((u) => `${u.sidecar}: ${u.message}`));
-    outcome = `${failed.length ? "⚠" : "✔"} Redriven ${result.redriven} dead letter${result.redriven === 1 ? "" : "s"}${failed.length ? `; not redriven: ${failed.join("; ")}` : ""}`;
+    outcome.textContent = `${failed.length ? "⚠" : "✔"} Redriven ${result.redriven} dead letter${result.redriven === 1 ? "" : "s"}${failed.length ? `; not redriven: ${failed.join("; ")}` : ""}`;
   } catch (e) {
-    message.textContent = `⚠ Redrive failed: ${e.message}`;
+    outcome.textContent = `⚠ Redrive failed: ${e.message}`;
     return;
   }
   $("#letter").hidden = true;
   await loadDeadLetters();
-  message.textContent = `${outcome} · now ${message.textContent}`;
 }
 
 $("#dlq-filter").addEventListener("submit", (event) => {
