@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from etlrouter.core.config import Config
+from etlrouter.operator.cluster import ClusterReconciler
+from etlrouter.operator.controller import Manager, OperatorContext
 from etlrouter.operator.kube import ApiClient, api_client
 from tests.k8s.apiserver import SCRIPT, KubeApiServer, KubeHttp, missing_binaries
 
@@ -111,3 +114,17 @@ def namespace(kube: Kube) -> Iterator[str]:
     assert status == 201, f"creating namespace {name}: {status} {body}"
     yield name
     kube.http.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture
+async def manager(kube: Kube, crds: list[str], namespace: str) -> AsyncIterator[Manager]:
+    """An in-process Manager running the cluster controller alone, resyncing every 5 s."""
+    api = await kube.api_client()
+    ctx = OperatorContext(api=api, config=Config(), namespace=namespace)
+    m = Manager(ctx, [ClusterReconciler(ctx)], resync_s=5.0)
+    await m.start()
+    try:
+        yield m
+    finally:
+        await m.stop()
+        await api.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,18 +12,16 @@ from typing import Any, TypeVar
 import pytest
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
-from etlrouter.core.config import Config
 from etlrouter.operator.cluster import (
     MEMBER_ADDRESSES,
     RESTARTED_AT,
-    ClusterReconciler,
     Member,
     Step,
     desired_objects,
     plan_membership,
 )
 from etlrouter.operator.condition import set_condition
-from etlrouter.operator.controller import Manager, OperatorContext, WorkQueue, backoff_delay
+from etlrouter.operator.controller import Manager, WorkQueue, backoff_delay
 from etlrouter.router.client import RouterClient
 from tests.conftest import free_port
 from tests.integration.cluster import RouterProcesses
@@ -43,19 +41,6 @@ async def eventually(what: str, check: Callable[[], Awaitable[T]], timeout: floa
             return last
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
-
-
-@pytest.fixture
-async def manager(kube: Kube, crds: list[str], namespace: str) -> AsyncIterator[Manager]:
-    api = await kube.api_client()
-    ctx = OperatorContext(api=api, config=Config(), namespace=namespace)
-    m = Manager(ctx, [ClusterReconciler(ctx)], resync_s=5.0)
-    await m.start()
-    try:
-        yield m
-    finally:
-        await m.stop()
-        await api.close()
 
 
 def owned_paths(ns: str, name: str) -> dict[str, str]:

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
-from etlrouter.core.config import Config
-from etlrouter.operator.cluster import MEMBER_ADDRESSES, REVISION_LABEL, ClusterReconciler
-from etlrouter.operator.controller import Manager, OperatorContext
+from etlrouter.operator.cluster import MEMBER_ADDRESSES, REVISION_LABEL
+from etlrouter.operator.controller import Manager
 from etlrouter.router.client import RouterClient
 from tests.integration.cluster import RouterProcesses
 from tests.k8s.conftest import Kube
@@ -24,19 +20,6 @@ from tests.k8s.test_cluster_controller import events, eventually
 
 BASE = "/apis/etlrouter.io/v1alpha1"
 NAME = "router"  # the cluster's name: members router-0..2, like RouterProcesses' node ids
-
-
-@pytest.fixture
-async def manager(kube: Kube, crds: list[str], namespace: str) -> AsyncIterator[Manager]:
-    api = await kube.api_client()
-    ctx = OperatorContext(api=api, config=Config(), namespace=namespace)
-    m = Manager(ctx, [ClusterReconciler(ctx)], resync_s=5.0)
-    await m.start()
-    try:
-        yield m
-    finally:
-        await m.stop()
-        await api.close()
 
 
 READY = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}

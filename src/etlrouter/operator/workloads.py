@@ -25,7 +25,15 @@ from etlrouter.operator.inject import (
     apply_patch,
     inject_sidecar,
 )
-from etlrouter.operator.pipeline import RECHECK_S, WAIT_S, TargetError, Verdict, resolve_router, status_update
+from etlrouter.operator.pipeline import (
+    RECHECK_S,
+    WAIT_S,
+    TargetError,
+    Verdict,
+    resolve_router,
+    status_update,
+    verdict_failed,
+)
 from etlrouter.router.client import ClusterUnreachableError
 
 KINDS = {"etlsources": "EtlSource", "etltransforms": "EtlTransform", "etlsinks": "EtlSink"}
@@ -238,16 +246,6 @@ def workload_verdict(
     )
 
 
-def failed(reason: str, message: str, *, retry: bool) -> Verdict:
-    return Verdict(
-        ready=("False", reason, message),
-        progressing=("False", reason, message),
-        degraded=("True", reason, message),
-        requeue="wait" if retry else None,
-        event=("Warning", reason, message),
-    )
-
-
 class WorkloadReconciler:
     owns = (DEPLOYMENTS, SERVICES)
 
@@ -279,11 +277,11 @@ class WorkloadReconciler:
         try:
             spec = parse_spec(obj.get("spec"))
         except SpecError as e:
-            return failed("InvalidSpec", str(e), retry=False), {}
+            return verdict_failed("InvalidSpec", str(e), retry=False), {}
         try:
             router = await resolve_router(self.ctx.api, meta["namespace"], obj.get("spec") or {})
         except TargetError as e:
-            return failed(e.reason, e.message, retry=e.retry), {}
+            return verdict_failed(e.reason, e.message, retry=e.retry), {}
         for res in (DEPLOYMENTS, SERVICES):
             # Never take over a same-named object something else controls (e.g. an EtlSink of this name).
             existing = await kube.get(self.ctx.api, res, meta["namespace"], meta["name"])
@@ -297,7 +295,7 @@ class WorkloadReconciler:
                 message = (
                     f"metadata.name: a {res.plural[:-1]} {meta['name']} already exists, controlled by {owner}"
                 )
-                return failed("NameConflict", message, retry=True), {}
+                return verdict_failed("NameConflict", message, retry=True), {}
         deployment = await kube.apply(
             self.ctx.api,
             desired_deployment(obj, self.plural, spec, router, self.ctx.config.operator.sidecar_image),
