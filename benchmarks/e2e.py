@@ -27,11 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import glob
 import json
 import os
-import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +38,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from etlrouter.testing.postgres import PostgresUnavailableError, throwaway_postgres
 
 POLL_S = 0.005
 PG_TABLE = "bench"
@@ -189,51 +188,18 @@ def latency(transform: str, rate: float, seconds: float, workdir: Path) -> tuple
 
 
 @contextlib.contextmanager
-def postgres_server(workdir: Path) -> Iterator[str | None]:
-    """A throw-away PostgreSQL server (the logic of tests/connectors/conftest.py); None when impossible."""
-    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    bindir = next((Path(d) for d in bindirs if (Path(d) / "initdb").exists()), None)
-    if bindir is None:
-        print("# PostgreSQL rows skipped: no initdb/postgres binaries (apt-get install postgresql)")
-        yield None
-        return
-    home = workdir / "pg"
-    home.mkdir()
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-        user = pwd.getpwnam("postgres")
-        os.chown(home, user.pw_uid, user.pw_gid)
-        os.chmod(workdir, 0o755)
-        run_as = ["runuser", "-u", "postgres", "--"]
-    data = home / "data"
-    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "etl", "-A", "trust", "--no-sync"]
-    subprocess.run([*run_as, *initdb], check=True, capture_output=True)
+def postgres_server() -> Iterator[str | None]:
+    """A throw-away PostgreSQL server (etlrouter.testing.postgres); None, saying why, when impossible."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            *run_as,
-            *(str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(home)),
-            *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"),
-        ],
-        stdout=(home / "server.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        for _ in range(600):
-            ready = subprocess.run(
-                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "etl"],
-                capture_output=True,
-            )
-            if ready.returncode == 0:
-                break
-            time.sleep(0.05)
-        yield f"postgresql://etl@127.0.0.1:{port}/postgres"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        shutil.rmtree(home, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        dsn: str | None = None
+        try:
+            dsn = stack.enter_context(throwaway_postgres(port))
+        except PostgresUnavailableError as e:
+            print(f"# PostgreSQL rows skipped: {e}")
+        yield dsn
 
 
 def pg(dsn: str, query: str) -> Any:
@@ -375,7 +341,7 @@ def main() -> None:
             )
         if args.no_postgres:
             return
-        with postgres_server(workdir) as dsn:
+        with postgres_server() as dsn:
             if dsn is None:
                 return
             rate, seconds, _ = pg_throughput(args.records, workdir, dsn)
