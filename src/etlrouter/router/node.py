@@ -33,6 +33,7 @@ from etlrouter.control import (
 from etlrouter.core.config import Config
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.raft.node import NodeOptions, NotLeader, RaftNode
+from etlrouter.router.stats import StatsStore
 from etlrouter.router.watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class RouterNode:
         self.sidecar_liveness = Liveness(
             timeout_ms=rc.sidecar_heartbeat_timeout_ms, grace_ms=rc.leader_grace_ms, leader_since_ms=now_ms()
         )
+        # The sidecars' stage reports, for live rates and backpressure (router/stats.py). Leader-local.
+        self.live_stats = StatsStore()
         # Direct registrations: instance id -> (last heartbeat ms, ttl ms). Leader-local soft state.
         self.direct_heartbeats: dict[str, tuple[int, int]] = {}
         self._leader_since_ms = 0

@@ -54,7 +54,7 @@ from etlrouter.router.convert import (
     require_name,
 )
 from etlrouter.router.node import RouterNode, now_ms
-from etlrouter.router.stats import StageSample, live_stats_of, live_stats_to_proto, stats_of
+from etlrouter.router.stats import StageSample, live_stats_of, live_stats_to_proto
 from etlrouter.router.watch import SubscriberLaggedError
 
 log = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
                 )
         # Leader-local live stats for the dashboard (router/stats.py), stamped with this router's clock.
         received = now_ms()
-        stats_of(self.node).record(
+        self.node.live_stats.record(
             sidecar_id,
             received,
             ((r.dag_id, r.stage_id, StageSample.from_proto(r, received)) for r in request.stages),

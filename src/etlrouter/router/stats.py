@@ -8,7 +8,6 @@ silent) lives here, pure: callers pass the time in.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -329,7 +328,7 @@ def live_stats_of(node: RouterNode, *, now_ms: int, wall_ms: int) -> LiveStats:
     """`live_stats` of a router node that is the leader (a follower's store and liveness are empty)."""
     status = node.raft.status()
     return live_stats(
-        stats_of(node),
+        node.live_stats,
         node.sidecar_liveness,
         [record.id for record in node.state.sidecars()],
         now_ms=now_ms,
@@ -471,14 +470,3 @@ def live_stats_from_proto(reply: admin_pb2.LiveStats) -> LiveStats:
         for c in reply.sidecars
     ]
     return LiveStats(reply.at_ms, reply.leader_id, stages, edges, sidecars)
-
-
-_STORES: weakref.WeakKeyDictionary[RouterNode, StatsStore] = weakref.WeakKeyDictionary()
-
-
-def stats_of(node: RouterNode) -> StatsStore:
-    """The store of one router node: filled by its coordinator service, read by its GraphQL API."""
-    store = _STORES.get(node)
-    if store is None:
-        store = _STORES[node] = StatsStore()
-    return store
