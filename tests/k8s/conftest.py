@@ -11,7 +11,6 @@ Without the binaries the tests skip naming `scripts/k8s-apiserver.sh`; with `CI`
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +23,7 @@ from etlrouter.core.config import Config
 from etlrouter.operator.cluster import ClusterReconciler
 from etlrouter.operator.controller import Manager, OperatorContext
 from etlrouter.operator.kube import ApiClient, api_client
+from tests.conftest import missing_dependency
 from tests.k8s.apiserver import SCRIPT, KubeApiServer, KubeHttp, missing_binaries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,9 +61,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         message = (
             f"the test Kubernetes API server is not available (missing {', '.join(missing)}): run {SCRIPT}"
         )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_dependency(message)
     server = KubeApiServer(tmp_path_factory.mktemp("kube"))
     try:
         server.start()
