@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from etlrouter.flow.retry import (
+    Backoff,
     ErrorClass,
     GiveUp,
     GiveUpReason,
@@ -79,3 +80,19 @@ def test_invalid_policies_are_rejected() -> None:
         RetryPolicy(base_delay=2, max_delay=1)
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+
+
+def test_backoff_doubles_to_its_cap_without_jitter() -> None:
+
+    backoff = Backoff(base=0.1, cap=1.0, jitter=0.0)
+    assert [backoff.delay(n) for n in range(0, 7)] == [0.0, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert backoff.delay(10_000) == 1.0  # no float overflow far past the cap
+
+
+def test_backoff_jitter_stays_within_its_fraction() -> None:
+
+    backoff = Backoff(base=1.0, cap=1.0, jitter=0.25)
+    rng = random.Random(7)
+    delays = [backoff.delay(3, rng) for _ in range(1000)]
+    assert all(0.75 < d <= 1.0 for d in delays)
+    assert max(delays) - min(delays) > 0.2  # it does jitter

@@ -1,4 +1,8 @@
-"""Retry policy: error classification, exponential backoff with full jitter, bounded attempts.
+"""Retry policy: error classification, exponential backoff with jitter, bounded attempts.
+
+The one backoff rule of the project: `Backoff` for loops that retry until they succeed or are stopped
+(reconnects, leader searches, watches, heartbeats), `RetryPolicy` for operations with a bounded number of
+attempts (a stage's call to its user service). Both compute the same capped exponential delay.
 
 Pure: the random source is passed in (seeded in tests and simulations), and the policy returns a delay; the
 caller does the sleeping. Sink writes are idempotent by batch id, so retrying a batch is always safe.
@@ -65,6 +69,54 @@ def classify_grpc_status(code: int) -> ErrorClass:
     return ErrorClass.RETRYABLE if code in RETRYABLE_STATUSES else ErrorClass.PERMANENT
 
 
+def capped_exponential(retry_number: int, base: float, cap: float, multiplier: float) -> float:
+    """min(cap, base * multiplier ** (retry_number - 1)), without overflowing for large retry numbers."""
+    if retry_number < 1:
+        raise ValueError("retry_number starts at 1")
+    if multiplier == 1:
+        return min(base, cap)
+    # Compare exponents in log space: multiplier ** n overflows a float long before attempts run out.
+    steps_to_cap = math.log(cap / base) / math.log(multiplier) if cap > base else 0.0
+    if retry_number - 1 >= steps_to_cap:
+        return cap
+    return min(cap, base * multiplier ** (retry_number - 1))
+
+
+_SHARED_RNG = random.Random()
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with proportional jitter, for retry-until-stopped loops.
+
+    The delay after the n-th consecutive failure (n >= 1) is cap_n * (1 - jitter * u), u uniform in [0, 1),
+    cap_n = min(cap, base * multiplier ** (n - 1)). `jitter=1.0` is AWS' "full jitter", `jitter=0` a fixed
+    schedule (for tests and for waits that must not shrink). n <= 0 (no failure yet) waits 0.
+    """
+
+    base: float = 0.05
+    cap: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.base <= 0 or self.cap < self.base:
+            raise ValueError("need 0 < base <= cap")
+        if self.multiplier < 1:
+            raise ValueError("multiplier must be >= 1")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("jitter must be in [0, 1]")
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after `failures` consecutive failures; pass a seeded `rng` in simulations."""
+        if failures < 1:
+            return 0.0
+        ceiling = capped_exponential(failures, self.base, self.cap, self.multiplier)
+        if not self.jitter:
+            return ceiling
+        return ceiling * (1.0 - self.jitter * (rng or _SHARED_RNG).random())
+
+
 class GiveUpReason(enum.Enum):
     PERMANENT = "permanent"
     EXHAUSTED = "attempts_exhausted"
@@ -107,15 +159,7 @@ class RetryPolicy:
 
     def delay_cap(self, retry_number: int) -> float:
         """The upper bound of the jittered delay before retry `retry_number` (1-based)."""
-        if retry_number < 1:
-            raise ValueError("retry_number starts at 1")
-        if self.multiplier == 1:
-            return self.base_delay
-        # Compare exponents in log space: multiplier ** n overflows a float long before attempts run out.
-        steps_to_max = math.log(self.max_delay / self.base_delay) / math.log(self.multiplier)
-        if retry_number - 1 >= steps_to_max:
-            return self.max_delay
-        return min(self.max_delay, self.base_delay * self.multiplier ** (retry_number - 1))
+        return capped_exponential(retry_number, self.base_delay, self.max_delay, self.multiplier)
 
     def backoff(self, retry_number: int, rng: random.Random) -> float:
         """A full-jitter delay before retry `retry_number`."""
