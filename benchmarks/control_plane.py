@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
-from etlrouter.router.client import RouterClient
+from etlrouter.client.router import RouterClient
 
 SOURCES, TRANSFORMS, SINKS = 10, 5, 5
 KIND_OF = {

@@ -325,7 +325,7 @@ def ready(http_port: int) -> bool:
 
 def apply(addresses: list[str], text: str) -> None:
     from etlrouter._proto.v1 import admin_grpc, admin_pb2
-    from etlrouter.router.client import RouterClient
+    from etlrouter.client.router import RouterClient
 
     async def go() -> None:
         client = RouterClient(addresses, timeout=20)
@@ -345,7 +345,7 @@ def apply(addresses: list[str], text: str) -> None:
 
 def delete_pipeline(addresses: list[str], name: str) -> None:
     from etlrouter._proto.v1 import admin_grpc, admin_pb2
-    from etlrouter.router.client import RouterClient
+    from etlrouter.client.router import RouterClient
 
     async def go() -> None:
         client = RouterClient(addresses, timeout=20)

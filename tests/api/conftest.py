@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from etlrouter._proto.v1 import control_grpc, control_pb2
-from etlrouter.router.client import RouterClient
+from etlrouter.client.router import RouterClient
 from tests.integration.cluster import RouterProcesses
 
 # Sidecars and the services they offer: two pipelines below share `orders-src | clean`.

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
-from etlrouter.router.client import RouterClient
+from etlrouter.client.router import RouterClient
 from tests.e2e.processes import Processes, connector, jsonl_offsets, ready, sidecar, wait_until
 from tests.integration.cluster import RouterProcesses
 

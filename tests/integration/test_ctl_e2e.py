@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from etlrouter._proto.v1 import control_grpc, control_pb2
+from etlrouter.client.router import RouterClient
 from etlrouter.control import ControlState
-from etlrouter.router.client import RouterClient
 from tests.conftest import free_port
 from tests.integration.cluster import RouterProcesses
 

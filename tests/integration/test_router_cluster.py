@@ -14,7 +14,7 @@ from grpclib.exceptions import GRPCError
 from prometheus_client.parser import text_string_to_metric_families
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
-from etlrouter.router.client import RouterClient
+from etlrouter.client.router import RouterClient
 from tests.integration.cluster import ELECTION_TICKS, TICK_MS, RouterProcesses
 
 STALE = admin_pb2.READ_CONSISTENCY_STALE

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from etlrouter._proto.v1 import control_pb2
+from etlrouter.client.router import RouterClient
 from etlrouter.core.metrics import REGISTRY
-from etlrouter.router.client import RouterClient
 from tests.conftest import free_port
 from tests.e2e.processes import Processes, connector, jsonl_offsets, ready, sidecar, wait_until
 from tests.integration.cluster import RouterProcesses

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter.client.router import RouterClient
 from etlrouter.core.config import Config
 from etlrouter.operator.controller import Manager, OperatorContext, Reconciler
 from etlrouter.operator.kube import ApiClient, Resource, request
-from etlrouter.router.client import RouterClient
 from tests.e2e.processes import Processes, connector, ready, sidecar, wait_until
 from tests.integration.cluster import RouterProcesses
 from tests.k8s.conftest import Kube

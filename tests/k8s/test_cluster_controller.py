@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import pytest
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter.client.router import RouterClient
 from etlrouter.operator.cluster import (
     MEMBER_ADDRESSES,
     RESTARTED_AT,
@@ -22,7 +23,6 @@ from etlrouter.operator.cluster import (
 )
 from etlrouter.operator.condition import set_condition
 from etlrouter.operator.controller import Manager, WorkQueue, backoff_delay
-from etlrouter.router.client import RouterClient
 from tests.conftest import free_port
 from tests.integration.cluster import RouterProcesses
 from tests.k8s.conftest import Kube

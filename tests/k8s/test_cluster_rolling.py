@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter.client.router import RouterClient
 from etlrouter.operator.cluster import MEMBER_ADDRESSES, REVISION_LABEL
 from etlrouter.operator.controller import Manager
-from etlrouter.router.client import RouterClient
 from tests.integration.cluster import RouterProcesses
 from tests.k8s.conftest import Kube
 from tests.k8s.test_cluster_controller import events, eventually

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_pb2
+from etlrouter.client.router import RouterClient
 from etlrouter.core.metrics import REGISTRY
-from etlrouter.router.client import RouterClient
 from etlrouter.sidecar.cluster import ClusterClient, is_stale
 from etlrouter.sidecar.model import LocalService
 from tests.conftest import free_port

@@ -20,7 +20,7 @@ from typing import Any
 from grpclib.exceptions import GRPCError
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
-from etlrouter.router.client import ClusterUnreachableError, RouterClient
+from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.router.node import RouterNode
 from etlrouter.router.stats import LiveStats, live_stats_from_proto
 

@@ -18,10 +18,10 @@ from grpclib.exceptions import GRPCError
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, dataplane_grpc, dataplane_pb2
 from etlrouter.cli_context import Context
+from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.core.config import ConfigError
 from etlrouter.ctl.output import render
 from etlrouter.dsl import EXPLAIN_FORMATS, DslErrors, explain_file, validate_file
-from etlrouter.router.client import ClusterUnreachableError, RouterClient
 
 T = TypeVar("T")
 

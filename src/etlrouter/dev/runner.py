@@ -25,6 +25,7 @@ from typing import TextIO
 import aiohttp
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter.client.router import RouterClient
 from etlrouter.connectors.generator import GeneratorConfig
 from etlrouter.dev import view
 from etlrouter.dev.layout import HOST, Layout, busy_ports, make_layout
@@ -38,7 +39,6 @@ from etlrouter.dev.progress import (
     source_done,
 )
 from etlrouter.dev.spec import DevSpec, ServiceSpec
-from etlrouter.router.client import RouterClient
 
 MARKER = ".etlrouter-dev"
 OWNED = ("routers", "sidecars", "services", "sinks", "logs", "dev.json")

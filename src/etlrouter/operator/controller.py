@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 from prometheus_client import Counter, Histogram
 
+from etlrouter.client.router import RouterClient
 from etlrouter.core.config import Config
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.operator.kube import (
@@ -36,7 +37,6 @@ from etlrouter.operator.kube import (
     list_objects,
     watch_lines,
 )
-from etlrouter.router.client import RouterClient
 
 log = logging.getLogger(__name__)
 

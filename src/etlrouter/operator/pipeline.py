@@ -28,11 +28,11 @@ from grpclib.exceptions import GRPCError
 
 from etlrouter import dsl
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.core.config import split_address
 from etlrouter.operator import kube
 from etlrouter.operator.condition import set_condition
 from etlrouter.operator.controller import ObjectKey, OperatorContext, Result
-from etlrouter.router.client import ClusterUnreachableError, RouterClient
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_pb2
+from etlrouter.client.router import ClusterUnreachableError
 from etlrouter.operator import kube
 from etlrouter.operator.controller import ObjectKey, OperatorContext, Result
 from etlrouter.operator.inject import (
@@ -34,7 +35,6 @@ from etlrouter.operator.pipeline import (
     status_update,
     verdict_failed,
 )
-from etlrouter.router.client import ClusterUnreachableError
 
 KINDS = {"etlsources": "EtlSource", "etltransforms": "EtlTransform", "etlsinks": "EtlSink"}
 COMPONENTS = {"etlsources": "source", "etltransforms": "transform", "etlsinks": "sink"}

@@ -139,7 +139,7 @@ class RouterNode:
         """Ask the existing cluster to add this (empty) node; the leader adds it as a learner, waits until it
         has caught up, then promotes it. Retried until it succeeds: the cluster may be electing."""
         from etlrouter._proto.v1 import admin_grpc, admin_pb2
-        from etlrouter.router.client import RouterClient
+        from etlrouter.client.router import RouterClient
 
         rc = self.config.router
         client = RouterClient(list(rc.join), timeout=60, transport_config=self.config.transport)

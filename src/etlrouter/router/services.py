@@ -20,6 +20,7 @@ from grpclib.server import Stream
 from prometheus_client import Counter, Histogram
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
+from etlrouter.client.router import SESSION_CLIENT, SESSION_SEQ, leader_trailer
 from etlrouter.control import (
     ApplyPipelines,
     ApplyResult,
@@ -40,7 +41,6 @@ from etlrouter.dsl import DslErrors, ExplainFormat, explain_dot, explain_mermaid
 from etlrouter.dsl import explain as explain_text
 from etlrouter.dsl import validate as validate_text
 from etlrouter.raft.node import NotLeader, UnknownOutcomeError
-from etlrouter.router.client import SESSION_CLIENT, SESSION_SEQ, leader_trailer
 from etlrouter.router.convert import (
     InvalidRequestError,
     change_to_proto,

@@ -33,8 +33,8 @@ from prometheus_client import Counter, Gauge
 
 from etlrouter import __version__
 from etlrouter._proto.v1 import control_grpc, control_pb2
+from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.core.metrics import REGISTRY
-from etlrouter.router.client import ClusterUnreachableError, RouterClient
 from etlrouter.sidecar.model import AssignmentTarget, LocalService, ServiceKind
 
 log = logging.getLogger(__name__)

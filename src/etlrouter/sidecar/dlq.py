@@ -1146,7 +1146,7 @@ class DlqSinkForwarder:
         timeout_s: float = 10.0,
         lookup_ttl_s: float = 10.0,
     ) -> None:
-        from etlrouter.router.client import RouterClient  # the router package imports more than we need
+        from etlrouter.client.router import RouterClient  # the router package imports more than we need
 
         self.sidecar_id = sidecar_id
         self.transport_config = transport_config

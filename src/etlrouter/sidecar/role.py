@@ -18,9 +18,9 @@ from pathlib import Path
 from grpclib.exceptions import GRPCError
 
 from etlrouter._proto.v1 import records_pb2
+from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.core.config import Config, parse_port_list
 from etlrouter.core.runtime import RoleRuntime
-from etlrouter.router.client import ClusterUnreachableError, RouterClient
 from etlrouter.sidecar.admin import SidecarAdminService, TapHub
 from etlrouter.sidecar.cluster import ClusterClient
 from etlrouter.sidecar.dataplane import DataPlaneService
