@@ -4,12 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps k8s-deps run test check lint format typecheck proto bench clean
+.PHONY: setup system-deps k8s-deps run test check lint format typecheck proto bench clean lock
 
-$(STAMP): pyproject.toml
+# Installs exactly what requirements/dev.lock pins, then the project itself (no dependency resolution).
+$(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -r requirements/dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,9 +33,18 @@ run: $(STAMP)
 test: $(STAMP) system-deps k8s-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-## check: lint, format, types, generated code
+## check: lint, format, types, generated code, locks against pyproject, a warning-free build
 check: lint typecheck
 	$(BIN)/python scripts/gen_proto.py --check
+	$(BIN)/python scripts/check_lock.py
+	$(BIN)/python scripts/check_packaging.py
+
+## lock: re-resolve requirements/*.lock from pyproject.toml (after changing a dependency, or to upgrade:
+## `make lock UPGRADE=--upgrade`); the build backend pin in pyproject is raised by hand beside it
+LOCK = $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --custom-compile-command "make lock" --quiet $(UPGRADE)
+lock: $(STAMP)
+	$(LOCK) --extra connectors -o requirements/runtime.lock
+	$(LOCK) --extra dev -o requirements/dev.lock
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
