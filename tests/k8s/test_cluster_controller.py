@@ -22,7 +22,7 @@ from etlrouter.operator.cluster import (
     plan_membership,
 )
 from etlrouter.operator.condition import set_condition
-from etlrouter.operator.controller import Manager, WorkQueue, backoff_delay
+from etlrouter.operator.controller import BACKOFF, Manager, WorkQueue
 from tests.conftest import free_port
 from tests.integration.cluster import RouterProcesses
 from tests.k8s.conftest import Kube
@@ -401,8 +401,8 @@ async def test_work_queue_deduplicates_and_never_runs_a_key_twice_at_once() -> N
 
 
 def test_backoff_doubles_from_half_a_second_to_a_minute() -> None:
-    assert [backoff_delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
-    assert backoff_delay(20) == 60.0
+    assert [BACKOFF.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert BACKOFF.delay(20) == 60.0
 
 
 def test_desired_objects_pick_the_pdb_api_and_roll_on_restart_annotation() -> None:

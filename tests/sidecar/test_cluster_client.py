@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
@@ -352,4 +353,20 @@ async def test_an_unreachable_cluster_is_warned_about_once_and_deregister_report
     assert target.calls == []  # the data plane was not touched
     assert await client.deregister(timeout=0.2) is False
     await client.close()
+    routers.close()
+
+
+async def test_outage_retries_double_from_200_ms_to_the_heartbeat_interval_with_20_percent_jitter() -> None:
+    routers = RouterClient([f"127.0.0.1:{free_port()}"], timeout=0.3)
+    client = ClusterClient("t7", "127.0.0.1:1", routers, RecordingTarget(), 1.0, rng=random.Random(3))
+    ceilings = [0.2, 0.4, 0.8, 1.0, 1.0]
+    delays = [client._backoff(n) for n in range(1, 6)]
+    assert all(0.8 * c <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
+    again = ClusterClient("t7", "127.0.0.1:1", routers, RecordingTarget(), 1.0, rng=random.Random(3))
+    assert [again._backoff(n) for n in range(1, 6)] == delays  # a seeded source repeats the schedule
+    fast = ClusterClient("t8", "127.0.0.1:1", routers, RecordingTarget(), heartbeat_interval_s=0.05)
+    assert 0.04 <= fast._backoff(1) <= 0.05  # never longer than one (short) interval
+    await client.close()
+    await again.close()
+    await fast.close()
     routers.close()

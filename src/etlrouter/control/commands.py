@@ -14,6 +14,7 @@ from typing import Literal
 import msgspec
 
 from etlrouter.control.model import ReplicaAssignment, ReplicaKey, ServiceInstance
+from etlrouter.control.versioned import VersionedCodec
 
 COMMAND_FORMAT_VERSION = 1
 
@@ -123,36 +124,22 @@ class CommandEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     session: ClientSession | None = None
 
 
-class _VersionProbe(msgspec.Struct):
-    """Reads only the version, so a newer envelope is recognised before its body is decoded."""
-
-    format_version: int = COMMAND_FORMAT_VERSION
-
-
 class CommandDecodeError(ValueError):
     """The bytes of a log entry are not a command this version understands."""
 
 
-_encoder = msgspec.msgpack.Encoder()
-_envelope_decoder = msgspec.msgpack.Decoder(CommandEnvelope)
-_probe_decoder = msgspec.msgpack.Decoder(_VersionProbe)
+_codec = VersionedCodec(
+    {COMMAND_FORMAT_VERSION: CommandEnvelope},
+    what="command",
+    not_this="log entry is not a command envelope",
+    error=CommandDecodeError,
+)
 
 
 def encode_command(command: Command, session: ClientSession | None = None) -> bytes:
-    return _encoder.encode(CommandEnvelope(command=command, session=session))
+    return _codec.encode(CommandEnvelope(command=command, session=session))
 
 
 def decode_command(data: bytes) -> CommandEnvelope:
     """Decode a log entry; raise `CommandDecodeError` naming what is wrong with it."""
-    try:
-        version = _probe_decoder.decode(data).format_version
-    except msgspec.DecodeError as error:
-        raise CommandDecodeError(f"log entry is not a command envelope: {error}") from None
-    if version != COMMAND_FORMAT_VERSION:
-        raise CommandDecodeError(
-            f"command format version {version} is not supported (this node reads {COMMAND_FORMAT_VERSION})"
-        )
-    try:
-        return _envelope_decoder.decode(data)
-    except msgspec.DecodeError as error:
-        raise CommandDecodeError(f"malformed command: {error}") from None
+    return _codec.decode(data)

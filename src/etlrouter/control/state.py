@@ -55,6 +55,7 @@ from etlrouter.control.model import (
     option_text,
     parallelism_of,
 )
+from etlrouter.control.versioned import VersionedCodec
 from etlrouter.dsl import (
     DslError,
     MergedDag,
@@ -176,10 +177,6 @@ class ControlSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     sessions: tuple[SessionRecord, ...]
 
 
-class _SnapshotVersionProbe(msgspec.Struct):
-    format_version: int = STATE_FORMAT_VERSION
-
-
 class SnapshotError(ValueError):
     """Snapshot bytes this version cannot read."""
 
@@ -214,9 +211,12 @@ class _DagState:
     replicas: dict[str, list[str]] = field(default_factory=dict)
 
 
-_snapshot_encoder = msgspec.msgpack.Encoder()
-_snapshot_decoder = msgspec.msgpack.Decoder(ControlSnapshot)
-_snapshot_probe = msgspec.msgpack.Decoder(_SnapshotVersionProbe)
+_snapshot_codec = VersionedCodec(
+    {STATE_FORMAT_VERSION: ControlSnapshot},
+    what="snapshot",
+    not_this="not a control-state snapshot",
+    error=SnapshotError,
+)
 
 
 class ControlState:
@@ -713,7 +713,7 @@ class ControlState:
                 " a snapshot is restored only into a cluster without pipelines",
             )
         try:
-            snapshot = _decode_snapshot(command.snapshot)
+            snapshot = _snapshot_codec.decode(command.snapshot)
         except SnapshotError as problem:
             raise _Rejected("invalid_argument", f"Restore: {problem}") from None
         self._load(
@@ -770,11 +770,11 @@ class ControlState:
         )
 
     def snapshot(self) -> bytes:
-        return _snapshot_encoder.encode(self.to_snapshot())
+        return _snapshot_codec.encode(self.to_snapshot())
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot (Raft InstallSnapshot). Raises `SnapshotError`."""
-        self._load(_decode_snapshot(data))
+        self._load(_snapshot_codec.decode(data))
 
     @classmethod
     def from_snapshot(cls, data: bytes) -> ControlState:
@@ -1048,21 +1048,6 @@ class ControlState:
 def root_of(pipeline: Pipeline) -> str:
     """The id of the DAG a pipeline runs in: its source stage's id, as the optimizer computes it."""
     return dsl_stage_id(None, pipeline.source)
-
-
-def _decode_snapshot(data: bytes) -> ControlSnapshot:
-    try:
-        version = _snapshot_probe.decode(data).format_version
-    except msgspec.DecodeError as error:
-        raise SnapshotError(f"not a control-state snapshot: {error}") from None
-    if version != STATE_FORMAT_VERSION:
-        raise SnapshotError(
-            f"snapshot format version {version} is not supported (this node reads {STATE_FORMAT_VERSION})"
-        )
-    try:
-        return _snapshot_decoder.decode(data)
-    except msgspec.DecodeError as error:
-        raise SnapshotError(f"malformed snapshot: {error}") from None
 
 
 def _diagnostic(error: DslError) -> Diagnostic:

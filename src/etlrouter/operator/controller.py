@@ -27,6 +27,7 @@ from prometheus_client import Counter, Histogram
 from etlrouter.client.router import RouterClient
 from etlrouter.core.config import Config
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.flow.retry import Backoff
 from etlrouter.operator.kube import (
     KINDS,
     PLURAL_KINDS,
@@ -63,8 +64,9 @@ WATCH_RESTARTS = Counter(
     registry=REGISTRY,
 )
 
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 60.0
+# Failed reconciles and failed watches: 0.5 s doubling, capped at 60 s. No jitter: the queue holds a key
+# once, an operator has few keys and watches, and the schedule stays the documented one.
+BACKOFF = Backoff(base=0.5, cap=60.0, jitter=0.0)
 WATCH_TIMEOUT_S = 300  # the server ends a watch after this; it is resumed from the last resourceVersion
 
 
@@ -89,11 +91,6 @@ class OperatorContext:
     config: Config
     namespace: str = ""  # "" = all namespaces
     router_client: Callable[[str], RouterClient] = field(default=default_router_client)
-
-
-def backoff_delay(failures: int) -> float:
-    """Delay before retry number `failures` (1-based): 0.5 s doubling, capped at 60 s."""
-    return float(min(BACKOFF_FIRST_S * 2 ** max(failures - 1, 0), BACKOFF_MAX_S))
 
 
 def controller_owner(obj: dict[str, Any]) -> tuple[str, str] | None:
@@ -281,12 +278,12 @@ class Manager:
                 errors += 1
                 WATCH_RESTARTS.labels(label, "error").inc()
                 log.warning("watch failed: %s", e, extra={"fields": {"resource": label}})
-                await asyncio.sleep(backoff_delay(errors))
+                await asyncio.sleep(BACKOFF.delay(errors))
             except Exception as e:
                 errors += 1
                 WATCH_RESTARTS.labels(label, "error").inc()
                 log.warning("watch failed: %r", e, extra={"fields": {"resource": label}})
-                await asyncio.sleep(backoff_delay(errors))
+                await asyncio.sleep(BACKOFF.delay(errors))
 
     async def _resync(self) -> None:
         while True:
@@ -316,7 +313,7 @@ class Manager:
         except Exception as e:
             failures = self._failures.get(item, 0) + 1
             self._failures[item] = failures
-            delay = backoff_delay(failures)
+            delay = BACKOFF.delay(failures)
             RECONCILES.labels(plural, "error").inc()
             log.warning(
                 "reconcile failed, retrying in %.1f s: %s",

@@ -629,15 +629,12 @@ class RaftCore:
             if node == self.id:
                 continue
             self._send(
-                Message(
-                    type=vote_type,
-                    sender=self.id,
-                    to=node,
-                    term=term,
-                    index=self.last_index(),
-                    log_term=self.last_term(),
-                    context=context,
-                )
+                node,
+                vote_type,
+                term=term,
+                index=self.last_index(),
+                log_term=self.last_term(),
+                context=context,
             )
 
     def _record_vote(self, node: NodeId, granted: bool) -> bool:
@@ -749,7 +746,7 @@ class RaftCore:
         self._election_elapsed = 0
         progress = self._progress[target]
         if progress.match == self.last_index():
-            self._send(Message(type=MessageType.TIMEOUT_NOW, sender=self.id, to=target, term=self.term))
+            self._send(target, MessageType.TIMEOUT_NOW)
         else:
             self._send_append(target, send_if_empty=True)
 
@@ -830,8 +827,42 @@ class RaftCore:
 
     # ----------------------------------------------------------------------------- sending
 
-    def _send(self, msg: Message) -> None:
-        self._msgs.append(msg)
+    def _send(
+        self,
+        to: NodeId,
+        type: MessageType,
+        # Not keyword-only on purpose: these defaults are read from a tuple, keyword-only ones from a dict,
+        # one lookup each (some 50 ns a message on the hot path). Callers pass them by name all the same.
+        term: int | None = None,
+        index: int = 0,
+        log_term: int = 0,
+        entries: tuple[Entry, ...] = (),
+        commit: int = 0,
+        reject: bool = False,
+        reject_hint: int = 0,
+        reject_term: int = 0,
+        context: bytes = b"",
+        snapshot: SnapshotMeta | None = None,
+    ) -> None:
+        """Queue a message from this node for the next Ready; `term` is the current term unless given."""
+        # The one place a Message is built; no **kwargs: that would allocate a dict per message.
+        self._msgs.append(
+            Message(
+                type=type,
+                sender=self.id,
+                to=to,
+                term=self.term if term is None else term,
+                log_term=log_term,
+                index=index,
+                entries=entries,
+                commit=commit,
+                reject=reject,
+                reject_hint=reject_hint,
+                reject_term=reject_term,
+                context=context,
+                snapshot=snapshot,
+            )
+        )
 
     def _broadcast_append_now(self) -> None:
         self._broadcast_pending = False
@@ -849,16 +880,7 @@ class RaftCore:
         for node, progress in self._progress.items():
             if node == self.id:
                 continue
-            self._send(
-                Message(
-                    type=MessageType.HEARTBEAT,
-                    sender=self.id,
-                    to=node,
-                    term=self.term,
-                    commit=min(progress.match, self.commit),
-                    context=context,
-                )
-            )
+            self._send(node, MessageType.HEARTBEAT, commit=min(progress.match, self.commit), context=context)
 
     def _send_append(self, node: NodeId, send_if_empty: bool) -> bool:
         progress = self._progress[node]
@@ -872,16 +894,12 @@ class RaftCore:
         if not entries and not send_if_empty:
             return False
         self._send(
-            Message(
-                type=MessageType.APPEND,
-                sender=self.id,
-                to=node,
-                term=self.term,
-                index=prev_index,
-                log_term=prev_term,
-                entries=entries,
-                commit=self.commit,
-            )
+            node,
+            MessageType.APPEND,
+            index=prev_index,
+            log_term=prev_term,
+            entries=entries,
+            commit=self.commit,
         )
         if progress.state is ProgressState.REPLICATE:
             if entries:
@@ -906,17 +924,8 @@ class RaftCore:
         if not progress.recent_active:
             return False  # don't ship a snapshot to a peer that is not answering
         progress.become_snapshot(self._snapshot.index)
-        self._send(
-            Message(
-                type=MessageType.SNAPSHOT,
-                sender=self.id,
-                to=node,
-                term=self.term,
-                snapshot=self._snapshot,
-                index=self._snapshot.index,
-                log_term=self._snapshot.term,
-            )
-        )
+        meta = self._snapshot
+        self._send(node, MessageType.SNAPSHOT, snapshot=meta, index=meta.index, log_term=meta.term)
         return True
 
     # ----------------------------------------------------------------------------- step
@@ -947,19 +956,9 @@ class RaftCore:
                 self.config.check_quorum or self.config.pre_vote
             ):
                 # Tell a stale leader about the newer term (it may never time out otherwise).
-                self._send(
-                    Message(type=MessageType.APPEND_RESP, sender=self.id, to=msg.sender, term=self.term)
-                )
+                self._send(msg.sender, MessageType.APPEND_RESP)
             elif msg.type is MessageType.PRE_VOTE:
-                self._send(
-                    Message(
-                        type=MessageType.PRE_VOTE_RESP,
-                        sender=self.id,
-                        to=msg.sender,
-                        term=self.term,
-                        reject=True,
-                    )
-                )
+                self._send(msg.sender, MessageType.PRE_VOTE_RESP, reject=True)
             return
 
         if msg.type in (MessageType.VOTE, MessageType.PRE_VOTE):
@@ -981,12 +980,12 @@ class RaftCore:
         resp_type = MessageType.VOTE_RESP if msg.type is MessageType.VOTE else MessageType.PRE_VOTE_RESP
         if can_vote and self._is_up_to_date(msg.index, msg.log_term):
             # A granted pre-vote answers with the requested term so the pre-candidate counts it.
-            self._send(Message(type=resp_type, sender=self.id, to=msg.sender, term=msg.term))
+            self._send(msg.sender, resp_type, term=msg.term)
             if msg.type is MessageType.VOTE:
                 self._election_elapsed = 0
                 self.vote = msg.sender
         else:
-            self._send(Message(type=resp_type, sender=self.id, to=msg.sender, term=self.term, reject=True))
+            self._send(msg.sender, resp_type, reject=True)
 
     def _step_candidate(self, msg: Message) -> None:
         expected = MessageType.PRE_VOTE_RESP if self.role is Role.PRE_CANDIDATE else MessageType.VOTE_RESP
@@ -1006,15 +1005,7 @@ class RaftCore:
             self.leader = msg.sender
             if msg.commit > self.commit:
                 self._commit_to(min(msg.commit, self.last_index()))
-            self._send(
-                Message(
-                    type=MessageType.HEARTBEAT_RESP,
-                    sender=self.id,
-                    to=msg.sender,
-                    term=self.term,
-                    context=msg.context,
-                )
-            )
+            self._send(msg.sender, MessageType.HEARTBEAT_RESP, context=msg.context)
         elif msg.type is MessageType.SNAPSHOT:
             self._election_elapsed = 0
             self.leader = msg.sender
@@ -1024,15 +1015,7 @@ class RaftCore:
 
     def _handle_append(self, msg: Message) -> None:
         if msg.index < self.commit:
-            self._send(
-                Message(
-                    type=MessageType.APPEND_RESP,
-                    sender=self.id,
-                    to=msg.sender,
-                    term=self.term,
-                    index=self.commit,
-                )
-            )
+            self._send(msg.sender, MessageType.APPEND_RESP, index=self.commit)
             return
         if self._match_term(msg.index, msg.log_term):
             new_last = msg.index + len(msg.entries)
@@ -1040,29 +1023,17 @@ class RaftCore:
             if conflict:
                 self._append_entries(msg.entries[conflict - msg.index - 1 :])
             self._commit_to(min(msg.commit, new_last))
-            self._send(
-                Message(
-                    type=MessageType.APPEND_RESP,
-                    sender=self.id,
-                    to=msg.sender,
-                    term=self.term,
-                    index=new_last,
-                )
-            )
+            self._send(msg.sender, MessageType.APPEND_RESP, index=new_last)
             return
         hint_index = min(msg.index, self.last_index())
         hint_index = self._find_conflict_by_term(hint_index, msg.log_term)
         self._send(
-            Message(
-                type=MessageType.APPEND_RESP,
-                sender=self.id,
-                to=msg.sender,
-                term=self.term,
-                index=msg.index,
-                reject=True,
-                reject_hint=hint_index,
-                reject_term=self.term_at(hint_index) or 0,
-            )
+            msg.sender,
+            MessageType.APPEND_RESP,
+            index=msg.index,
+            reject=True,
+            reject_hint=hint_index,
+            reject_term=self.term_at(hint_index) or 0,
         )
 
     def _find_conflict(self, entries: Sequence[Entry]) -> int:
@@ -1086,11 +1057,7 @@ class RaftCore:
             raise ValueError(f"raft node {self.id!r}: SNAPSHOT message from {msg.sender!r} has no metadata")
         installed = self._restore(meta, msg.snapshot_data)
         index = self.last_index() if installed else self.commit
-        self._send(
-            Message(
-                type=MessageType.SNAPSHOT_RESP, sender=self.id, to=msg.sender, term=self.term, index=index
-            )
-        )
+        self._send(msg.sender, MessageType.SNAPSHOT_RESP, index=index)
 
     def _restore(self, meta: SnapshotMeta, data: bytes) -> bool:
         if meta.index <= self.commit:
@@ -1170,7 +1137,7 @@ class RaftCore:
             while self._send_append(msg.sender, send_if_empty=False):
                 pass
         if msg.sender == self._lead_transferee and progress.match == self.last_index():
-            self._send(Message(type=MessageType.TIMEOUT_NOW, sender=self.id, to=msg.sender, term=self.term))
+            self._send(msg.sender, MessageType.TIMEOUT_NOW)
 
     @staticmethod
     def _free_inflight(progress: Progress, index: int) -> None:

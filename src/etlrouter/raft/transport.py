@@ -37,6 +37,7 @@ from etlrouter._proto.v1 import raft_grpc, raft_pb2
 from etlrouter.core.config import TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.flow.retry import Backoff
 from etlrouter.raft.types import (
     ConfState,
     Entry,
@@ -334,6 +335,10 @@ class _RaftService(raft_grpc.RaftServiceBase):
 
 
 _CONNECTION_ERRORS = (GRPCError, StreamTerminatedError, OSError, ConnectionError, asyncio.TimeoutError)
+# How long messages to an unreachable peer are dropped before the stream is tried again: 50 ms doubling
+# to 1 s. No jitter: nothing sleeps on it (the next message after the deadline tries), and Raft's own
+# timers already spread the attempts.
+_RECONNECT = Backoff(base=0.05, cap=1.0, jitter=0.0)
 
 
 class _Peer:
@@ -349,7 +354,7 @@ class _Peer:
         self._stream: ClientStream[raft_pb2.RaftMessage, raft_pb2.RaftMessage] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._retry_at = 0.0
-        self._backoff = 0.05
+        self._failures = 0  # consecutive connection failures (the backoff's exponent)
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._task = asyncio.ensure_future(self._run())
 
@@ -394,9 +399,9 @@ class _Peer:
         task.add_done_callback(self._side_tasks.discard)
 
     def _failed(self, error: BaseException) -> None:
-        self._retry_at = time.monotonic() + self._backoff
+        self._failures += 1
+        self._retry_at = time.monotonic() + _RECONNECT.delay(self._failures)
         log.debug("raft peer %s (%s) unreachable: %r", self.node, self.address, error)
-        self._backoff = min(self._backoff * 2, 1.0)
 
     async def _ensure_stream(self) -> bool:
         if self._stream is not None and self._reader is not None and not self._reader.done():
@@ -414,7 +419,7 @@ class _Peer:
                 await stream.__aexit__(None, None, None)
             return False
         self._stream = stream
-        self._backoff = 0.05
+        self._failures = 0
         self._reader = asyncio.ensure_future(self._read(stream))
         return True
 

@@ -32,6 +32,7 @@ from etlrouter.core.config import TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.flow.credits import Credits, CreditSender
 from etlrouter.flow.gate import AsyncCreditGate
+from etlrouter.flow.retry import Backoff
 from etlrouter.sdk.records import Record, source_batch
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,15 @@ class Pusher:
             raise ValueError("Pusher needs the source service name")
         if max_unacked_records < 1:
             raise ValueError(f"max_unacked_records must be at least 1, got {max_unacked_records}")
+        if reconnect_max_s <= 0:
+            raise ValueError(f"reconnect_max_s must be positive, got {reconnect_max_s}")
         self.sidecar = sidecar
         self.source = source
         self.partition = partition
         self.max_unacked_records = max_unacked_records
         self.reconnect_max_s = reconnect_max_s
+        # 0.1 s doubling up to reconnect_max_s; no jitter: each pusher has its own sidecar, there is no herd.
+        self._reconnect = Backoff(base=min(0.1, reconnect_max_s), cap=reconnect_max_s, jitter=0.0)
         self.transport_config = transport_config
         self.next_offset = time.time_ns() // 1000 if first_offset is None else first_offset
         self.acked = -1  # highest offset acknowledged
@@ -257,7 +262,7 @@ class Pusher:
             self.reconnects += 1
             if attempt == 1 or attempt % 50 == 0:
                 log.warning("%s; reconnecting", self.last_error)
-            await asyncio.sleep(min(self.reconnect_max_s, 0.05 * 2 ** min(attempt, 6)))
+            await asyncio.sleep(self._reconnect.delay(attempt))
 
     def _handle(self, reply: dataplane_pb2.PushReply) -> bool:
         """Apply one reply; True when it opened the window (the first grant of this stream)."""

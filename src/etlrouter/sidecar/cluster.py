@@ -35,6 +35,7 @@ from etlrouter import __version__
 from etlrouter._proto.v1 import control_grpc, control_pb2
 from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.flow.retry import Backoff
 from etlrouter.sidecar.model import AssignmentTarget, LocalService, ServiceKind
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ _REFUSED = frozenset({Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION, Statu
 # FAILED_PRECONDITION on a service list is a kind clash that appeared after the router's check (the retry
 # is split again); tries before giving up on the list, as for other refusals.
 _LIST_RETRIES = 3
+# Retries while the cluster is unreachable: 0.2 s doubling, never longer than one heartbeat interval, with
+# 20 % jitter so that the sidecars of a cluster that comes back do not all call at the same instant.
+_OUTAGE_FIRST_S = 0.2
+_OUTAGE_JITTER = 0.2
 
 
 # --- pure part ---------------------------------------------------------------------------------------
@@ -165,6 +170,7 @@ class ClusterClient:
         *,
         labels: Mapping[str, str] | None = None,
         call_timeout_s: float | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         if not sidecar_id:
             raise ValueError("ClusterClient needs a sidecar id")
@@ -181,6 +187,7 @@ class ClusterClient:
         self.labels = dict(labels or {})
         # How long one call may look for a router that answers (default: max(interval, 2 s)).
         self.call_timeout_s = call_timeout_s
+        self._rng = rng  # the backoff's jitter source (None: a shared one; seed it in tests)
         self.health: Any = control_pb2.HEALTH_SERVING
         self.registered = False
         self.revision = 0  # Raft index of the last registration
@@ -429,8 +436,9 @@ class ClusterClient:
         return self.call_timeout_s or max(self.interval_s, 2.0)
 
     def _backoff(self, failures: int) -> float:
-        delay: float = min(self.interval_s, 0.1 * 2 ** min(failures, 10))
-        return delay * random.uniform(0.8, 1.0)
+        # Built per failure: the cap is the heartbeat interval, which the router's answer may shorten.
+        cap = self.interval_s
+        return Backoff(min(_OUTAGE_FIRST_S, cap), cap, jitter=_OUTAGE_JITTER).delay(failures, self._rng)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
