@@ -5,7 +5,8 @@ A file starts with a header: magic (8 bytes), format version (u32), sequence num
 the 9 bytes before it (u32) | body, little-endian. The header's own CRC means a damaged length field is caught
 as corruption instead of passing for a torn tail.
 
-Both sides live here: `file_header` and `frame` write, `FramedFile` reads. The reading rule, for every log:
+Both sides live here: `file_header` and `frame` write, `FramedFile` reads a whole file (recovery) and
+`frame_body` checks one frame read back by offset. The reading rule, for every log:
 
 - A file whose tail may tear (one written after its last fsync: the newest WAL or DLQ segment, any DLQ
   tombstone file) ends at the first frame that runs past the end of the file, or is damaged and followed
@@ -42,6 +43,7 @@ __all__ = [
     "FramedFile",
     "file_header",
     "frame",
+    "frame_body",
     "fsync_dir",
     "is_zero",
     "parse_seq",
@@ -60,6 +62,12 @@ def frame(kind: int, body: bytes) -> bytes:
 def file_header(magic: bytes, version: int, seq: int) -> bytes:
     head = magic + struct.pack("<IQ", version, seq)
     return head + struct.pack("<I", zlib.crc32(head))
+
+
+def frame_body(raw: bytes) -> bytes | None:
+    """The body of one whole frame read back by its offset and length; None when the body CRC is wrong."""
+    body = raw[FRAME.size :]
+    return body if zlib.crc32(body) == FRAME.unpack_from(raw, 0)[2] else None
 
 
 def is_zero(data: memoryview) -> bool:

@@ -8,8 +8,9 @@ Layout of a DLQ directory::
 
 Every file = 24-byte header (magic, format version, segment number, header CRC) followed by frames.
 Frame = body length (u32) | type (u8) | CRC32 of body (u32) | CRC32 of the preceding 9 bytes (u32) | body,
-little-endian (the framing of the Raft WAL). A LETTER body is the encoded `etlrouter.v1.DeadLetter`; a
-TOMBSTONE body is the msgpack encoding of the versioned `TombstoneRecord`.
+little-endian: the framing of the Raft WAL, written and read by core/framing.py. A LETTER body is the
+encoded `etlrouter.v1.DeadLetter`; a TOMBSTONE body is the msgpack encoding of the versioned
+`TombstoneRecord`.
 
 Keeping a segment's tombstones beside it (not in the newest segment) means a segment and its tombstones
 go away together: once every letter of a segment is removed, `<n>.dlq` is deleted, then `<n>.tomb`, and
@@ -19,10 +20,11 @@ Durability contract: when `put` returns, the letters are on stable storage (one 
 put that was waiting: group commit); when `remove` returns, the removals are. With `fsync=False` nothing is
 ever synced (tests only).
 
-Recovery on open: a torn tail -- a partial or zero-filled final frame of the newest segment, or of any
-tombstone file, left by a crash before its fsync -- is cut off with a warning (nothing in it was ever
-acknowledged). Anything else that does not check out raises `DeadLetterStoreCorruptError` naming the file
-and byte offset; letters are never dropped silently.
+Recovery on open (the rule of core/framing.py's FramedFile, shared with the WAL): a torn tail -- a partial
+or zero-filled final frame of the newest segment, or of any tombstone file, left by a crash before its
+fsync -- is cut off with a warning (nothing in it was ever acknowledged). Anything else that does not check
+out raises `DeadLetterStoreCorruptError` naming the file and byte offset, and leaves the files as they
+are; letters are never dropped silently.
 
 Compaction (after every `remove`, and before a put is refused): a segment (other than the newest) whose
 live letters fill less than half of it has them copied to the newest segment, synced; then every segment
@@ -48,7 +50,6 @@ import os
 import secrets
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,11 +73,11 @@ from etlrouter.core.durable import (
 from etlrouter.core.durable import write_all as _write_all  # a module name: tests make writes fail through it
 from etlrouter.core.framing import (
     FILE_HEADER,
-    FRAME,
     FileFormat,
     Frame,
     FramedFile,
     file_header,
+    frame_body,
     fsync_dir,
     parse_seq,
 )
@@ -427,8 +428,8 @@ class _Files:
                     raise DeadLetterStoreCorruptError(
                         _seg_path(self.dir, seq), offset, f"short read: {len(frame)} of {length} bytes"
                     )
-                body = frame[FRAME.size :]
-                if zlib.crc32(body) != FRAME.unpack_from(frame, 0)[2]:
+                body = frame_body(frame)
+                if body is None:
                     raise DeadLetterStoreCorruptError(_seg_path(self.dir, seq), offset, "record CRC mismatch")
                 bodies.append(body)
         finally:
