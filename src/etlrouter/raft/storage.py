@@ -28,9 +28,7 @@ silently.
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import fcntl
 import functools
 import itertools
 import logging
@@ -38,14 +36,32 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 import msgspec
 
-from etlrouter.core.framing import FILE_HEADER, FRAME, FRAME_CHECKED, file_header, frame, fsync_dir, is_zero
+from etlrouter.core import durable
+from etlrouter.core.durable import (
+    DirectoryLock,
+    DurableLogCorruptError,
+    DurableLogError,
+    DurableLogFailedError,
+    DurableLogLockedError,
+    StorageThread,
+    write_all,
+)
+from etlrouter.core.framing import (
+    FILE_HEADER,
+    FileFormat,
+    Frame,
+    FramedFile,
+    file_header,
+    frame,
+    fsync_dir,
+    parse_seq,
+)
 from etlrouter.raft.types import Entry, HardState, SnapshotMeta
 
 __all__ = [
@@ -77,34 +93,19 @@ _WAL_SUFFIX = ".wal"
 _SNAP_SUFFIX = ".snap"
 _TMP_SUFFIX = ".tmp"
 
-_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-_T = TypeVar("_T")
+# A module-level name: the crash tests replace it to see which syncs happen.
+_fdatasync: Callable[[int], None] = durable.fdatasync
 
 
 # ---------------------------------------------------------------------------------------------------
-# Errors and public value types
+# Errors (the durable-log family of core/durable.py, under the names Raft callers know) and value types
 
-
-class StorageError(Exception):
-    """Base class of every error raised by Raft storage."""
-
-
-class StorageCorruptError(StorageError):
-    """The on-disk state is damaged or not ours; `path` and `offset` say where."""
-
-    def __init__(self, path: Path, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: at byte offset {offset}: {reason}")
-        self.path = path
-        self.offset = offset
-        self.reason = reason
-
-
-class StorageLockedError(StorageError):
-    """Another process (or another RaftStorage in this one) owns the data directory."""
-
-
-class StorageFailedError(StorageError):
-    """A write or fsync failed earlier; the in-memory view can no longer be trusted. Reopen."""
+StorageError = DurableLogError
+StorageCorruptError = DurableLogCorruptError  # (path, offset, reason)
+StorageLockedError = DurableLogLockedError  # another process (or RaftStorage in this one) owns the directory
+StorageFailedError = (
+    DurableLogFailedError  # a write or fsync failed earlier, or the storage is closed: reopen
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,14 +225,6 @@ def _snapshot_name(index: int) -> str:
     return f"{index:016x}{_SNAP_SUFFIX}"
 
 
-def _parse_hex_stem(path: Path, suffix: str) -> int | None:
-    stem = path.name[: -len(suffix)] if path.name.endswith(suffix) else ""
-    try:
-        return int(stem, 16) if len(stem) == 16 else None
-    except ValueError:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------
 # Replay: a pure state machine over decoded records. Errors are raised as _ReplayError and turned
 # into StorageCorruptError by the reader, which knows the file and offset.
@@ -346,83 +339,50 @@ class _WalScan:
     tail_size: int  # valid byte length of the last segment
 
 
-def _check_frame(data: memoryview, offset: int, is_last: bool) -> tuple[str | None, bool, int, int]:
-    """Checks the frame at `offset`: (problem or None, whether the problem is a torn tail, length, type).
+_SEGMENT_FORMAT = FileFormat(
+    magic=SEGMENT_MAGIC,
+    version=FORMAT_VERSION,
+    kinds=frozenset(_DECODERS),
+    label="WAL",
+    description="an etlrouter WAL segment",
+    log=log,
+)
 
-    Only the last segment can have a torn tail, since a segment is synced before the next one is
-    created. A torn write leaves the file short or zero-filled past some point, so a damaged frame
-    is torn only when nothing but zeros follows it; anything else is corruption.
-    """
-    size = len(data)
-    if size - offset < FRAME.size:
-        return "frame header runs past the end of the file", is_last, 0, 0
-    length, kind, body_crc, header_crc = FRAME.unpack_from(data, offset)
-    body_start = offset + FRAME.size
-    if zlib.crc32(data[offset : offset + FRAME_CHECKED.size]) != header_crc:
-        return "frame header CRC mismatch", is_last and is_zero(data[body_start:]), 0, 0
-    end = body_start + length
-    if end > size:
-        return f"record of {length} bytes runs past the end of the file", is_last, 0, 0
-    if zlib.crc32(data[body_start:end]) != body_crc:
-        return "record CRC mismatch", is_last and is_zero(data[end:]), 0, 0
-    if kind not in _DECODERS:
-        return f"unknown record type {kind}", False, 0, 0
-    return None, False, length, kind
+
+def _decode(file: FramedFile, raw: Frame) -> _AnyRecord:
+    kind = RecordType(raw.kind)  # FramedFile only yields the kinds of _SEGMENT_FORMAT
+    try:
+        record = _DECODERS[kind].decode(raw.body)
+    except msgspec.DecodeError as exc:
+        raise file.corrupt(raw, f"undecodable {kind.name} record: {exc}") from exc
+    if record.v != RECORD_VERSION:
+        raise file.corrupt(raw, f"unsupported {kind.name} record version {record.v}")
+    return record
 
 
 def _scan_segment(
-    path: Path, data: memoryview, seq: int, replay: _LogReplay, is_last: bool
-) -> tuple[int, _SegmentInfo | None]:
-    """Replays one segment. Returns (valid length, info); info is None for a torn, empty last segment.
+    path: Path, seq: int, replay: _LogReplay, is_last: bool
+) -> tuple[FramedFile, _SegmentInfo | None]:
+    """Replays one segment. Returns (the file, info); info is None for a torn, empty last segment.
 
-    In the last segment a frame that runs past the end of the file, or a bad frame followed only by
-    zeros, is a torn write and ends the scan; everywhere else it is corruption.
+    Framing and the torn-tail rule are core/framing.py's (only the last segment's tail may tear, since a
+    segment is synced before the next one is created); this adds the WAL's own rule that every segment
+    starts with a SEGMENT_STATE record, and the replay's checks.
     """
-    size = len(data)
-    header_size = FILE_HEADER.size
-    if is_last and (size < header_size or (is_zero(data[:header_size]) and is_zero(data))):
-        return 0, None  # the crash hit the segment's creation: nothing in it was ever acknowledged
-    if size < header_size:
-        raise StorageCorruptError(path, 0, f"segment header is {size} bytes, expected {header_size}")
-    magic, version, header_seq, header_crc = FILE_HEADER.unpack_from(data, 0)
-    if magic != SEGMENT_MAGIC:
-        raise StorageCorruptError(path, 0, f"bad magic {bytes(magic)!r}: not an etlrouter WAL segment")
-    if zlib.crc32(data[: header_size - 4]) != header_crc:
-        raise StorageCorruptError(path, 0, "segment header CRC mismatch")
-    if version != FORMAT_VERSION:
-        raise StorageCorruptError(path, 0, f"unsupported WAL format version {version}")
-    if header_seq != seq:
-        raise StorageCorruptError(path, 0, f"header says segment {header_seq}, file name says {seq}")
-
-    offset = header_size
+    file = FramedFile(path, _SEGMENT_FORMAT, seq, tail_may_tear=is_last)
     info: _SegmentInfo | None = None
-    while offset < size:
-        problem, torn, length, kind = _check_frame(data, offset, is_last)
-        if problem is not None:
-            if not torn:
-                raise StorageCorruptError(path, offset, problem)
-            log.warning("WAL %s: torn tail at byte offset %d (%s); discarding it", path, offset, problem)
-            break
-        body = data[offset + FRAME.size : offset + FRAME.size + length]
-        try:
-            record = _DECODERS[kind].decode(body)
-        except msgspec.DecodeError as exc:
-            raise StorageCorruptError(
-                path, offset, f"undecodable {RecordType(kind).name} record: {exc}"
-            ) from exc
-        if record.v != RECORD_VERSION:
-            raise StorageCorruptError(
-                path, offset, f"unsupported {RecordType(kind).name} record version {record.v}"
-            )
-        if info is None and not isinstance(record, SegmentStateRecord):
-            raise StorageCorruptError(path, offset, "segment does not start with a SEGMENT_STATE record")
+    for raw in file:
+        record = _decode(file, raw)
         try:
             if isinstance(record, SegmentStateRecord):
                 if info is not None:
                     raise _ReplayError("second SEGMENT_STATE record in one segment")
                 replay.segment_state(record)
                 info = _SegmentInfo(seq, path, record.last_index)
-            elif isinstance(record, EntriesRecord):
+                continue
+            if info is None:
+                raise file.corrupt(raw, "segment does not start with a SEGMENT_STATE record")
+            if isinstance(record, EntriesRecord):
                 replay.append(record.entries)
             elif isinstance(record, HardStateRecord):
                 replay.hard_state = record.hard_state
@@ -430,22 +390,20 @@ def _scan_segment(
                 replay.truncate(record.after)
             else:
                 replay.install_snapshot(record)
-        except _ReplayError as exc:
-            raise StorageCorruptError(path, offset, str(exc)) from exc
-        if info is not None and not isinstance(record, SegmentStateRecord):
             info.records += 1
-        offset += FRAME.size + length
+        except _ReplayError as exc:
+            raise file.corrupt(raw, str(exc)) from exc
     if info is None:
         if is_last:  # the crash hit the segment's creation: nothing in it was ever acknowledged
-            return 0, None
-        raise StorageCorruptError(path, header_size, "segment has no SEGMENT_STATE record")
-    return offset, info
+            return file, None
+        raise StorageCorruptError(path, FILE_HEADER.size, "segment has no SEGMENT_STATE record")
+    return file, info
 
 
 def _list_segments(wal_dir: Path) -> list[tuple[int, Path]]:
     found: list[tuple[int, Path]] = []
     for path in wal_dir.iterdir():
-        seq = _parse_hex_stem(path, _WAL_SUFFIX)
+        seq = parse_seq(path.name, _WAL_SUFFIX)
         if seq is not None:
             found.append((seq, path))
     found.sort()
@@ -464,20 +422,16 @@ def _scan_wal(wal_dir: Path, repair: bool) -> _WalScan:
     tail_size = 0
     for position, (seq, path) in enumerate(segments):
         is_last = position == len(segments) - 1
-        data = path.read_bytes()
-        valid, info = _scan_segment(path, memoryview(data), seq, replay, is_last)
+        file, info = _scan_segment(path, seq, replay, is_last)
         if info is None:
             log.warning("WAL %s: segment creation was interrupted by a crash; removing it", path)
             if repair:
                 path.unlink()
             continue
         infos.append(info)
-        tail_size = valid
-        if is_last and repair and valid < len(data):
-            with open(path, "r+b") as fh:
-                fh.truncate(valid)
-                fh.flush()
-                os.fsync(fh.fileno())
+        tail_size = file.valid
+        if is_last and repair:
+            file.cut_tail(fsync=True)  # synced even with fsync=False: a repair is rare, keep it
     problem = replay.finish()
     if problem is not None:
         first = infos[0].path if infos else wal_dir
@@ -526,7 +480,7 @@ def _read_snapshot_file(path: Path, expected: SnapshotMeta) -> bytes:
 
 def _snapshot_files(snap_dir: Path) -> Iterator[tuple[int, Path]]:
     for path in snap_dir.iterdir():
-        index = _parse_hex_stem(path, _SNAP_SUFFIX)
+        index = parse_seq(path.name, _SNAP_SUFFIX)
         if index is not None:
             yield index, path
 
@@ -565,12 +519,12 @@ class RaftStorage:
     `asyncio.to_thread`), never from two threads at once.
     """
 
-    def __init__(self, data_dir: Path, options: StorageOptions, lock_fd: int, scan: _WalScan) -> None:
+    def __init__(self, data_dir: Path, options: StorageOptions, lock: DirectoryLock, scan: _WalScan) -> None:
         self._dir = data_dir
         self._wal_dir = data_dir / _WAL_DIR
         self._snap_dir = data_dir / _SNAP_DIR
         self._options = options
-        self._lock_fd: int | None = lock_fd
+        self._lock = lock
         self._failed: BaseException | None = None
         replay = scan.replay
         self._hard_state = replay.hard_state
@@ -613,18 +567,13 @@ class RaftStorage:
         if created and options.fsync:  # the new directories must survive a power loss too
             fsync_dir(path)
             fsync_dir(path.parent)
-        lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(lock_fd)
-            raise StorageLockedError(f"{path} is in use by another RaftStorage") from exc
+        lock = DirectoryLock(path, "RaftStorage")
         try:
             scan, state = _read_state(path, repair=True)
             _clean_snapshot_dir(path / _SNAP_DIR, state.snapshot)
-            storage = cls(path, options, lock_fd, scan)
+            storage = cls(path, options, lock, scan)
         except BaseException:
-            os.close(lock_fd)
+            lock.release()
             raise
         return storage, state
 
@@ -633,9 +582,7 @@ class RaftStorage:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def __enter__(self) -> RaftStorage:
         return self
@@ -907,10 +854,7 @@ class RaftStorage:
         if self._size + len(payload) > self._options.segment_bytes and self._records_in_segment > 1:
             self._roll_segment()
         try:
-            view = memoryview(payload)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            write_all(self._fd, payload)
         except OSError as exc:
             self._failed = exc
             raise StorageFailedError(f"write to {self._segments[-1].path} failed: {exc}") from exc
@@ -930,7 +874,7 @@ class RaftStorage:
         payload = _segment_header(seq) + _frame(RecordType.SEGMENT_STATE, state)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, payload)
+            write_all(fd, payload)
             if self._options.fsync:
                 os.fsync(fd)
                 fsync_dir(self._wal_dir)
@@ -966,17 +910,14 @@ def _clean_snapshot_dir(snap_dir: Path, current: SnapshotMeta | None) -> None:
 class AsyncRaftStorage:
     """Runs a RaftStorage's blocking calls on one worker thread, in call order, never overlapping.
 
-    A single-thread executor rather than asyncio.to_thread: a cancelled await cannot stop a thread
-    mid-fsync, and the next call must still not run beside it. A call cancelled before its turn is
-    skipped; its successors then see the log without it (and may be refused with ValueError).
+    The thread is core/durable.py's StorageThread (why not asyncio.to_thread: see there). A call
+    cancelled before its turn is skipped; its successors then see the log without it (and may be
+    refused with ValueError).
     """
 
     def __init__(self, storage: RaftStorage) -> None:
         self.storage = storage
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raft-storage")
-
-    async def _run(self, call: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        self._thread = StorageThread("raft-storage")
 
     async def save(
         self,
@@ -987,7 +928,7 @@ class AsyncRaftStorage:
         sync: bool = True,
     ) -> None:
         """RaftStorage.save on the storage thread: durable on return when sync=True."""
-        await self._run(
+        await self._thread.run(
             functools.partial(
                 self.storage.save,
                 hard_state=hard_state,
@@ -998,17 +939,17 @@ class AsyncRaftStorage:
         )
 
     async def sync(self) -> None:
-        await self._run(self.storage.sync)
+        await self._thread.run(self.storage.sync)
 
     async def save_snapshot(self, meta: SnapshotMeta, data: bytes) -> None:
-        await self._run(functools.partial(self.storage.save_snapshot, meta, data))
+        await self._thread.run(functools.partial(self.storage.save_snapshot, meta, data))
 
     async def compact(self, index: int) -> int:
-        return await self._run(functools.partial(self.storage.compact, index))
+        return await self._thread.run(functools.partial(self.storage.compact, index))
 
     async def close(self) -> None:
         """Closes the storage after every call queued before it, then stops the thread."""
         try:
-            await self._run(self.storage.close)
+            await self._thread.run(self.storage.close)
         finally:
-            self._executor.shutdown(wait=False)
+            self._thread.shutdown(wait=False)

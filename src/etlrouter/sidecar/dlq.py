@@ -8,8 +8,9 @@ Layout of a DLQ directory::
 
 Every file = 24-byte header (magic, format version, segment number, header CRC) followed by frames.
 Frame = body length (u32) | type (u8) | CRC32 of body (u32) | CRC32 of the preceding 9 bytes (u32) | body,
-little-endian (the framing of the Raft WAL). A LETTER body is the encoded `etlrouter.v1.DeadLetter`; a
-TOMBSTONE body is the msgpack encoding of the versioned `TombstoneRecord`.
+little-endian: the framing of the Raft WAL, written and read by core/framing.py. A LETTER body is the
+encoded `etlrouter.v1.DeadLetter`; a TOMBSTONE body is the msgpack encoding of the versioned
+`TombstoneRecord`.
 
 Keeping a segment's tombstones beside it (not in the newest segment) means a segment and its tombstones
 go away together: once every letter of a segment is removed, `<n>.dlq` is deleted, then `<n>.tomb`, and
@@ -19,10 +20,11 @@ Durability contract: when `put` returns, the letters are on stable storage (one 
 put that was waiting: group commit); when `remove` returns, the removals are. With `fsync=False` nothing is
 ever synced (tests only).
 
-Recovery on open: a torn tail -- a partial or zero-filled final frame of the newest segment, or of any
-tombstone file, left by a crash before its fsync -- is cut off with a warning (nothing in it was ever
-acknowledged). Anything else that does not check out raises `DeadLetterStoreCorruptError` naming the file
-and byte offset; letters are never dropped silently.
+Recovery on open (the rule of core/framing.py's FramedFile, shared with the WAL): a torn tail -- a partial
+or zero-filled final frame of the newest segment, or of any tombstone file, left by a crash before its
+fsync -- is cut off with a warning (nothing in it was ever acknowledged). Anything else that does not check
+out raises `DeadLetterStoreCorruptError` naming the file and byte offset, and leaves the files as they
+are; letters are never dropped silently.
 
 Compaction (after every `remove`, and before a put is refused): a segment (other than the newest) whose
 live letters fill less than half of it has them copied to the newest segment, synced; then every segment
@@ -42,36 +44,48 @@ import base64
 import binascii
 import bisect
 import enum
-import fcntl
 import functools
 import logging
 import os
 import secrets
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final
 
 import msgspec
 from google.protobuf.message import DecodeError
-from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client import Counter, Gauge
 
-from etlrouter._proto.v1 import admin_grpc, admin_pb2, dataplane_grpc, dataplane_pb2, records_pb2
+from etlrouter._proto.v1 import dataplane_pb2
 from etlrouter.core import framing
-from etlrouter.core.config import SidecarConfig, TransportConfig
-from etlrouter.core.framing import FILE_HEADER, FRAME, FRAME_CHECKED, file_header, fsync_dir, is_zero
-from etlrouter.core.grpc import open_channel
+from etlrouter.core.durable import (
+    DirectoryLock,
+    DurableLogCorruptError,
+    DurableLogError,
+    DurableLogFailedError,
+    DurableLogLockedError,
+    StorageThread,
+    fdatasync,
+)
+from etlrouter.core.durable import write_all as _write_all  # a module name: tests make writes fail through it
+from etlrouter.core.framing import (
+    FILE_HEADER,
+    FileFormat,
+    Frame,
+    FramedFile,
+    file_header,
+    frame_body,
+    fsync_dir,
+    parse_seq,
+)
 from etlrouter.core.metrics import REGISTRY
 
 __all__ = [
     "DEFAULT_LIST_LIMIT",
     "MAX_LIST_LIMIT",
-    "PROVENANCE_PREFIX",
     "DeadLetterStore",
     "DeadLetterStoreClosedError",
     "DeadLetterStoreCorruptError",
@@ -79,9 +93,7 @@ __all__ = [
     "DeadLetterStoreFailedError",
     "DeadLetterStoreFullError",
     "DeadLetterStoreLockedError",
-    "DlqSinkForwarder",
     "InvalidPageTokenError",
-    "letter_to_record",
     "new_letter_id",
 ]
 
@@ -98,9 +110,6 @@ MAX_PAGE_TOKEN_CHARS: Final = 512
 _SEG_SUFFIX = ".dlq"
 _TOMB_SUFFIX = ".tomb"
 _TOKEN_PREFIX = b"dlq1:"
-
-_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-_T = TypeVar("_T")
 
 DLQ_RECORDS = Counter(
     "etlrouter_dlq_records_total",
@@ -123,24 +132,15 @@ DLQ_LETTERS = Gauge("etlrouter_dlq_letters", "Dead letters held by the dead-lett
 
 
 # ---------------------------------------------------------------------------------------------------
-# Errors
+# Errors: the durable-log family (core/durable.py) under the names the sidecar knows, and two of its own
+
+DeadLetterStoreError = DurableLogError
+DeadLetterStoreCorruptError = DurableLogCorruptError  # (path, offset, reason)
+DeadLetterStoreLockedError = DurableLogLockedError  # another DeadLetterStore owns the directory
+DeadLetterStoreFailedError = DurableLogFailedError  # a write or fsync failed earlier: reopen the store
 
 
-class DeadLetterStoreError(Exception):
-    """Base class of every error the dead-letter store raises."""
-
-
-class DeadLetterStoreCorruptError(DeadLetterStoreError):
-    """The files are damaged or not ours; `path` and `offset` say where."""
-
-    def __init__(self, path: Path, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: at byte offset {offset}: {reason}")
-        self.path = path
-        self.offset = offset
-        self.reason = reason
-
-
-class DeadLetterStoreFullError(DeadLetterStoreError):
+class DeadLetterStoreFullError(DurableLogError):
     """A put would grow the store past its `max_bytes` bound; nothing of it was stored."""
 
     def __init__(self, directory: Path, max_bytes: int, used: int, needed: int) -> None:
@@ -153,15 +153,7 @@ class DeadLetterStoreFullError(DeadLetterStoreError):
         self.needed = needed
 
 
-class DeadLetterStoreLockedError(DeadLetterStoreError):
-    """Another DeadLetterStore (in this or another process) owns the directory."""
-
-
-class DeadLetterStoreFailedError(DeadLetterStoreError):
-    """A write or fsync failed earlier; what is on disk is unknown. Reopen the store."""
-
-
-class DeadLetterStoreClosedError(DeadLetterStoreError):
+class DeadLetterStoreClosedError(DurableLogError):
     """The store was closed."""
 
 
@@ -255,6 +247,15 @@ _tomb_encoder = msgspec.msgpack.Encoder()
 _tomb_decoder = msgspec.msgpack.Decoder(TombstoneRecord)
 
 
+# Both files accept both record types, so a record in the wrong file gets its own message below.
+_SEGMENT_FORMAT = FileFormat(
+    SEGMENT_MAGIC, FORMAT_VERSION, frozenset(RecordType), "DLQ", "an etlrouter DLQ segment", log
+)
+_TOMB_FORMAT = FileFormat(
+    TOMB_MAGIC, FORMAT_VERSION, frozenset(RecordType), "DLQ", "an etlrouter DLQ tombstone file", log
+)
+
+
 def _frame(kind: RecordType, body: bytes) -> bytes:
     return framing.frame(kind, body)
 
@@ -269,74 +270,6 @@ def _seg_path(directory: Path, seq: int) -> Path:
 
 def _tomb_path(directory: Path, seq: int) -> Path:
     return directory / f"{seq:016x}{_TOMB_SUFFIX}"
-
-
-def _parse_seq(name: str, suffix: str) -> int | None:
-    stem = name[: -len(suffix)] if name.endswith(suffix) else ""
-    try:
-        return int(stem, 16) if len(stem) == 16 else None
-    except ValueError:
-        return None
-
-
-@dataclass(slots=True)
-class _Frame:
-    offset: int
-    kind: int
-    body: memoryview
-
-
-def _scan_file(
-    path: Path, data: memoryview, magic: bytes, seq: int, tail_may_tear: bool
-) -> tuple[list[_Frame], int]:
-    """Checks a file's header and frames. Returns (frames, valid length).
-
-    When `tail_may_tear`, a frame that runs past the end of the file, or a damaged frame followed only by
-    zeros, is a torn write: the scan stops there (the caller cuts it off). Anything else is corruption.
-    """
-    size = len(data)
-    if tail_may_tear and (size < FILE_HEADER.size or is_zero(data)):
-        return [], 0  # the crash hit the file's creation: nothing in it was acknowledged
-    if size < FILE_HEADER.size:
-        raise DeadLetterStoreCorruptError(
-            path, 0, f"file header is {size} bytes, expected {FILE_HEADER.size}"
-        )
-    found_magic, version, header_seq, header_crc = FILE_HEADER.unpack_from(data, 0)
-    if found_magic != magic:
-        raise DeadLetterStoreCorruptError(path, 0, f"bad magic {bytes(found_magic)!r}: not a {magic!r} file")
-    if zlib.crc32(data[: FILE_HEADER.size - 4]) != header_crc:
-        raise DeadLetterStoreCorruptError(path, 0, "file header CRC mismatch")
-    if version != FORMAT_VERSION:
-        raise DeadLetterStoreCorruptError(path, 0, f"unsupported DLQ format version {version}")
-    if header_seq != seq:
-        raise DeadLetterStoreCorruptError(path, 0, f"header says segment {header_seq}, file name says {seq}")
-    frames: list[_Frame] = []
-    offset = FILE_HEADER.size
-    while offset < size:
-        problem: str | None = None
-        torn = False
-        if size - offset < FRAME.size:
-            problem, torn = "frame header runs past the end of the file", tail_may_tear
-        else:
-            length, kind, body_crc, head_crc = FRAME.unpack_from(data, offset)
-            body_start = offset + FRAME.size
-            end = body_start + length
-            if zlib.crc32(data[offset : offset + FRAME_CHECKED.size]) != head_crc:
-                problem, torn = "frame header CRC mismatch", tail_may_tear and is_zero(data[body_start:])
-            elif end > size:
-                problem, torn = f"record of {length} bytes runs past the end of the file", tail_may_tear
-            elif zlib.crc32(data[body_start:end]) != body_crc:
-                problem, torn = "record CRC mismatch", tail_may_tear and is_zero(data[end:])
-            elif kind not in (RecordType.LETTER, RecordType.TOMBSTONE):
-                problem = f"unknown record type {kind}"
-        if problem is not None:
-            if not torn:
-                raise DeadLetterStoreCorruptError(path, offset, problem)
-            log.warning("DLQ %s: torn tail at byte offset %d (%s); discarding it", path, offset, problem)
-            return frames, offset
-        frames.append(_Frame(offset, kind, data[body_start:end]))
-        offset = end
-    return frames, offset
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,14 +357,14 @@ class _Files:
             self.active_size + len(payload) > self.segment_bytes and self.active_size > FILE_HEADER.size
         ):
             if self.fd >= 0 and self.fsync:
-                _fdatasync(self.fd)  # only the newest segment may ever have a torn tail
+                fdatasync(self.fd)  # only the newest segment may ever have a torn tail
             self.create_segment(self.active + 1)
             created.append(self.active)
         offset = self.active_size
         _write_all(self.fd, payload)
         self.active_size += len(payload)
         if self.fsync:
-            _fdatasync(self.fd)
+            fdatasync(self.fd)
         return _WriteResult(self.active, offset, created)
 
     def append_tombstones(self, by_segment: dict[int, list[str]]) -> dict[int, int]:
@@ -450,7 +383,7 @@ class _Files:
             try:
                 _write_all(fd, payload)
                 if self.fsync:
-                    _fdatasync(fd)
+                    fdatasync(fd)
             finally:
                 os.close(fd)
             added[seq] = len(payload)
@@ -477,7 +410,7 @@ class _Files:
         """Starts a new segment when the active one holds only removed letters; returns header bytes."""
         if active_live == 0 and self.active_size > FILE_HEADER.size:
             if self.fsync and self.fd >= 0:
-                _fdatasync(self.fd)
+                fdatasync(self.fd)
             return self.create_segment(self.active + 1)
         return 0
 
@@ -495,8 +428,8 @@ class _Files:
                     raise DeadLetterStoreCorruptError(
                         _seg_path(self.dir, seq), offset, f"short read: {len(frame)} of {length} bytes"
                     )
-                body = frame[FRAME.size :]
-                if zlib.crc32(body) != FRAME.unpack_from(frame, 0)[2]:
+                body = frame_body(frame)
+                if body is None:
                     raise DeadLetterStoreCorruptError(_seg_path(self.dir, seq), offset, "record CRC mismatch")
                 bodies.append(body)
         finally:
@@ -513,13 +446,6 @@ class _Files:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _write_all(fd: int, payload: bytes) -> None:
-    view = memoryview(payload)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -553,14 +479,7 @@ class DeadLetterStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         if created and fsync:
             fsync_dir(self.directory.parent)
-        self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(self._lock_fd)
-            raise DeadLetterStoreLockedError(
-                f"{self.directory} is in use by another DeadLetterStore"
-            ) from exc
+        self._lock = DirectoryLock(self.directory, "DeadLetterStore")
         self._by_id: dict[str, _Slot] = {}
         self._order: list[str] = []  # ids, sorted; may hold removed ids until the next rebuild
         self._order_dead = 0
@@ -570,9 +489,9 @@ class DeadLetterStore:
             active, active_size = self._recover()
             self._files = _Files(self.directory, fsync, segment_bytes, active, active_size)
         except BaseException:
-            os.close(self._lock_fd)
+            self._lock.release()
             raise
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlq-storage")
+        self._thread = StorageThread("dlq-storage")
         self._mutex = asyncio.Lock()  # one writer at a time: group commit or remove + compaction
         self._pending: list[_Pending] = []
         self._pending_bytes = 0
@@ -599,17 +518,13 @@ class DeadLetterStore:
     # -- recovery ------------------------------------------------------------------------------------
 
     def _recover(self) -> tuple[int, int]:
-        """Replays every file; returns (active segment, its valid size), (0, 0) when there is none."""
-        segs: list[int] = []
-        tombs: set[int] = set()
-        for path in self.directory.iterdir():
-            seq = _parse_seq(path.name, _SEG_SUFFIX)
-            if seq is not None:
-                segs.append(seq)
-            seq = _parse_seq(path.name, _TOMB_SUFFIX)
-            if seq is not None:
-                tombs.add(seq)
-        segs.sort()
+        """Replays every file; returns (active segment, its valid size), (0, 0) when there is none.
+
+        Segments in order, each followed by its tombstones: a letter a compaction copied is then moved to its
+        later copy before that copy's segment's removals are applied.
+        """
+        segs = sorted(self._seqs(_SEG_SUFFIX))
+        tombs = set(self._seqs(_TOMB_SUFFIX))
         for seq in sorted(tombs - set(segs)):
             path = _tomb_path(self.directory, seq)
             log.warning(
@@ -617,101 +532,86 @@ class DeadLetterStore:
             )
             path.unlink()
         for position, seq in enumerate(segs):
-            is_last = position == len(segs) - 1
-            path = _seg_path(self.directory, seq)
-            data = path.read_bytes()
-            frames, valid = _scan_file(path, memoryview(data), SEGMENT_MAGIC, seq, tail_may_tear=is_last)
-            if valid == 0:
-                log.warning("DLQ %s: segment creation was interrupted by a crash; removing it", path)
-                path.unlink()
-                _tomb_path(self.directory, seq).unlink(missing_ok=True)
-                continue
-            self._cut(path, valid, len(data))
-            state = self._segments[seq] = _SegmentState(seg_bytes=valid)
-            for frame in frames:
-                if frame.kind != RecordType.LETTER:
-                    raise DeadLetterStoreCorruptError(
-                        path, frame.offset, "tombstone record in a letter segment"
-                    )
-                letter = dataplane_pb2.DeadLetter()
-                try:
-                    letter.ParseFromString(bytes(frame.body))
-                except DecodeError as exc:
-                    raise DeadLetterStoreCorruptError(
-                        path, frame.offset, f"undecodable DeadLetter: {exc}"
-                    ) from exc
-                if not letter.id:
-                    raise DeadLetterStoreCorruptError(path, frame.offset, "dead letter without an id")
-                length = FRAME.size + len(frame.body)
-                earlier = self._by_id.get(letter.id)
-                if earlier is not None:
-                    # A compaction copied the letter here and crashed before deleting the old segment:
-                    # the later copy is the one removals were (and will be) written against.
-                    if earlier.length != length:
-                        raise DeadLetterStoreCorruptError(
-                            path,
-                            frame.offset,
-                            f"letter {letter.id!r} differs from its copy in segment "
-                            f"{earlier.segment} at byte offset {earlier.offset}",
-                        )
-                    self._move(earlier, seq, frame.offset)
-                    continue
-                self._add(
-                    _Slot(
-                        letter.id,
-                        letter.pipeline,
-                        letter.stage_id,
-                        letter.error_class,
-                        seq,
-                        frame.offset,
-                        length,
-                    )
-                )
-                _ID_CLOCK.observe(letter.id)
-            if seq in tombs:
-                tpath = _tomb_path(self.directory, seq)
-                tdata = tpath.read_bytes()
-                tframes, tvalid = _scan_file(tpath, memoryview(tdata), TOMB_MAGIC, seq, tail_may_tear=True)
-                if tvalid == 0:
-                    log.warning(
-                        "DLQ %s: tombstone file creation was interrupted by a crash; removing it", tpath
-                    )
-                    tpath.unlink()
-                else:
-                    self._cut(tpath, tvalid, len(tdata))
-                    state.tomb_bytes = tvalid
-                for frame in tframes:
-                    if frame.kind != RecordType.TOMBSTONE:
-                        raise DeadLetterStoreCorruptError(
-                            tpath, frame.offset, "letter record in a tombstone file"
-                        )
-                    try:
-                        record = _tomb_decoder.decode(frame.body)
-                    except msgspec.DecodeError as exc:
-                        raise DeadLetterStoreCorruptError(
-                            tpath, frame.offset, f"undecodable tombstone record: {exc}"
-                        ) from exc
-                    if record.v != RECORD_VERSION:
-                        raise DeadLetterStoreCorruptError(
-                            tpath, frame.offset, f"unsupported tombstone record version {record.v}"
-                        )
-                    for letter_id in record.ids:
-                        slot = self._by_id.get(letter_id)
-                        if slot is not None and slot.segment == seq:
-                            self._drop(slot)
+            if self._replay_segment(seq, is_last=position == len(segs) - 1) and seq in tombs:
+                self._replay_tombstones(seq)
         self._order.sort()
         if self._segments:
             active = max(self._segments)
             return active, self._segments[active].seg_bytes
         return 0, 0
 
-    def _cut(self, path: Path, valid: int, size: int) -> None:
-        if valid < size:
-            with open(path, "r+b") as fh:
-                fh.truncate(valid)
-                fh.flush()
-                if self._fsync:
-                    os.fsync(fh.fileno())
+    def _seqs(self, suffix: str) -> list[int]:
+        found = (parse_seq(path.name, suffix) for path in self.directory.iterdir())
+        return [seq for seq in found if seq is not None]
+
+    def _replay_segment(self, seq: int, *, is_last: bool) -> bool:
+        """Indexes a segment's letters and cuts a torn tail; False when the segment was a torn creation."""
+        path = _seg_path(self.directory, seq)
+        file = FramedFile(path, _SEGMENT_FORMAT, seq, tail_may_tear=is_last)
+        if not file.created:
+            log.warning("DLQ %s: segment creation was interrupted by a crash; removing it", path)
+            path.unlink()
+            _tomb_path(self.directory, seq).unlink(missing_ok=True)
+            return False
+        self._segments[seq] = _SegmentState()
+        for raw in file:
+            self._replay_letter(file, raw, seq)
+        self._segments[seq].seg_bytes = file.valid
+        file.cut_tail(fsync=self._fsync)
+        return True
+
+    def _replay_letter(self, file: FramedFile, raw: Frame, seq: int) -> None:
+        if raw.kind != RecordType.LETTER:
+            raise file.corrupt(raw, "tombstone record in a letter segment")
+        letter = dataplane_pb2.DeadLetter()
+        try:
+            letter.ParseFromString(bytes(raw.body))
+        except DecodeError as exc:
+            raise file.corrupt(raw, f"undecodable DeadLetter: {exc}") from exc
+        if not letter.id:
+            raise file.corrupt(raw, "dead letter without an id")
+        earlier = self._by_id.get(letter.id)
+        if earlier is None:
+            slot = _Slot(
+                letter.id, letter.pipeline, letter.stage_id, letter.error_class, seq, raw.offset, raw.size
+            )
+            self._add(slot)
+            _ID_CLOCK.observe(letter.id)
+        elif earlier.length == raw.size:
+            # A compaction copied the letter here and crashed before deleting the old segment: the later
+            # copy is the one removals were (and will be) written against.
+            self._move(earlier, seq, raw.offset)
+        else:
+            raise file.corrupt(
+                raw,
+                f"letter {letter.id!r} differs from its copy in segment {earlier.segment} at byte offset "
+                f"{earlier.offset}",
+            )
+
+    def _replay_tombstones(self, seq: int) -> None:
+        """Applies the removals written against segment `seq` and cuts a torn tail (any tombstone file may
+        have one: removals are appended to old segments' files too)."""
+        path = _tomb_path(self.directory, seq)
+        file = FramedFile(path, _TOMB_FORMAT, seq, tail_may_tear=True)
+        if not file.created:
+            log.warning("DLQ %s: tombstone file creation was interrupted by a crash; removing it", path)
+            path.unlink()
+            return
+        for raw in file:
+            if raw.kind != RecordType.TOMBSTONE:
+                raise file.corrupt(raw, "letter record in a tombstone file")
+            try:
+                record = _tomb_decoder.decode(raw.body)
+            except msgspec.DecodeError as exc:
+                raise file.corrupt(raw, f"undecodable tombstone record: {exc}") from exc
+            if record.v != RECORD_VERSION:
+                raise file.corrupt(raw, f"unsupported tombstone record version {record.v}")
+            for letter_id in record.ids:
+                slot = self._by_id.get(letter_id)
+                if slot is not None and slot.segment == seq:
+                    self._drop(slot)
+        self._segments[seq].tomb_bytes = file.valid
+        file.cut_tail(fsync=self._fsync)
 
     # -- index ---------------------------------------------------------------------------------------
 
@@ -779,9 +679,6 @@ class DeadLetterStore:
                 f"dead-letter store {self.directory} failed earlier ({self._failed}); reopen it"
             )
 
-    async def _run(self, call: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
     # -- put -----------------------------------------------------------------------------------------
 
     async def put(self, letters: Sequence[dataplane_pb2.DeadLetter]) -> None:
@@ -841,7 +738,7 @@ class DeadLetterStore:
                         raise DeadLetterStoreFailedError(
                             f"dead-letter store {self.directory} failed earlier ({self._failed}); reopen it"
                         )
-                    result = await self._run(functools.partial(self._files.append, payload))
+                    result = await self._thread.run(functools.partial(self._files.append, payload))
                 except BaseException as exc:
                     if self._failed is None:
                         self._failed = exc
@@ -905,7 +802,7 @@ class DeadLetterStore:
         # Called without awaiting in between the index lookup and the submission, so the read is queued
         # before any compaction that could delete the segment (the storage thread runs jobs in order).
         locations = [(s.segment, s.offset, s.length) for s in slots]
-        bodies = await self._run(lambda: self._files.read(locations))
+        bodies = await self._thread.run(lambda: self._files.read(locations))
         letters: list[dataplane_pb2.DeadLetter] = []
         for slot, body in zip(slots, bodies, strict=True):
             letter = dataplane_pb2.DeadLetter()
@@ -994,7 +891,7 @@ class DeadLetterStore:
             if not by_segment:
                 return 0
             try:
-                added = await self._run(lambda: self._files.append_tombstones(by_segment))
+                added = await self._thread.run(lambda: self._files.append_tombstones(by_segment))
             except BaseException as exc:
                 self._failed = exc
                 raise DeadLetterStoreFailedError(
@@ -1039,7 +936,7 @@ class DeadLetterStore:
             for seq in sorted(moving):
                 slots = sorted(moving[seq], key=lambda slot: slot.offset)
                 locations = [(slot.segment, slot.offset, slot.length) for slot in slots]
-                result = await self._run(functools.partial(self._files.relocate, locations))
+                result = await self._thread.run(functools.partial(self._files.relocate, locations))
                 for created in result.created:
                     self._segments.setdefault(created, _SegmentState()).seg_bytes = FILE_HEADER.size
                 self._segments.setdefault(result.segment, _SegmentState()).seg_bytes += sum(
@@ -1054,14 +951,14 @@ class DeadLetterStore:
                 )
         active_state = self._segments.get(self._files.active)
         if active_state is not None and active_state.live == 0:
-            header = await self._run(lambda: self._files.roll_if_empty(0))
+            header = await self._thread.run(lambda: self._files.roll_if_empty(0))
             if header:
                 self._segments[self._files.active] = _SegmentState(seg_bytes=header)
         active = self._files.active
         empty = sorted(seq for seq, s in self._segments.items() if s.live == 0 and seq != active)
         if not empty:
             return
-        deleted = await self._run(lambda: self._files.delete_segments(empty))
+        deleted = await self._thread.run(lambda: self._files.delete_segments(empty))
         for seq in deleted:
             del self._segments[seq]
 
@@ -1075,167 +972,6 @@ class DeadLetterStore:
             await asyncio.gather(self._flusher, return_exceptions=True)
         self._closed = True
         async with self._mutex:
-            await self._run(self._files.close)
-        self._executor.shutdown(wait=True)
-        os.close(self._lock_fd)
-
-
-# ---------------------------------------------------------------------------------------------------
-# A sink service as the DLQ of a stage (the DSL's `dlq = "SINK"` option)
-
-PROVENANCE_PREFIX: Final = "etlrouter.dlq."
-
-DLQ_SINK_WRITTEN = Counter(
-    "etlrouter_dlq_sink_written_events_total",
-    "Dead letters written to the sink service a stage names as its DLQ.",
-    ["sink"],
-    registry=REGISTRY,
-)
-DLQ_SINK_FALLBACK = Counter(
-    "etlrouter_dlq_sink_fallback_events_total",
-    "Dead letters meant for a DLQ sink service that went to the local store because the sink failed.",
-    ["sink"],
-    registry=REGISTRY,
-)
-
-
-def letter_to_record(letter: dataplane_pb2.DeadLetter) -> records_pb2.Record:
-    """The letter's original record with its provenance added as `etlrouter.dlq.*` headers."""
-    record = records_pb2.Record()
-    record.CopyFrom(letter.record)
-    provenance = {
-        "id": letter.id,
-        "pipeline": letter.pipeline,
-        "dag": letter.dag_id,
-        "stage": letter.stage_id,
-        "service": letter.service,
-        "reason": letter.reason or "error",
-        "error": letter.error,
-        "error_class": records_pb2.ErrorClass.Name(letter.error_class),
-        "attempts": str(letter.attempts),
-        "failed_at_ms": str(letter.failed_at_ms),
-        "source": letter.source_id,
-        "partition": str(letter.partition),
-        "batch": letter.batch_id,
-    }
-    for name, value in provenance.items():
-        record.headers[PROVENANCE_PREFIX + name] = value
-    return record
-
-
-class DlqSinkUnavailableError(Exception):
-    """The DLQ sink service could not take the letters (not registered, unreachable, or it failed)."""
-
-
-class DlqSinkForwarder:
-    """Sends dead letters to a sink service through the data plane of the sidecar that fronts it.
-
-    The sink's sidecar is found in the router cluster's registry (cached for `lookup_ttl_s`); the letters
-    travel as one batch on a `ReceiveRecords` stream whose EdgeOpen names the sink (`dlq_sink`). `send`
-    returns False, counted and logged, when the sink does not confirm the write within `timeout_s`: the
-    caller then stores the letters locally, so they are never lost (a write that the sink finished after
-    all is then held twice).
-    """
-
-    def __init__(
-        self,
-        sidecar_id: str,
-        config: SidecarConfig,
-        transport_config: TransportConfig,
-        *,
-        timeout_s: float = 10.0,
-        lookup_ttl_s: float = 10.0,
-    ) -> None:
-        from etlrouter.client.router import RouterClient  # the router package imports more than we need
-
-        self.sidecar_id = sidecar_id
-        self.transport_config = transport_config
-        self.timeout_s = timeout_s
-        self.lookup_ttl_s = lookup_ttl_s
-        self.routers = RouterClient(
-            list(config.routers), timeout=timeout_s / 2, transport_config=transport_config
-        )
-        self._addresses: dict[str, tuple[float, list[str]]] = {}
-        self._channels: dict[str, Any] = {}
-
-    async def send(self, sink: str, letters: Sequence[dataplane_pb2.DeadLetter]) -> bool:
-        for letter in letters:
-            if not letter.id:
-                letter.id = new_letter_id()  # the same id in the sink and, on fallback, in the local store
-        try:
-            await asyncio.wait_for(self._send(sink, letters), self.timeout_s)
-        except Exception as exc:  # whatever went wrong, the local store takes them
-            self._addresses.pop(sink, None)
-            DLQ_SINK_FALLBACK.labels(sink).inc(len(letters))
-            log.warning(
-                "DLQ sink %s did not take %d dead letters (%s); they go to the local dead-letter store",
-                sink,
-                len(letters),
-                exc if str(exc) else type(exc).__name__,
-            )
-            return False
-        DLQ_SINK_WRITTEN.labels(sink).inc(len(letters))
-        return True
-
-    async def _locate(self, sink: str) -> list[str]:
-        cached = self._addresses.get(sink)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        reply = await self.routers.call(
-            admin_grpc.PipelineAdminStub, "ListSidecars", admin_pb2.ListSidecarsRequest()
-        )
-        addresses = [
-            sidecar.data_address
-            for sidecar in reply.sidecars
-            if sidecar.data_address
-            and any(s.name == sink and s.kind == 3 for s in sidecar.services)  # SERVICE_KIND_SINK
-        ]
-        if not addresses:
-            raise DlqSinkUnavailableError(f"no sidecar fronts a sink service named {sink!r}")
-        self._addresses[sink] = (time.monotonic() + self.lookup_ttl_s, addresses)
-        return addresses
-
-    async def _send(self, sink: str, letters: Sequence[dataplane_pb2.DeadLetter]) -> None:
-        errors = []
-        for address in await self._locate(sink):
-            try:
-                await self._send_to(address, sink, letters)
-                return
-            except (DlqSinkUnavailableError, GRPCError, StreamTerminatedError, OSError) as exc:
-                errors.append(f"{address}: {exc}")
-        raise DlqSinkUnavailableError("; ".join(errors))
-
-    async def _send_to(self, address: str, sink: str, letters: Sequence[dataplane_pb2.DeadLetter]) -> None:
-        records = records_pb2.RecordList(records=[letter_to_record(letter) for letter in letters])
-        batch = records_pb2.RawRecordBatch(records=records.SerializeToString())
-        first = letters[0]
-        header = batch.header
-        header.batch_id = f"dlq/{first.id}/{len(letters)}"
-        header.record_count = len(letters)
-        header.byte_size = len(batch.records)
-        header.source_id, header.partition, header.attempt = first.source_id, first.partition, 1
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = open_channel(address, self.transport_config)
-        open_frame = dataplane_pb2.EdgeOpen(dlq_sink=sink, sender_sidecar_id=self.sidecar_id)
-        async with dataplane_grpc.SidecarDataPlaneStub(channel).ReceiveRecords.open() as stream:
-            await stream.send_message(dataplane_pb2.DataFrame(open=open_frame))
-            # A fresh window is entirely free, so one batch of any size is within the credits.
-            if await stream.recv_message() is None:
-                raise DlqSinkUnavailableError(f"{address} closed the DLQ edge without a grant")
-            await stream.send_message(dataplane_pb2.DataFrame(batch=batch))
-            while (reply := await stream.recv_message()) is not None:
-                for outcome in reply.outcomes:
-                    if outcome.batch_id != header.batch_id:
-                        continue
-                    if outcome.status != dataplane_pb2.BATCH_STATUS_DONE:
-                        raise DlqSinkUnavailableError(outcome.error or "the DLQ sink did not write them")
-                    await stream.send_message(dataplane_pb2.DataFrame(close=True), end=True)
-                    return
-        raise DlqSinkUnavailableError(f"{address} closed the DLQ edge before writing")
-
-    def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
-        self._channels.clear()
-        self.routers.close()
+            await self._thread.run(self._files.close)
+        self._thread.shutdown(wait=True)
+        self._lock.release()

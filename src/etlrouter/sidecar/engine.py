@@ -47,7 +47,7 @@ from etlrouter.flow.gate import AsyncCreditGate
 from etlrouter.flow.ledger import AckLedger, Outcome, SourcePartition
 from etlrouter.flow.retry import GiveUp, RetryPolicy, classify_grpc_status
 from etlrouter.flow.watermarks import NO_WATERMARK, SourceWatermarks, StageWatermark, WatermarkValve
-from etlrouter.sidecar.dlq import DlqSinkForwarder
+from etlrouter.sidecar.dlq_sink import DlqSinkForwarder
 from etlrouter.sidecar.model import DeadLetterSink, LocalService
 from etlrouter.sidecar.wire import ServiceClient, count_records, decode_records, encode_records
 
