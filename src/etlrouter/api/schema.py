@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import msgspec
 from ariadne import (
     EnumType,
     MutationType,
@@ -279,15 +280,7 @@ def _sidecars(node: RouterNode, live: LiveStats | None, *, with_gone: bool = Fal
                 "labels": _labels(record.labels),
                 "services": [_service(s) for s in record.services],
                 **_sidecar_live(heard.get(record.id)),
-                "stages": [
-                    {
-                        "stageId": stage_id,
-                        "sidecarId": record.id,
-                        "replica": replica,
-                        "address": record.data_address,
-                    }
-                    for _, stage_id, replica in state.replicas_of(record.id)
-                ],
+                "stages": [_placement(p) for p in admin.sidecar_stages(node, record)],
                 "registered": True,
             }
         )
@@ -604,14 +597,7 @@ def _change(change: PipelineChange) -> dict[str, Any]:
 
 
 def _diagnostic(d: Diagnostic) -> dict[str, Any]:
-    return {
-        "file": d.file,
-        "line": d.line,
-        "column": d.column,
-        "message": d.message,
-        "hint": d.hint,
-        "excerpt": d.excerpt,
-    }
+    return msgspec.structs.asdict(d)  # the SDL's Diagnostic has the model's field names
 
 
 @mutation.field("applyPipelines")

@@ -30,8 +30,10 @@ from etlrouter.control import (
     Diagnostic,
     PipelineChange,
     PipelineStatus,
+    StagePlacement,
 )
 from etlrouter.control.commands import ApplyMode
+from etlrouter.control.state import SidecarRecord
 from etlrouter.dsl import DslError, DslErrors, ExplainFormat, explain_dot, explain_mermaid, explain_tree
 from etlrouter.dsl import explain as explain_text
 from etlrouter.dsl import validate as validate_text
@@ -215,6 +217,14 @@ def cluster_status(node: RouterNode) -> ClusterView:
             for m in status.members
         ),
     )
+
+
+def sidecar_stages(node: RouterNode, record: SidecarRecord) -> list[StagePlacement]:
+    """The stage replicas a registered sidecar runs, as placements."""
+    return [
+        StagePlacement(stage_id, record.id, record.data_address, replica)
+        for _, stage_id, replica in node.state.replicas_of(record.id)
+    ]
 
 
 def live_stats_of(node: RouterNode, *, now_ms: int, wall_ms: int) -> LiveStats:

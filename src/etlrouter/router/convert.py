@@ -56,10 +56,17 @@ _HEALTH_TO_PROTO: dict[Health, control_pb2.Health] = {
     "not_serving": control_pb2.HEALTH_NOT_SERVING,
 }
 _HEALTH_FROM_PROTO: dict[int, Health] = {number: name for name, number in _HEALTH_TO_PROTO.items()}
+# Messages the model mirrors name for name: copied by these names, one list per pair of types.
+_DIAGNOSTIC_FIELDS = ("file", "line", "column", "message", "hint", "excerpt")
+_LOAD_FIELDS = ("records_per_second", "buffer_utilization", "cpu_seconds", "rss_bytes", "running_stages")
 # A forwarded snapshot is network input: bounded like the heartbeats that feed it.
 MAX_FORWARDED_ITEMS = 100_000
 # A stage report's last error is network input too: kept short.
 MAX_ERROR_CHARS = 1000
+
+
+def _fields(source: object, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(source, name) for name in names}
 
 
 def kind_to_proto(kind: StageKind) -> Any:
@@ -153,14 +160,7 @@ def pipeline_to_proto(status: PipelineStatus) -> admin_pb2.Pipeline:
 
 
 def diagnostic_to_proto(diagnostic: Diagnostic) -> admin_pb2.Diagnostic:
-    return admin_pb2.Diagnostic(
-        file=diagnostic.file,
-        line=diagnostic.line,
-        column=diagnostic.column,
-        message=diagnostic.message,
-        hint=diagnostic.hint,
-        excerpt=diagnostic.excerpt,
-    )
+    return admin_pb2.Diagnostic(**_fields(diagnostic, _DIAGNOSTIC_FIELDS))
 
 
 def change_to_proto(change: PipelineChange) -> admin_pb2.PipelineChange:
@@ -178,14 +178,7 @@ def change_from_proto(change: admin_pb2.PipelineChange) -> PipelineChange:
 
 
 def diagnostic_from_proto(diagnostic: admin_pb2.Diagnostic) -> Diagnostic:
-    return Diagnostic(
-        file=diagnostic.file,
-        line=diagnostic.line,
-        column=diagnostic.column,
-        message=diagnostic.message,
-        hint=diagnostic.hint,
-        excerpt=diagnostic.excerpt,
-    )
+    return Diagnostic(**_fields(diagnostic, _DIAGNOSTIC_FIELDS))
 
 
 def dsl_error_to_proto(error: DslError, *, excerpt: bool) -> admin_pb2.Diagnostic:
@@ -234,23 +227,11 @@ def health_from_proto(health: int) -> Health:
 
 
 def load_from_proto(load: control_pb2.SidecarLoad) -> LoadReport:
-    return LoadReport(
-        records_per_second=load.records_per_second,
-        buffer_utilization=load.buffer_utilization,
-        cpu_seconds=load.cpu_seconds,
-        rss_bytes=load.rss_bytes,
-        running_stages=load.running_stages,
-    )
+    return LoadReport(**_fields(load, _LOAD_FIELDS))
 
 
 def load_to_proto(load: LoadReport) -> control_pb2.SidecarLoad:
-    return control_pb2.SidecarLoad(
-        records_per_second=load.records_per_second,
-        buffer_utilization=load.buffer_utilization,
-        cpu_seconds=load.cpu_seconds,
-        rss_bytes=load.rss_bytes,
-        running_stages=load.running_stages,
-    )
+    return control_pb2.SidecarLoad(**_fields(load, _LOAD_FIELDS))
 
 
 def stage_sample_from_proto(report: control_pb2.StageReport, at_ms: int) -> StageSample:

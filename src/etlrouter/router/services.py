@@ -23,7 +23,6 @@ from prometheus_client import Counter, Histogram
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
 from etlrouter.client.router import SESSION_CLIENT, SESSION_SEQ, leader_trailer
 from etlrouter.control import (
-    ApplyResult,
     ClientSession,
     DeregisterService,
     DeregisterSidecar,
@@ -60,6 +59,7 @@ from etlrouter.router.convert import (
     live_stats_to_proto,
     load_from_proto,
     pipeline_to_proto,
+    placement_to_proto,
     stage_sample_from_proto,
 )
 from etlrouter.router.node import RouterNode, now_ms
@@ -134,11 +134,6 @@ async def _map_errors(handler: Callable[..., Awaitable[None]], self: Any, stream
         raise GRPCError(Status.UNAVAILABLE, NO_QUORUM) from None
 
 
-def check(result: ApplyResult) -> ApplyResult:
-    """The result, or (through handles_errors) the gRPC status that a failed command calls for."""
-    return admin.checked(result)
-
-
 def session_of(stream: Stream[Any, Any]) -> ClientSession | None:
     metadata = dict(stream.metadata or {})
     client, seq = metadata.get(SESSION_CLIENT), metadata.get(SESSION_SEQ)
@@ -195,7 +190,7 @@ class RegistryService(_Base, control_grpc.ServiceRegistryBase):
     async def Register(self, stream: Stream[Any, Any]) -> None:
         request: control_pb2.RegisterServiceRequest = await recv(stream)
         instance = instance_from_proto(request.instance, "instance")
-        result = check(
+        result = admin.checked(
             await self.node.propose(
                 RegisterService(instance=instance, ttl_ms=request.ttl_ms), session_of(stream)
             )
@@ -221,7 +216,7 @@ class RegistryService(_Base, control_grpc.ServiceRegistryBase):
     async def Deregister(self, stream: Stream[Any, Any]) -> None:
         request: control_pb2.DeregisterServiceRequest = await recv(stream)
         require_name(request.instance_id, "instance_id")
-        result = check(
+        result = admin.checked(
             await self.node.propose(DeregisterService(instance_id=request.instance_id), session_of(stream))
         )
         await stream.send_message(control_pb2.DeregisterServiceResponse(revision=result.revision))
@@ -266,7 +261,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
             labels=dict(request.labels),
             version=request.version,
         )
-        result = check(await self.node.propose(command, session_of(stream)))
+        result = admin.checked(await self.node.propose(command, session_of(stream)))
         self.node.sidecar_liveness.heartbeat(sidecar_id, now_ms())
         self.node._poke.set()
         commands = self.node.state.commands_for_sidecar(sidecar_id, {})
@@ -305,7 +300,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
             assert record is not None
             # A sidecar with rejected services resends its list every heartbeat: propose only a change.
             if tuple(sorted(services, key=lambda s: (s.name, s.endpoint))) != record.services:
-                check(
+                admin.checked(
                     await self.node.propose(
                         RegisterSidecar(
                             sidecar_id=sidecar_id,
@@ -337,7 +332,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
     async def DeregisterSidecar(self, stream: Stream[Any, Any]) -> None:
         request: control_pb2.DeregisterSidecarRequest = await recv(stream)
         sidecar_id = require_name(request.sidecar_id, "sidecar_id")
-        check(
+        admin.checked(
             await self.node.propose(
                 DeregisterSidecar(sidecar_id=sidecar_id, reason="left"), session_of(stream)
             )
@@ -483,15 +478,7 @@ class AdminService(_Base, admin_grpc.PipelineAdminBase):
                     info.load.buffer_utilization = pulse.load.buffer_utilization
                     info.load.rss_bytes = pulse.load.rss_bytes
                     info.load.running_stages = pulse.load.running_stages
-            for _, stage_id, replica in state.replicas_of(record.id):
-                info.stages.append(
-                    control_pb2.StagePlacement(
-                        stage_id=stage_id,
-                        sidecar_id=record.id,
-                        data_address=record.data_address,
-                        replica=replica,
-                    )
-                )
+            info.stages.extend(placement_to_proto(p) for p in admin.sidecar_stages(self.node, record))
             out.append(info)
         await stream.send_message(admin_pb2.ListSidecarsResponse(sidecars=out))
 
@@ -581,7 +568,7 @@ class BackupService(_Base, admin_grpc.BackupServiceBase):
                 Status.DATA_LOSS, f"snapshot CRC mismatch: got {zlib.crc32(data)}, expected {crc}"
             )
         try:
-            result = check(await self.node.propose(Restore(snapshot=data), session_of(stream)))
+            result = admin.checked(await self.node.propose(Restore(snapshot=data), session_of(stream)))
         except SnapshotError as e:
             raise GRPCError(Status.INVALID_ARGUMENT, f"not a snapshot this version can read: {e}") from None
         state = self.node.state
