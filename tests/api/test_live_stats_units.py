@@ -10,15 +10,14 @@ import pytest
 from etlrouter._proto.v1 import admin_pb2
 from etlrouter.api.forward import LiveFetch, SharedFetch
 from etlrouter.control.liveness import Liveness, LoadReport
-from etlrouter.router import stats as stats_module
+from etlrouter.router import convert as convert_module
+from etlrouter.router.convert import live_stats_from_proto, live_stats_to_proto
 from etlrouter.router.stats import (
     EdgeSample,
     LiveStats,
     StageSample,
     StatsStore,
     live_stats,
-    live_stats_from_proto,
-    live_stats_to_proto,
 )
 
 
@@ -72,7 +71,7 @@ def test_the_leaders_snapshot_survives_the_proto_unchanged() -> None:
 
 
 def test_a_forwarded_snapshot_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stats_module, "MAX_FORWARDED_ITEMS", 2)
+    monkeypatch.setattr(convert_module, "MAX_FORWARDED_ITEMS", 2)
     reply = admin_pb2.LiveStats(edges=[admin_pb2.LiveEdgeStats() for _ in range(3)])
     with pytest.raises(ValueError, match=r"LiveStats.edges has 3 entries, at most 2"):
         live_stats_from_proto(reply)

@@ -4,6 +4,7 @@ stale sidecars left out, where backpressure sits, when a sidecar counts as silen
 from __future__ import annotations
 
 from etlrouter._proto.v1 import control_pb2
+from etlrouter.router.convert import stage_sample_from_proto
 from etlrouter.router.stats import (
     MAX_STAGES_PER_SIDECAR,
     EdgeSample,
@@ -126,7 +127,7 @@ def test_from_proto_reads_every_new_field() -> None:
             )
         ],
     )
-    s = StageSample.from_proto(report, 77)
+    s = stage_sample_from_proto(report, 77)
     assert (s.at_ms, s.bytes_in, s.bytes_out, s.acked_records, dict(s.acked_offsets)) == (
         77,
         50,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,19 +21,14 @@ from grpclib.exceptions import GRPCError
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import ClusterUnreachableError, RouterClient
+from etlrouter.router.admin import ApplyOutcome
+from etlrouter.router.convert import change_from_proto, diagnostic_from_proto, live_stats_from_proto
 from etlrouter.router.node import RouterNode
-from etlrouter.router.stats import LiveStats, live_stats_from_proto
+from etlrouter.router.stats import LiveStats
 
 FORWARD_TIMEOUT_S = 10.0
 # Short: a page must learn within a tick or two that the leader is gone, not hang for the write timeout.
 LIVE_STATS_TIMEOUT_S = 2.0
-
-_ACTIONS = {
-    admin_pb2.PipelineChange.ACTION_CREATED: "created",
-    admin_pb2.PipelineChange.ACTION_UPDATED: "updated",
-    admin_pb2.PipelineChange.ACTION_UNCHANGED: "unchanged",
-    admin_pb2.PipelineChange.ACTION_DELETED: "deleted",
-}
 
 
 class ForwardError(Exception):
@@ -87,12 +82,18 @@ class LeaderForwarder:
 
     async def apply_pipelines(
         self, definition: str, filename: str, *, dry_run: bool, prune: bool
-    ) -> tuple[admin_pb2.ApplyPipelinesResponse, str]:
+    ) -> tuple[ApplyOutcome, str]:
+        """The leader's outcome, as `admin.apply_pipelines` there returned it, and who served it."""
         request = admin_pb2.ApplyPipelinesRequest(
             definition=definition, filename=filename, dry_run=dry_run, prune=prune
         )
         reply, served_by = await self._call("ApplyPipelines", request, write=not dry_run)
-        return reply, served_by
+        outcome = ApplyOutcome(
+            changes=tuple(change_from_proto(c) for c in reply.changes),
+            diagnostics=tuple(diagnostic_from_proto(d) for d in reply.diagnostics),
+            revision=reply.revision,
+        )
+        return outcome, served_by
 
     async def delete_pipeline(self, name: str, expected_generation: int) -> tuple[int, str]:
         request = admin_pb2.DeletePipelineRequest(name=name, expected_generation=expected_generation)
@@ -114,7 +115,7 @@ class LeaderForwarder:
             return LiveFetch(live_stats_from_proto(reply), served_by, "")
         except ForwardError as e:
             return LiveFetch(None, "", f"{e.code}: {e}")
-        except ValueError as e:  # a reply beyond the bounds in stats.py
+        except ValueError as e:  # a reply beyond the bounds in router/convert.py
             return LiveFetch(None, "", f"the leader's answer was refused: {e}")
 
     def close(self) -> None:
@@ -161,24 +162,3 @@ class SharedFetch:
             return result
         finally:
             self._running = None
-
-
-def changes_from_proto(changes: Sequence[admin_pb2.PipelineChange]) -> list[dict[str, Any]]:
-    return [
-        {"name": c.name, "action": _ACTIONS.get(c.action, "unchanged"), "generation": c.generation}
-        for c in changes
-    ]
-
-
-def diagnostics_from_proto(diagnostics: Sequence[admin_pb2.Diagnostic]) -> list[dict[str, Any]]:
-    return [
-        {
-            "file": d.file,
-            "line": d.line,
-            "column": d.column,
-            "message": d.message,
-            "hint": d.hint,
-            "excerpt": d.excerpt,
-        }
-        for d in diagnostics
-    ]

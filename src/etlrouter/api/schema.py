@@ -10,13 +10,15 @@ where they came from (`Stats.source`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import msgspec
 from ariadne import (
     EnumType,
     MutationType,
@@ -30,19 +32,14 @@ from graphql import GraphQLError, GraphQLResolveInfo, GraphQLSchema
 from grpclib.exceptions import GRPCError
 
 from etlrouter.api.dlq import DlqInputError, SidecarAdmins
-from etlrouter.api.forward import (
-    ForwardError,
-    LeaderForwarder,
-    changes_from_proto,
-    diagnostics_from_proto,
-)
-from etlrouter.control import ApplyPipelines, ApplyResult, DeletePipeline, PipelineStatus
+from etlrouter.api.forward import ForwardError, LeaderForwarder
+from etlrouter.control import Diagnostic, PipelineChange, PipelineStatus
 from etlrouter.control.model import StagePlacement, option_text, parallelism_of
 from etlrouter.dsl import DagStage, MergedDag
 from etlrouter.raft.node import NotLeader, UnknownOutcomeError
+from etlrouter.router import admin
 from etlrouter.router.node import RouterNode, now_ms
-from etlrouter.router.services import MAX_DEFINITION_BYTES
-from etlrouter.router.stats import EdgeStats, LiveStats, SidecarLive, StageStats, live_stats_of
+from etlrouter.router.stats import EdgeStats, LiveStats, SidecarLive, StageStats
 from etlrouter.router.watch import ChangeEvent, SubscriberLaggedError
 
 READ_TIMEOUT_S = 5.0
@@ -75,6 +72,25 @@ def api_error(code: str, message: str) -> GraphQLError:
     return GraphQLError(message, extensions={"code": code})
 
 
+@contextlib.contextmanager
+def use_case_errors() -> Iterator[None]:
+    """The admin use cases' exceptions (router/admin.py) as GraphQL errors; NotLeader passes through (the
+    caller forwards to the leader)."""
+    try:
+        yield
+    except admin.InvalidRequestError as e:
+        raise api_error("INVALID_ARGUMENT", str(e)) from None
+    except admin.NotFoundError as e:
+        raise api_error("NOT_FOUND", str(e)) from None
+    except admin.CommandRejectedError as e:
+        raise api_error(e.code.upper(), e.message) from None
+    except UnknownOutcomeError as e:
+        # No client session here (unlike gRPC): a retry is not deduplicated, so look first.
+        raise api_error("UNAVAILABLE", f"outcome unknown: {e}; check the pipelines and retry") from None
+    except TimeoutError:
+        raise api_error("UNAVAILABLE", admin.NO_QUORUM) from None
+
+
 @dataclass
 class ApiContext:
     """Per request (or per WebSocket operation): the node, the forwarder and the read barrier, which is
@@ -97,7 +113,7 @@ class ApiContext:
         try:
             if node.raft.is_leader():
                 try:
-                    await node.linearizable()
+                    await admin.linearizable_read(node)
                     return
                 except NotLeader:
                     pass  # lost leadership meanwhile: go through the new leader
@@ -264,15 +280,7 @@ def _sidecars(node: RouterNode, live: LiveStats | None, *, with_gone: bool = Fal
                 "labels": _labels(record.labels),
                 "services": [_service(s) for s in record.services],
                 **_sidecar_live(heard.get(record.id)),
-                "stages": [
-                    {
-                        "stageId": stage_id,
-                        "sidecarId": record.id,
-                        "replica": replica,
-                        "address": record.data_address,
-                    }
-                    for _, stage_id, replica in state.replicas_of(record.id)
-                ],
+                "stages": [_placement(p) for p in admin.sidecar_stages(node, record)],
                 "registered": True,
             }
         )
@@ -313,7 +321,7 @@ async def live_view(ctx: ApiContext, max_age_s: float) -> LiveView:
     shared by every reader on this router), or `unavailable` with the reason after a short deadline."""
     node = ctx.node
     if node.raft.is_leader():
-        return LiveView("leader", "", live_stats_of(node, now_ms=now_ms(), wall_ms=wall_ms()))
+        return LiveView("leader", "", admin.live_stats_of(node, now_ms=now_ms(), wall_ms=wall_ms()))
     fetched = await ctx.forwarder.shared_live_stats.get(max_age_s)
     if fetched.stats is None:
         leader = node.raft.status().leader_id
@@ -329,12 +337,13 @@ async def live_view(ctx: ApiContext, max_age_s: float) -> LiveView:
 
 
 def _cluster(node: RouterNode) -> dict[str, Any]:
-    status = node.raft.status()
+    view = admin.cluster_status(node)
+    status = view.status
     return {
         "nodeId": status.node_id,
         "leaderId": status.leader_id,
         "leaderAddress": status.leader_address,
-        "isLeader": node.raft.is_leader(),
+        "isLeader": view.is_leader,
         "role": status.role,
         "term": status.term,
         "commitIndex": status.commit_index,
@@ -342,15 +351,15 @@ def _cluster(node: RouterNode) -> dict[str, Any]:
         "snapshotIndex": status.snapshot_index,
         "members": [
             {
-                "id": m.id,
-                "address": m.address,
-                "voter": m.voter,
-                "leader": m.id == status.leader_id,
-                "matchIndex": m.match_index,
-                "lag": max(0, status.commit_index - m.match_index),
-                "reachable": m.reachable,
+                "id": m.member.id,
+                "address": m.member.address,
+                "voter": m.member.voter,
+                "leader": m.leader,
+                "matchIndex": m.member.match_index,
+                "lag": m.lag,
+                "reachable": m.member.reachable,
             }
-            for m in status.members
+            for m in view.members
         ],
     }
 
@@ -540,12 +549,6 @@ async def _resolve_dead_letter(
 mutation = MutationType()
 
 
-def _check_result(result: ApplyResult) -> ApplyResult:
-    if result.error is not None:
-        raise api_error(result.error.code.upper(), result.error.message)
-    return result
-
-
 def _check_name(name: str, what: str) -> str:
     if not name or len(name) > MAX_NAME_CHARS:
         raise api_error("INVALID_ARGUMENT", f"{what} must be 1..{MAX_NAME_CHARS} characters, got {len(name)}")
@@ -589,22 +592,12 @@ async def _resolve_redrive(
         raise api_error("INVALID_ARGUMENT", str(e)) from None
 
 
-async def _on_leader(
-    ctx: ApiContext, command: ApplyPipelines | DeletePipeline, *, dry_run: bool
-) -> ApplyResult:
-    """Run a command on this node, which must be the leader; NotLeader propagates."""
-    node = ctx.node
-    node.require_leader()
-    try:
-        if dry_run:
-            assert isinstance(command, ApplyPipelines)
-            await node.linearizable()
-            return node.state.preview(command)
-        return await node.propose(command)
-    except UnknownOutcomeError as e:
-        raise api_error("UNAVAILABLE", f"outcome unknown: {e}; check the pipelines and retry") from None
-    except TimeoutError:
-        raise api_error("UNAVAILABLE", "the cluster did not answer in time (no quorum?)") from None
+def _change(change: PipelineChange) -> dict[str, Any]:
+    return {"name": change.name, "action": change.action, "generation": change.generation}
+
+
+def _diagnostic(d: Diagnostic) -> dict[str, Any]:
+    return msgspec.structs.asdict(d)  # the SDL's Diagnostic has the model's field names
 
 
 @mutation.field("applyPipelines")
@@ -612,56 +605,26 @@ async def _resolve_apply(
     _: Any, info: GraphQLResolveInfo[Any], definition: str, filename: str, dryRun: bool, prune: bool
 ) -> dict[str, Any]:
     ctx = _context(info)
-    size = len(definition.encode())
-    if size > MAX_DEFINITION_BYTES:
-        raise api_error(
-            "INVALID_ARGUMENT", f"definition is {size} bytes; the limit is {MAX_DEFINITION_BYTES}"
-        )
-    filename = _check_name(filename or "<input>", "filename")
-    command = ApplyPipelines(definition=definition, filename=filename, prune=prune)
+    with use_case_errors():
+        admin.check_definition(definition)  # the size is refused first, the filename second
+    filename = _check_name(filename or admin.DEFAULT_FILENAME, "filename")
     try:
-        result = await _on_leader(ctx, command, dry_run=dryRun)
+        with use_case_errors():
+            outcome = await admin.apply_pipelines(ctx.node, definition, filename, prune=prune, dry_run=dryRun)
+        own = ctx.node.raft.status()
+        served = own.leader_address if own.leader_id == own.node_id else ""
     except NotLeader:
         try:
-            reply, served_by = await ctx.forwarder.apply_pipelines(
+            outcome, served = await ctx.forwarder.apply_pipelines(
                 definition, filename, dry_run=dryRun, prune=prune
             )
         except ForwardError as e:
             raise api_error(e.code, f"forwarded to the leader: {e}") from None
-        diagnostics = diagnostics_from_proto(reply.diagnostics)
-        return {
-            "applied": not diagnostics and not dryRun,
-            "changes": changes_from_proto(reply.changes),
-            "diagnostics": diagnostics,
-            "revision": reply.revision,
-            "servedBy": served_by,
-        }
-    own = ctx.node.raft.status()
-    served = own.leader_address if own.leader_id == own.node_id else ""
-    if result.error is not None and result.error.diagnostics:
-        return {
-            "applied": False,
-            "changes": [],
-            "diagnostics": [
-                {
-                    "file": d.file,
-                    "line": d.line,
-                    "column": d.column,
-                    "message": d.message,
-                    "hint": d.hint,
-                    "excerpt": d.excerpt,
-                }
-                for d in result.error.diagnostics
-            ],
-            "revision": result.revision,
-            "servedBy": served,
-        }
-    _check_result(result)
     return {
-        "applied": not dryRun,
-        "changes": [{"name": c.name, "action": c.action, "generation": c.generation} for c in result.changes],
-        "diagnostics": [],
-        "revision": result.revision,
+        "applied": not outcome.diagnostics and not dryRun,
+        "changes": [_change(c) for c in outcome.changes],
+        "diagnostics": [_diagnostic(d) for d in outcome.diagnostics],
+        "revision": outcome.revision,
         "servedBy": served,
     }
 
@@ -673,19 +636,15 @@ async def _resolve_delete(
     ctx = _context(info)
     name = _check_name(name, "name")
     try:
-        result = _check_result(
-            await _on_leader(
-                ctx, DeletePipeline(name=name, expected_generation=expectedGeneration), dry_run=False
-            )
-        )
+        with use_case_errors():
+            revision = await admin.delete_pipeline(ctx.node, name, expectedGeneration)
+        served = ctx.node.raft.status().leader_address
     except NotLeader:
         try:
-            revision, served_by = await ctx.forwarder.delete_pipeline(name, expectedGeneration)
+            revision, served = await ctx.forwarder.delete_pipeline(name, expectedGeneration)
         except ForwardError as e:
             raise api_error(e.code, f"forwarded to the leader: {e}") from None
-        return {"name": name, "revision": revision, "servedBy": served_by}
-    own = ctx.node.raft.status()
-    return {"name": name, "revision": result.revision, "servedBy": own.leader_address}
+    return {"name": name, "revision": revision, "servedBy": served}
 
 
 # --- subscriptions ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from etlrouter.core.config import TransportConfig
 from etlrouter.core.grpc import open_channel
+from etlrouter.flow.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ SESSION_CLIENT = "etlrouter-client-id"
 SESSION_SEQ = "etlrouter-seq"
 _Reply = TypeVar("_Reply")
 _RETRYABLE = (StreamTerminatedError, ConnectionError, OSError, asyncio.TimeoutError)
+# Between rounds over every router: 0.1, 0.2, 0.4, then 0.5 s (jittered, so many clients that lost the same
+# leader do not ask again in step); short, since an election takes about a second.
+ROUND_BACKOFF = Backoff(base=0.1, cap=0.5)
 
 
 class ClusterUnreachableError(Exception):
@@ -123,7 +127,8 @@ class RouterClient:
                     self.leader_address = address
                 return reply
             attempt += 1
-            await asyncio.sleep(min(0.05 * 2**attempt, 0.5, max(0.0, deadline - time.monotonic())))
+            # Never past the deadline: the last round still gets its chance.
+            await asyncio.sleep(min(ROUND_BACKOFF.delay(attempt), max(0.0, deadline - time.monotonic())))
         raise ClusterUnreachableError(
             f"cannot reach the router cluster at {', '.join(self.addresses)}: {_describe(last_error)}"
         )

@@ -1,7 +1,9 @@
-"""Conversions between the control plane's structs and the wire messages, in one place."""
+"""Conversions between the router's model values and the wire messages (admin.proto, control.proto), in one
+place: the control plane's structs, the admin use cases' results, and the live statistics."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from etlrouter._proto.v1 import admin_pb2, control_pb2
@@ -15,7 +17,18 @@ from etlrouter.control import (
     ServiceInstance,
     StagePlacement,
 )
-from etlrouter.dsl import StageKind
+from etlrouter.control.liveness import Health, LoadReport
+from etlrouter.dsl import DslError, StageKind
+from etlrouter.router.admin import ClusterView, InvalidRequestError, require_name
+from etlrouter.router.stats import (
+    MAX_EDGES_PER_STAGE,
+    EdgeSample,
+    EdgeStats,
+    LiveStats,
+    SidecarLive,
+    StageSample,
+    StageStats,
+)
 
 _KIND_TO_PROTO: dict[str, Any] = {
     "source": control_pb2.SERVICE_KIND_SOURCE,
@@ -35,11 +48,25 @@ _ACTION_TO_PROTO: dict[str, Any] = {
     "unchanged": admin_pb2.PipelineChange.ACTION_UNCHANGED,
     "deleted": admin_pb2.PipelineChange.ACTION_DELETED,
 }
-MAX_NAME = 253  # a Kubernetes DNS subdomain: service and sidecar names come from there
+_ACTION_FROM_PROTO: dict[int, Any] = {number: name for name, number in _ACTION_TO_PROTO.items()}
+_HEALTH_TO_PROTO: dict[Health, control_pb2.Health] = {
+    "unknown": control_pb2.HEALTH_UNKNOWN,
+    "serving": control_pb2.HEALTH_SERVING,
+    "degraded": control_pb2.HEALTH_DEGRADED,
+    "not_serving": control_pb2.HEALTH_NOT_SERVING,
+}
+_HEALTH_FROM_PROTO: dict[int, Health] = {number: name for name, number in _HEALTH_TO_PROTO.items()}
+# Messages the model mirrors name for name: copied by these names, one list per pair of types.
+_DIAGNOSTIC_FIELDS = ("file", "line", "column", "message", "hint", "excerpt")
+_LOAD_FIELDS = ("records_per_second", "buffer_utilization", "cpu_seconds", "rss_bytes", "running_stages")
+# A forwarded snapshot is network input: bounded like the heartbeats that feed it.
+MAX_FORWARDED_ITEMS = 100_000
+# A stage report's last error is network input too: kept short.
+MAX_ERROR_CHARS = 1000
 
 
-class InvalidRequestError(ValueError):
-    """A request field is missing or malformed; the message names the field path."""
+def _fields(source: object, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(source, name) for name in names}
 
 
 def kind_to_proto(kind: StageKind) -> Any:
@@ -53,14 +80,6 @@ def kind_from_proto(kind: int, field: str) -> StageKind:
         raise InvalidRequestError(
             f"{field}: a service kind (source, transform, sink or lookup) is required"
         ) from None
-
-
-def require_name(value: str, field: str) -> str:
-    if not value:
-        raise InvalidRequestError(f"{field} must not be empty")
-    if len(value) > MAX_NAME:
-        raise InvalidRequestError(f"{field} is {len(value)} characters long; the limit is {MAX_NAME}")
-    return value
 
 
 def instance_from_proto(pb: control_pb2.ServiceInstance, field: str, sidecar_id: str = "") -> ServiceInstance:
@@ -141,17 +160,220 @@ def pipeline_to_proto(status: PipelineStatus) -> admin_pb2.Pipeline:
 
 
 def diagnostic_to_proto(diagnostic: Diagnostic) -> admin_pb2.Diagnostic:
-    return admin_pb2.Diagnostic(
-        file=diagnostic.file,
-        line=diagnostic.line,
-        column=diagnostic.column,
-        message=diagnostic.message,
-        hint=diagnostic.hint,
-        excerpt=diagnostic.excerpt,
-    )
+    return admin_pb2.Diagnostic(**_fields(diagnostic, _DIAGNOSTIC_FIELDS))
 
 
 def change_to_proto(change: PipelineChange) -> admin_pb2.PipelineChange:
     return admin_pb2.PipelineChange(
         name=change.name, action=_ACTION_TO_PROTO[change.action], generation=change.generation
     )
+
+
+def change_from_proto(change: admin_pb2.PipelineChange) -> PipelineChange:
+    return PipelineChange(
+        name=change.name,
+        action=_ACTION_FROM_PROTO.get(change.action, "unchanged"),
+        generation=change.generation,
+    )
+
+
+def diagnostic_from_proto(diagnostic: admin_pb2.Diagnostic) -> Diagnostic:
+    return Diagnostic(**_fields(diagnostic, _DIAGNOSTIC_FIELDS))
+
+
+def dsl_error_to_proto(error: DslError, *, excerpt: bool) -> admin_pb2.Diagnostic:
+    """A DSL error as a Diagnostic; `excerpt` carries the compiler-style rendering (ValidatePipelines)."""
+    return admin_pb2.Diagnostic(
+        file=error.filename,
+        line=error.line,
+        column=error.col,
+        message=error.message,
+        hint=error.hint or "",
+        excerpt=error.render() if excerpt else "",
+    )
+
+
+def cluster_to_proto(view: ClusterView) -> admin_pb2.ClusterStatus:
+    status = view.status
+    return admin_pb2.ClusterStatus(
+        node_id=status.node_id,
+        leader_id=status.leader_id,
+        leader_address=status.leader_address,
+        term=status.term,
+        commit_index=status.commit_index,
+        applied_index=status.applied_index,
+        last_snapshot_index=status.snapshot_index,
+        members=[
+            admin_pb2.ClusterMember(
+                id=m.member.id,
+                address=m.member.address,
+                voter=m.member.voter,
+                leader=m.leader,
+                match_index=m.member.match_index,
+                lag=m.lag,
+                reachable=m.member.reachable,
+            )
+            for m in view.members
+        ],
+    )
+
+
+def health_to_proto(health: Health) -> control_pb2.Health:
+    return _HEALTH_TO_PROTO.get(health, control_pb2.HEALTH_UNKNOWN)
+
+
+def health_from_proto(health: int) -> Health:
+    return _HEALTH_FROM_PROTO.get(health, "unknown")
+
+
+def load_from_proto(load: control_pb2.SidecarLoad) -> LoadReport:
+    return LoadReport(**_fields(load, _LOAD_FIELDS))
+
+
+def load_to_proto(load: LoadReport) -> control_pb2.SidecarLoad:
+    return control_pb2.SidecarLoad(**_fields(load, _LOAD_FIELDS))
+
+
+def stage_sample_from_proto(report: control_pb2.StageReport, at_ms: int) -> StageSample:
+    """One StageReport as received, stamped with the router's clock (rates never mix two clocks)."""
+    return StageSample(
+        at_ms=at_ms,
+        records_in=report.records_in,
+        records_out=report.records_out,
+        bytes_in=report.bytes_in,
+        bytes_out=report.bytes_out,
+        errors=report.errors,
+        dead_lettered=report.dead_lettered,
+        watermark_ms=report.watermark_ms,
+        acked_records=report.acked_records,
+        acked_offsets=dict(report.acked_offsets),
+        last_error=report.last_error[:MAX_ERROR_CHARS],
+        edges=tuple(
+            EdgeSample(
+                to_stage=e.to_stage_id,
+                records_sent=e.records_sent,
+                credits_available=e.credits_available,
+                starved_s=max(0.0, e.starved_seconds_total),
+                in_flight=e.in_flight_batches,
+                oldest_in_flight_s=max(0.0, e.oldest_in_flight_seconds),
+            )
+            for e in report.edges[:MAX_EDGES_PER_STAGE]
+        ),
+    )
+
+
+def live_stats_to_proto(live: LiveStats) -> admin_pb2.LiveStats:
+    out = admin_pb2.LiveStats(at_ms=live.at_ms, leader_id=live.leader_id)
+    for s in live.stages:
+        stage = out.stages.add(
+            dag_id=s.dag_id,
+            stage_id=s.stage_id,
+            replicas=s.replicas,
+            sidecar_ids=s.sidecars,
+            records_in=s.records_in,
+            records_out=s.records_out,
+            bytes_in=s.bytes_in,
+            bytes_out=s.bytes_out,
+            records_in_per_second=s.records_in_per_s,
+            records_out_per_second=s.records_out_per_s,
+            bytes_in_per_second=s.bytes_in_per_s,
+            bytes_out_per_second=s.bytes_out_per_s,
+            errors=s.errors,
+            dead_lettered=s.dead_lettered,
+            watermark_ms=s.watermark_ms,
+            acked_records=s.acked_records,
+            acked_offsets=s.acked_offsets,
+            last_error=s.last_error,
+        )
+        if s.watermark_lag_ms is not None:
+            stage.watermark_lag_ms = s.watermark_lag_ms
+    for e in live.edges:
+        out.edges.add(
+            dag_id=e.dag_id,
+            from_stage_id=e.from_stage,
+            to_stage_id=e.to_stage,
+            records_sent=e.records_sent,
+            records_per_second=e.records_per_s,
+            credits_available=e.credits_available,
+            starved_seconds_total=e.starved_s,
+            starved_ratio=e.starved_ratio,
+            in_flight_batches=e.in_flight,
+            oldest_in_flight_seconds=e.oldest_in_flight_s,
+            backpressure_origin=e.origin,
+        )
+    for c in live.sidecars:
+        sidecar = out.sidecars.add(
+            sidecar_id=c.sidecar_id,
+            health=_HEALTH_TO_PROTO[c.health],
+            silent=c.silent,
+            registered=c.registered,
+        )
+        if c.age_ms is not None:
+            sidecar.last_heartbeat_age_ms = c.age_ms
+        if c.load is not None:
+            sidecar.load.CopyFrom(load_to_proto(c.load))
+    return out
+
+
+def _bounded(name: str, items: Sequence[Any]) -> None:
+    if len(items) > MAX_FORWARDED_ITEMS:
+        raise ValueError(f"LiveStats.{name} has {len(items)} entries, at most {MAX_FORWARDED_ITEMS}")
+
+
+def live_stats_from_proto(reply: admin_pb2.LiveStats) -> LiveStats:
+    """The inverse of `live_stats_to_proto` (on a follower); `backpressure` is derived by the same rule."""
+    _bounded("stages", reply.stages)
+    _bounded("edges", reply.edges)
+    _bounded("sidecars", reply.sidecars)
+    stages = [
+        StageStats(
+            dag_id=s.dag_id,
+            stage_id=s.stage_id,
+            replicas=s.replicas,
+            records_in=s.records_in,
+            records_out=s.records_out,
+            bytes_in=s.bytes_in,
+            bytes_out=s.bytes_out,
+            records_in_per_s=s.records_in_per_second,
+            records_out_per_s=s.records_out_per_second,
+            bytes_in_per_s=s.bytes_in_per_second,
+            bytes_out_per_s=s.bytes_out_per_second,
+            errors=s.errors,
+            dead_lettered=s.dead_lettered,
+            watermark_ms=s.watermark_ms,
+            watermark_lag_ms=s.watermark_lag_ms if s.HasField("watermark_lag_ms") else None,
+            acked_records=s.acked_records,
+            acked_offsets=dict(s.acked_offsets),
+            last_error=s.last_error[:MAX_ERROR_CHARS],
+            sidecars=list(s.sidecar_ids),
+        )
+        for s in reply.stages
+    ]
+    edges = [
+        EdgeStats(
+            dag_id=e.dag_id,
+            from_stage=e.from_stage_id,
+            to_stage=e.to_stage_id,
+            records_sent=e.records_sent,
+            records_per_s=e.records_per_second,
+            credits_available=e.credits_available,
+            starved_s=e.starved_seconds_total,
+            starved_ratio=e.starved_ratio,
+            in_flight=e.in_flight_batches,
+            oldest_in_flight_s=e.oldest_in_flight_seconds,
+            origin=e.backpressure_origin,
+        )
+        for e in reply.edges
+    ]
+    sidecars = [
+        SidecarLive(
+            c.sidecar_id,
+            health=health_from_proto(c.health),
+            load=load_from_proto(c.load) if c.HasField("load") else None,
+            age_ms=c.last_heartbeat_age_ms if c.HasField("last_heartbeat_age_ms") else None,
+            silent=c.silent,
+            registered=c.registered,
+        )
+        for c in reply.sidecars
+    ]
+    return LiveStats(reply.at_ms, reply.leader_id, stages, edges, sidecars)

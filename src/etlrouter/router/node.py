@@ -19,6 +19,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter.client.router import RouterClient
 from etlrouter.control import (
     ApplyResult,
     ClientSession,
@@ -138,9 +140,6 @@ class RouterNode:
     async def _join(self, grpc_address: str) -> None:
         """Ask the existing cluster to add this (empty) node; the leader adds it as a learner, waits until it
         has caught up, then promotes it. Retried until it succeeds: the cluster may be electing."""
-        from etlrouter._proto.v1 import admin_grpc, admin_pb2
-        from etlrouter.client.router import RouterClient
-
         rc = self.config.router
         client = RouterClient(list(rc.join), timeout=60, transport_config=self.config.transport)
         request = admin_pb2.AddMemberRequest(node_id=rc.node_id, address=grpc_address)

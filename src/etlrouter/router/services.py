@@ -1,8 +1,9 @@
 """The router's gRPC APIs: ServiceRegistry, SidecarCoordinator, PipelineAdmin, BackupService.
 
-Each handler validates its request (errors name the field), turns it into a control command or a read,
-and maps the outcome onto a gRPC status. A follower answers writes and linearizable reads with
-FAILED_PRECONDITION and the leader's address in the `etlrouter-leader` trailer; RouterClient follows it.
+Each handler validates its request (errors name the field), turns it into a control command, a read or an
+admin use case (router/admin.py, shared with GraphQL), and maps the outcome onto a gRPC status. A follower
+answers writes and linearizable reads with FAILED_PRECONDITION and the leader's address in the
+`etlrouter-leader` trailer; RouterClient follows it.
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ from prometheus_client import Counter, Histogram
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
 from etlrouter.client.router import SESSION_CLIENT, SESSION_SEQ, leader_trailer
 from etlrouter.control import (
-    ApplyPipelines,
-    ApplyResult,
     ClientSession,
-    DeletePipeline,
     DeregisterService,
     DeregisterSidecar,
-    LoadReport,
     RegisterService,
     RegisterSidecar,
     Restore,
@@ -37,29 +34,39 @@ from etlrouter.control import (
 )
 from etlrouter.control.state import ControlState
 from etlrouter.core.metrics import REGISTRY
-from etlrouter.dsl import DslErrors, ExplainFormat, explain_dot, explain_mermaid, explain_tree
-from etlrouter.dsl import explain as explain_text
-from etlrouter.dsl import validate as validate_text
+from etlrouter.dsl import ExplainFormat
 from etlrouter.raft.node import NotLeader, UnknownOutcomeError
-from etlrouter.router.convert import (
+from etlrouter.router import admin
+from etlrouter.router.admin import (
+    NO_QUORUM,
+    CommandRejectedError,
     InvalidRequestError,
+    NotFoundError,
+    require_name,
+)
+from etlrouter.router.convert import (
     change_to_proto,
+    cluster_to_proto,
     command_to_proto,
     dag_to_proto,
     diagnostic_to_proto,
+    dsl_error_to_proto,
+    health_from_proto,
+    health_to_proto,
     instance_from_proto,
     instance_to_proto,
     kind_to_proto,
+    live_stats_to_proto,
+    load_from_proto,
     pipeline_to_proto,
-    require_name,
+    placement_to_proto,
+    stage_sample_from_proto,
 )
 from etlrouter.router.node import RouterNode, now_ms
-from etlrouter.router.stats import StageSample, live_stats_of, live_stats_to_proto
 from etlrouter.router.watch import SubscriberLaggedError
 
 log = logging.getLogger(__name__)
 
-MAX_DEFINITION_BYTES = 1 << 20
 SNAPSHOT_CHUNK = 1 << 20
 MAX_RESTORE_BYTES = 256 << 20
 
@@ -70,13 +77,7 @@ _STATUS_OF_CODE = {
     "failed_precondition": Status.FAILED_PRECONDITION,
     "stale_index": Status.ABORTED,
 }
-_HEALTH = {
-    control_pb2.HEALTH_SERVING: "serving",
-    control_pb2.HEALTH_DEGRADED: "degraded",
-    control_pb2.HEALTH_NOT_SERVING: "not_serving",
-}
 _EXPLAIN_FORMATS: dict[int, ExplainFormat] = {0: "tree", 1: "dot", 2: "mermaid"}
-_HEALTH_TO_PROTO = {value: key for key, value in _HEALTH.items()}
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[None]])
 
@@ -123,17 +124,14 @@ async def _map_errors(handler: Callable[..., Awaitable[None]], self: Any, stream
         )
     except InvalidRequestError as e:
         raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
+    except NotFoundError as e:
+        raise GRPCError(Status.NOT_FOUND, str(e)) from None
+    except CommandRejectedError as e:
+        raise GRPCError(_STATUS_OF_CODE.get(e.code, Status.UNKNOWN), e.message) from None
     except UnknownOutcomeError as e:
         raise GRPCError(Status.UNAVAILABLE, f"outcome unknown: {e}; retry with the same session") from None
     except TimeoutError:
-        raise GRPCError(Status.UNAVAILABLE, "the cluster did not answer in time (no quorum?)") from None
-
-
-def check(result: ApplyResult) -> ApplyResult:
-    """Raise the gRPC status that a failed command result calls for."""
-    if result.error is not None:
-        raise GRPCError(_STATUS_OF_CODE.get(result.error.code, Status.UNKNOWN), result.error.message)
-    return result
+        raise GRPCError(Status.UNAVAILABLE, NO_QUORUM) from None
 
 
 def session_of(stream: Stream[Any, Any]) -> ClientSession | None:
@@ -152,12 +150,6 @@ async def recv(stream: Stream[Any, Any]) -> Any:
     if request is None:
         raise GRPCError(Status.INVALID_ARGUMENT, "request message missing")
     return request
-
-
-def check_definition(definition: str, field: str = "definition") -> None:
-    size = len(definition.encode())
-    if size > MAX_DEFINITION_BYTES:
-        raise InvalidRequestError(f"{field} is {size} bytes; the limit is {MAX_DEFINITION_BYTES}")
 
 
 def without_kind_conflicts(
@@ -190,8 +182,7 @@ class _Base:
 
     async def read(self, consistency: int) -> None:
         if consistency == admin_pb2.READ_CONSISTENCY_LINEARIZABLE:
-            self.node.require_leader()
-            await self.node.linearizable()
+            await admin.linearizable_read(self.node)
 
 
 class RegistryService(_Base, control_grpc.ServiceRegistryBase):
@@ -199,7 +190,7 @@ class RegistryService(_Base, control_grpc.ServiceRegistryBase):
     async def Register(self, stream: Stream[Any, Any]) -> None:
         request: control_pb2.RegisterServiceRequest = await recv(stream)
         instance = instance_from_proto(request.instance, "instance")
-        result = check(
+        result = admin.checked(
             await self.node.propose(
                 RegisterService(instance=instance, ttl_ms=request.ttl_ms), session_of(stream)
             )
@@ -225,7 +216,7 @@ class RegistryService(_Base, control_grpc.ServiceRegistryBase):
     async def Deregister(self, stream: Stream[Any, Any]) -> None:
         request: control_pb2.DeregisterServiceRequest = await recv(stream)
         require_name(request.instance_id, "instance_id")
-        result = check(
+        result = admin.checked(
             await self.node.propose(DeregisterService(instance_id=request.instance_id), session_of(stream))
         )
         await stream.send_message(control_pb2.DeregisterServiceResponse(revision=result.revision))
@@ -270,7 +261,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
             labels=dict(request.labels),
             version=request.version,
         )
-        result = check(await self.node.propose(command, session_of(stream)))
+        result = admin.checked(await self.node.propose(command, session_of(stream)))
         self.node.sidecar_liveness.heartbeat(sidecar_id, now_ms())
         self.node._poke.set()
         commands = self.node.state.commands_for_sidecar(sidecar_id, {})
@@ -293,18 +284,11 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
         if state.sidecar(sidecar_id) is None:
             await stream.send_message(control_pb2.SidecarHeartbeatResponse(reregister=True))
             return
-        load = request.load
         self.node.sidecar_liveness.heartbeat(
             sidecar_id,
             now_ms(),
-            health=_HEALTH.get(request.health, "unknown"),  # type: ignore[arg-type]
-            load=LoadReport(
-                records_per_second=load.records_per_second,
-                buffer_utilization=load.buffer_utilization,
-                cpu_seconds=load.cpu_seconds,
-                rss_bytes=load.rss_bytes,
-                running_stages=load.running_stages,
-            ),
+            health=health_from_proto(request.health),
+            load=load_from_proto(request.load),
         )
         rejected: list[control_pb2.RejectedService] = []
         if request.services_changed:
@@ -316,7 +300,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
             assert record is not None
             # A sidecar with rejected services resends its list every heartbeat: propose only a change.
             if tuple(sorted(services, key=lambda s: (s.name, s.endpoint))) != record.services:
-                check(
+                admin.checked(
                     await self.node.propose(
                         RegisterSidecar(
                             sidecar_id=sidecar_id,
@@ -332,7 +316,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
         self.node.live_stats.record(
             sidecar_id,
             received,
-            ((r.dag_id, r.stage_id, StageSample.from_proto(r, received)) for r in request.stages),
+            ((r.dag_id, r.stage_id, stage_sample_from_proto(r, received)) for r in request.stages),
         )
         applied = dict(request.applied_tokens)
         for report in request.stages:
@@ -348,7 +332,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
     async def DeregisterSidecar(self, stream: Stream[Any, Any]) -> None:
         request: control_pb2.DeregisterSidecarRequest = await recv(stream)
         sidecar_id = require_name(request.sidecar_id, "sidecar_id")
-        check(
+        admin.checked(
             await self.node.propose(
                 DeregisterSidecar(sidecar_id=sidecar_id, reason="left"), session_of(stream)
             )
@@ -358,48 +342,31 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
 
 
 class AdminService(_Base, admin_grpc.PipelineAdminBase):
-    async def _apply(
-        self, stream: Stream[Any, Any], definition: str, filename: str, **kwargs: Any
-    ) -> tuple[ApplyResult, list[admin_pb2.Diagnostic]]:
-        check_definition(definition)
-        command = ApplyPipelines(definition=definition, filename=filename or "<input>", **kwargs)
-        result = await self.node.propose(command, session_of(stream))
-        diagnostics = [diagnostic_to_proto(d) for d in result.error.diagnostics] if result.error else []
-        if not diagnostics:
-            check(result)
-        return result, diagnostics
-
     @handles_errors
     async def ApplyPipelines(self, stream: Stream[Any, Any]) -> None:
         request: admin_pb2.ApplyPipelinesRequest = await recv(stream)
-        if request.dry_run:
-            check_definition(request.definition)
-            self.node.require_leader()
-            await self.node.linearizable()
-            command = ApplyPipelines(
-                definition=request.definition, filename=request.filename or "<input>", prune=request.prune
-            )
-            result = self.node.state.preview(command)
-            diagnostics = [diagnostic_to_proto(d) for d in result.error.diagnostics] if result.error else []
-            if not diagnostics:
-                check(result)
-        else:
-            result, diagnostics = await self._apply(
-                stream, request.definition, request.filename, prune=request.prune
-            )
+        outcome = await admin.apply_pipelines(
+            self.node,
+            request.definition,
+            request.filename,
+            prune=request.prune,
+            dry_run=request.dry_run,
+            session=None if request.dry_run else session_of(stream),
+        )
         await stream.send_message(
             admin_pb2.ApplyPipelinesResponse(
-                changes=[change_to_proto(c) for c in result.changes],
-                diagnostics=diagnostics,
-                revision=result.revision,
+                changes=[change_to_proto(c) for c in outcome.changes],
+                diagnostics=[diagnostic_to_proto(d) for d in outcome.diagnostics],
+                revision=outcome.revision,
             )
         )
 
-    async def _single(self, stream: Stream[Any, Any], definition: str, filename: str, **kwargs: Any) -> None:
-        result, diagnostics = await self._apply(stream, definition, filename, **kwargs)
-        response = admin_pb2.PipelineResponse(diagnostics=diagnostics)
-        if result.changes:
-            status = self.node.state.pipeline(result.changes[0].name)
+    async def _single(self, stream: Stream[Any, Any], outcome: admin.ApplyOutcome) -> None:
+        response = admin_pb2.PipelineResponse(
+            diagnostics=[diagnostic_to_proto(d) for d in outcome.diagnostics]
+        )
+        if outcome.changes:
+            status = self.node.state.pipeline(outcome.changes[0].name)
             if status is not None:
                 response.pipeline.CopyFrom(pipeline_to_proto(status))
         await stream.send_message(response)
@@ -407,35 +374,39 @@ class AdminService(_Base, admin_grpc.PipelineAdminBase):
     @handles_errors
     async def CreatePipeline(self, stream: Stream[Any, Any]) -> None:
         request: admin_pb2.CreatePipelineRequest = await recv(stream)
-        await self._single(stream, request.definition, request.filename, mode="create")
+        outcome = await admin.apply_pipelines(
+            self.node, request.definition, request.filename, mode="create", session=session_of(stream)
+        )
+        await self._single(stream, outcome)
 
     @handles_errors
     async def UpdatePipeline(self, stream: Stream[Any, Any]) -> None:
         request: admin_pb2.UpdatePipelineRequest = await recv(stream)
-        await self._single(
-            stream,
+        outcome = await admin.apply_pipelines(
+            self.node,
             request.definition,
             request.filename,
             mode="update",
             expected_generation=request.expected_generation,
+            session=session_of(stream),
         )
+        await self._single(stream, outcome)
 
     @handles_errors
     async def DeletePipeline(self, stream: Stream[Any, Any]) -> None:
         request: admin_pb2.DeletePipelineRequest = await recv(stream)
         name = require_name(request.name, "name")
-        command = DeletePipeline(name=name, expected_generation=request.expected_generation)
-        result = check(await self.node.propose(command, session_of(stream)))
-        await stream.send_message(admin_pb2.DeletePipelineResponse(revision=result.revision))
+        revision = await admin.delete_pipeline(
+            self.node, name, request.expected_generation, session_of(stream)
+        )
+        await stream.send_message(admin_pb2.DeletePipelineResponse(revision=revision))
 
     @handles_errors
     async def GetPipeline(self, stream: Stream[Any, Any]) -> None:
         request: admin_pb2.GetPipelineRequest = await recv(stream)
         name = require_name(request.name, "name")
         await self.read(request.consistency)
-        status = self.node.state.pipeline(name)
-        if status is None:
-            raise GRPCError(Status.NOT_FOUND, f"pipeline `{name}` does not exist")
+        status = admin.pipeline(self.node, name)
         await stream.send_message(admin_pb2.PipelineResponse(pipeline=pipeline_to_proto(status)))
 
     @handles_errors
@@ -454,22 +425,10 @@ class AdminService(_Base, admin_grpc.PipelineAdminBase):
     @handles_errors
     async def ValidatePipelines(self, stream: Stream[Any, Any]) -> None:
         request: admin_pb2.ValidatePipelinesRequest = await recv(stream)
-        check_definition(request.definition)
-        errors = validate_text(request.definition, request.filename or "<input>", self.node.state)
+        errors = await admin.validate_pipelines(self.node, request.definition, request.filename)
         await stream.send_message(
             admin_pb2.ValidatePipelinesResponse(
-                valid=not errors,
-                diagnostics=[
-                    admin_pb2.Diagnostic(
-                        file=e.filename,
-                        line=e.line,
-                        column=e.col,
-                        message=e.message,
-                        hint=e.hint or "",
-                        excerpt=e.render(),
-                    )
-                    for e in errors
-                ],
+                valid=not errors, diagnostics=[dsl_error_to_proto(e, excerpt=True) for e in errors]
             )
         )
 
@@ -477,29 +436,14 @@ class AdminService(_Base, admin_grpc.PipelineAdminBase):
     async def ExplainPipelines(self, stream: Stream[Any, Any]) -> None:
         request: admin_pb2.ExplainPipelinesRequest = await recv(stream)
         fmt: ExplainFormat = _EXPLAIN_FORMATS.get(request.format, "tree")
-        response = admin_pb2.ExplainPipelinesResponse()
-        if request.definition:
-            check_definition(request.definition)
-            try:
-                response.rendered = explain_text(
-                    request.definition,
-                    request.filename or "<input>",
-                    fmt,
-                    self.node.state,
-                )
-            except DslErrors as e:
-                response.diagnostics.extend(
-                    admin_pb2.Diagnostic(
-                        file=x.filename, line=x.line, column=x.col, message=x.message, hint=x.hint or ""
-                    )
-                    for x in e.errors
-                )
-        else:
-            dags = self.node.state.dags()
-            render = {"tree": explain_tree, "dot": explain_dot, "mermaid": explain_mermaid}[fmt]
-            response.rendered = render(dags)
-            response.dags.extend(dag_to_proto(d) for d in self.node.state.dag_specs())
-        await stream.send_message(response)
+        explained = await admin.explain_pipelines(self.node, request.definition, request.filename, fmt)
+        await stream.send_message(
+            admin_pb2.ExplainPipelinesResponse(
+                rendered=explained.rendered,
+                diagnostics=[dsl_error_to_proto(e, excerpt=False) for e in explained.diagnostics],
+                dags=[dag_to_proto(d) for d in explained.dags],
+            )
+        )
 
     @handles_errors
     async def ListServices(self, stream: Stream[Any, Any]) -> None:
@@ -527,48 +471,19 @@ class AdminService(_Base, admin_grpc.PipelineAdminBase):
             )
             pulse = liveness.pulse(record.id) if leader else None
             if pulse is not None:
-                info.health = _HEALTH_TO_PROTO.get(pulse.health, control_pb2.HEALTH_UNKNOWN)
+                info.health = health_to_proto(pulse.health)
                 info.last_heartbeat_age_ms = max(0, now - pulse.last_heartbeat_ms)
                 if pulse.load is not None:
                     info.load.records_per_second = pulse.load.records_per_second
                     info.load.buffer_utilization = pulse.load.buffer_utilization
                     info.load.rss_bytes = pulse.load.rss_bytes
                     info.load.running_stages = pulse.load.running_stages
-            for _, stage_id, replica in state.replicas_of(record.id):
-                info.stages.append(
-                    control_pb2.StagePlacement(
-                        stage_id=stage_id,
-                        sidecar_id=record.id,
-                        data_address=record.data_address,
-                        replica=replica,
-                    )
-                )
+            info.stages.extend(placement_to_proto(p) for p in admin.sidecar_stages(self.node, record))
             out.append(info)
         await stream.send_message(admin_pb2.ListSidecarsResponse(sidecars=out))
 
     def _cluster_status(self) -> admin_pb2.ClusterStatus:
-        status = self.node.raft.status()
-        return admin_pb2.ClusterStatus(
-            node_id=status.node_id,
-            leader_id=status.leader_id,
-            leader_address=status.leader_address,
-            term=status.term,
-            commit_index=status.commit_index,
-            applied_index=status.applied_index,
-            last_snapshot_index=status.snapshot_index,
-            members=[
-                admin_pb2.ClusterMember(
-                    id=m.id,
-                    address=m.address,
-                    voter=m.voter,
-                    leader=m.id == status.leader_id,
-                    match_index=m.match_index,
-                    lag=max(0, status.commit_index - m.match_index),
-                    reachable=m.reachable,
-                )
-                for m in status.members
-            ],
-        )
+        return cluster_to_proto(admin.cluster_status(self.node))
 
     @handles_errors
     async def GetClusterStatus(self, stream: Stream[Any, Any]) -> None:
@@ -603,7 +518,7 @@ class AdminService(_Base, admin_grpc.PipelineAdminBase):
     async def GetLiveStats(self, stream: Stream[Any, Any]) -> None:
         await recv(stream)
         self.node.require_leader()  # only the leader hears the heartbeats: followers send the leader trailer
-        live = live_stats_of(self.node, now_ms=now_ms(), wall_ms=int(time.time() * 1000))
+        live = admin.live_stats_of(self.node, now_ms=now_ms(), wall_ms=int(time.time() * 1000))
         await stream.send_message(live_stats_to_proto(live))
 
 
@@ -653,7 +568,7 @@ class BackupService(_Base, admin_grpc.BackupServiceBase):
                 Status.DATA_LOSS, f"snapshot CRC mismatch: got {zlib.crc32(data)}, expected {crc}"
             )
         try:
-            result = check(await self.node.propose(Restore(snapshot=data), session_of(stream)))
+            result = admin.checked(await self.node.propose(Restore(snapshot=data), session_of(stream)))
         except SnapshotError as e:
             raise GRPCError(Status.INVALID_ARGUMENT, f"not a snapshot this version can read: {e}") from None
         state = self.node.state

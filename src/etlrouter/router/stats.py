@@ -10,13 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from etlrouter._proto.v1 import admin_pb2, control_pb2
 from etlrouter.control.liveness import Health, Liveness, LoadReport
-
-if TYPE_CHECKING:
-    from etlrouter.router.node import RouterNode
 
 # An edge is backpressured when its sender waited for credits at least this share of the last interval, or
 # when a batch on it has waited this long for its answer (the child stopped finishing batches: with small
@@ -60,33 +55,6 @@ class StageSample:
     acked_offsets: Mapping[int, int] = field(default_factory=dict)
     last_error: str = ""
     edges: tuple[EdgeSample, ...] = ()
-
-    @staticmethod
-    def from_proto(report: control_pb2.StageReport, at_ms: int) -> StageSample:
-        return StageSample(
-            at_ms=at_ms,
-            records_in=report.records_in,
-            records_out=report.records_out,
-            bytes_in=report.bytes_in,
-            bytes_out=report.bytes_out,
-            errors=report.errors,
-            dead_lettered=report.dead_lettered,
-            watermark_ms=report.watermark_ms,
-            acked_records=report.acked_records,
-            acked_offsets=dict(report.acked_offsets),
-            last_error=report.last_error[:1000],
-            edges=tuple(
-                EdgeSample(
-                    to_stage=e.to_stage_id,
-                    records_sent=e.records_sent,
-                    credits_available=e.credits_available,
-                    starved_s=max(0.0, e.starved_seconds_total),
-                    in_flight=e.in_flight_batches,
-                    oldest_in_flight_s=max(0.0, e.oldest_in_flight_seconds),
-                )
-                for e in report.edges[:MAX_EDGES_PER_STAGE]
-            ),
-        )
 
 
 @dataclass(slots=True)
@@ -255,15 +223,8 @@ class StatsStore:
         )
 
 
-# --- the live snapshot: what GraphQL `stats` shows, built on the leader, sent to followers (GetLiveStats) ---
-
-_HEALTH_TO_PROTO: dict[Health, control_pb2.Health] = {
-    "unknown": control_pb2.HEALTH_UNKNOWN,
-    "serving": control_pb2.HEALTH_SERVING,
-    "degraded": control_pb2.HEALTH_DEGRADED,
-    "not_serving": control_pb2.HEALTH_NOT_SERVING,
-}
-_HEALTH_FROM_PROTO: dict[int, Health] = {number: name for name, number in _HEALTH_TO_PROTO.items()}
+# --- the live snapshot: what GraphQL `stats` shows, built on the leader, sent to followers (GetLiveStats;
+# the proto conversions are in router/convert.py) ---
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,151 +283,3 @@ def live_stats(
             age = max(0, now_ms - heard.last_ms)
             sidecars.append(SidecarLive(sidecar_id, "not_serving", None, age, silent=True, registered=False))
     return LiveStats(wall_ms, leader_id, snapshot.stages, snapshot.edges, sidecars)
-
-
-def live_stats_of(node: RouterNode, *, now_ms: int, wall_ms: int) -> LiveStats:
-    """`live_stats` of a router node that is the leader (a follower's store and liveness are empty)."""
-    status = node.raft.status()
-    return live_stats(
-        node.live_stats,
-        node.sidecar_liveness,
-        [record.id for record in node.state.sidecars()],
-        now_ms=now_ms,
-        wall_ms=wall_ms,
-        leader_id=status.node_id,
-        stale_after_ms=node.config.router.sidecar_heartbeat_timeout_ms,
-        default_interval_ms=node.config.sidecar.heartbeat_interval_ms,
-    )
-
-
-def live_stats_to_proto(live: LiveStats) -> admin_pb2.LiveStats:
-    out = admin_pb2.LiveStats(at_ms=live.at_ms, leader_id=live.leader_id)
-    for s in live.stages:
-        stage = out.stages.add(
-            dag_id=s.dag_id,
-            stage_id=s.stage_id,
-            replicas=s.replicas,
-            sidecar_ids=s.sidecars,
-            records_in=s.records_in,
-            records_out=s.records_out,
-            bytes_in=s.bytes_in,
-            bytes_out=s.bytes_out,
-            records_in_per_second=s.records_in_per_s,
-            records_out_per_second=s.records_out_per_s,
-            bytes_in_per_second=s.bytes_in_per_s,
-            bytes_out_per_second=s.bytes_out_per_s,
-            errors=s.errors,
-            dead_lettered=s.dead_lettered,
-            watermark_ms=s.watermark_ms,
-            acked_records=s.acked_records,
-            acked_offsets=s.acked_offsets,
-            last_error=s.last_error,
-        )
-        if s.watermark_lag_ms is not None:
-            stage.watermark_lag_ms = s.watermark_lag_ms
-    for e in live.edges:
-        out.edges.add(
-            dag_id=e.dag_id,
-            from_stage_id=e.from_stage,
-            to_stage_id=e.to_stage,
-            records_sent=e.records_sent,
-            records_per_second=e.records_per_s,
-            credits_available=e.credits_available,
-            starved_seconds_total=e.starved_s,
-            starved_ratio=e.starved_ratio,
-            in_flight_batches=e.in_flight,
-            oldest_in_flight_seconds=e.oldest_in_flight_s,
-            backpressure_origin=e.origin,
-        )
-    for c in live.sidecars:
-        sidecar = out.sidecars.add(
-            sidecar_id=c.sidecar_id,
-            health=_HEALTH_TO_PROTO[c.health],
-            silent=c.silent,
-            registered=c.registered,
-        )
-        if c.age_ms is not None:
-            sidecar.last_heartbeat_age_ms = c.age_ms
-        if c.load is not None:
-            sidecar.load.CopyFrom(
-                control_pb2.SidecarLoad(
-                    records_per_second=c.load.records_per_second,
-                    buffer_utilization=c.load.buffer_utilization,
-                    cpu_seconds=c.load.cpu_seconds,
-                    rss_bytes=c.load.rss_bytes,
-                    running_stages=c.load.running_stages,
-                )
-            )
-    return out
-
-
-# A forwarded snapshot is network input: bounded like the heartbeats that feed it.
-MAX_FORWARDED_ITEMS = 100_000
-
-
-def live_stats_from_proto(reply: admin_pb2.LiveStats) -> LiveStats:
-    """The inverse of `live_stats_to_proto` (on a follower); `backpressure` is derived by the same rule."""
-    for name in ("stages", "edges", "sidecars"):
-        count = len(getattr(reply, name))
-        if count > MAX_FORWARDED_ITEMS:
-            raise ValueError(f"LiveStats.{name} has {count} entries, at most {MAX_FORWARDED_ITEMS}")
-    stages = [
-        StageStats(
-            dag_id=s.dag_id,
-            stage_id=s.stage_id,
-            replicas=s.replicas,
-            records_in=s.records_in,
-            records_out=s.records_out,
-            bytes_in=s.bytes_in,
-            bytes_out=s.bytes_out,
-            records_in_per_s=s.records_in_per_second,
-            records_out_per_s=s.records_out_per_second,
-            bytes_in_per_s=s.bytes_in_per_second,
-            bytes_out_per_s=s.bytes_out_per_second,
-            errors=s.errors,
-            dead_lettered=s.dead_lettered,
-            watermark_ms=s.watermark_ms,
-            watermark_lag_ms=s.watermark_lag_ms if s.HasField("watermark_lag_ms") else None,
-            acked_records=s.acked_records,
-            acked_offsets=dict(s.acked_offsets),
-            last_error=s.last_error[:1000],
-            sidecars=list(s.sidecar_ids),
-        )
-        for s in reply.stages
-    ]
-    edges = [
-        EdgeStats(
-            dag_id=e.dag_id,
-            from_stage=e.from_stage_id,
-            to_stage=e.to_stage_id,
-            records_sent=e.records_sent,
-            records_per_s=e.records_per_second,
-            credits_available=e.credits_available,
-            starved_s=e.starved_seconds_total,
-            starved_ratio=e.starved_ratio,
-            in_flight=e.in_flight_batches,
-            oldest_in_flight_s=e.oldest_in_flight_seconds,
-            origin=e.backpressure_origin,
-        )
-        for e in reply.edges
-    ]
-    sidecars = [
-        SidecarLive(
-            c.sidecar_id,
-            health=_HEALTH_FROM_PROTO.get(c.health, "unknown"),
-            load=LoadReport(
-                records_per_second=c.load.records_per_second,
-                buffer_utilization=c.load.buffer_utilization,
-                cpu_seconds=c.load.cpu_seconds,
-                rss_bytes=c.load.rss_bytes,
-                running_stages=c.load.running_stages,
-            )
-            if c.HasField("load")
-            else None,
-            age_ms=c.last_heartbeat_age_ms if c.HasField("last_heartbeat_age_ms") else None,
-            silent=c.silent,
-            registered=c.registered,
-        )
-        for c in reply.sidecars
-    ]
-    return LiveStats(reply.at_ms, reply.leader_id, stages, edges, sidecars)
