@@ -216,22 +216,37 @@ def read_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or TOML config file into a dict; errors name the file (and line where the parser knows)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as e:
-        raise ConfigError(f"config error: cannot read {p}: {e.strerror}") from None
+        raise ConfigError(f"config error: cannot read {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config error: {p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "a config file is YAML or TOML"
+        ) from None
+    if "\x00" in text:  # valid UTF-8 all the same: a binary file
+        raise ConfigError(
+            f"config error: {p}: a binary file (NUL at offset {text.index(chr(0))}); expected YAML or TOML"
+        )
     try:
         data: Any = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config error: {p}: {e}") from None
+        raise ConfigError(f"config error: {p}: {_one_line(str(e))}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"config error: {p}{where}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(
+            f"config error: {p}{where}: {_one_line(str(getattr(e, 'problem', None) or e))}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config error: {p}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:

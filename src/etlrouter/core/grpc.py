@@ -21,6 +21,7 @@ from grpclib.server import Server
 
 from etlrouter.core import transport
 from etlrouter.core.config import TransportConfig, split_address
+from etlrouter.core.lifecycle import listen_error
 from etlrouter.core.metrics import MALFORMED_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ class GrpcServer:
         host: str,
         port: int,
         transport_config: TransportConfig | None = None,
+        setting: str = "the gRPC listen address",
     ) -> None:
+        self.setting = setting  # what to name when the port cannot be bound, e.g. "router.grpc.port"
         self.transport_config = transport_config or TransportConfig()
         transport.install(self.transport_config)
         self.status = ServiceStatus()
@@ -146,7 +149,10 @@ class GrpcServer:
         return f"{self._host}:{self.port}"
 
     async def start(self) -> None:
-        await self._server.start(self._host, self._requested_port, reuse_address=True)
+        try:
+            await self._server.start(self._host, self._requested_port, reuse_address=True)
+        except OSError as error:
+            raise listen_error(self.address, self.setting, error) from None
         sockets = getattr(self._server._server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]

@@ -17,6 +17,16 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+class StartupError(Exception):
+    """A role cannot start for a reason the operator must fix (a port in use, an unusable data directory);
+    `str()` is one line naming the problem and the setting. The process exits with code 2, no traceback."""
+
+
+def listen_error(address: str, setting: str, error: OSError) -> StartupError:
+    reason = error.strerror or str(error)
+    return StartupError(f"cannot listen on {address}: {reason} (set by {setting})")
+
+
 class Component(Protocol):
     async def start(self) -> None: ...
 
@@ -57,7 +67,11 @@ async def serve(component: Component, *, drain_deadline_s: float) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     drain_task: asyncio.Task[None] | asyncio.Future[None] = loop.create_future()
     try:
-        await component.start()
+        try:
+            await component.start()
+        except OSError as error:
+            # An OS refusal while starting is the environment's, not a bug: say it in one line.
+            raise StartupError(f"cannot start: {error}") from error
         await _first_of(stop_requested.wait(), component.wait())
         drain_task = asyncio.ensure_future(component.drain())
         try:
