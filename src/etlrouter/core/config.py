@@ -287,43 +287,86 @@ def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def _origin_of(message: str, origins: Mapping[str, str], file: str | None) -> str:
+# Each layer's contribution, in precedence order (later wins): the leaf paths it supplied ("$.a.b") and
+# how to name each one in an error; _KEY in a name stands for the key path the error points at.
+_Layer = dict[str, str]
+_KEY = "\x00key"
+
+
+def _under(path: str, ancestor: str) -> bool:
+    """`path` is `ancestor` or lies inside it ("$.a.b[0]" lies in "$.a.b" and in "$.a")."""
+    return path == ancestor or path.startswith((ancestor + ".", ancestor + "["))
+
+
+def _origin_of(message: str, layers: list[_Layer]) -> str:
+    """The layer that supplied the bad value the error points at; "defaults" when none did."""
     m = re.search(r"at `(\$[^`]*)`", message)
-    if m:
-        path = m.group(1)
-        # The error may point at the enclosing struct; the most specific supplied path under it wins.
-        for candidate in sorted(origins, key=len, reverse=True):
-            if candidate == path or candidate.startswith(path + ".") or path.startswith(candidate + "."):
-                return origins[candidate]
-    return f"file {file}" if file else "defaults"
+    path = m.group(1) if m else "$"
+    unknown = re.match(r"Object contains unknown field `([^`]*)`", message)
+    if unknown:  # the error points at the enclosing struct; the culprit is the key itself
+        path = f"{path}.{unknown.group(1)}"
+    # A layer that set this value or one enclosing it (a list, a whole section): the highest one wins.
+    for layer in reversed(layers):
+        for supplied, origin in layer.items():
+            if _under(path, supplied):
+                return origin.replace(_KEY, path[2:])
+    # An error about a whole struct (e.g. node_id not among the peers): the layer that set part of it.
+    for layer in reversed(layers):
+        inside = [supplied for supplied in layer if _under(supplied, path)]
+        if inside:
+            supplied = max(inside, key=len)
+            return layer[supplied].replace(_KEY, supplied[2:])
+    return "defaults"
 
 
 def load_config(
     file: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Config:
-    """Merge the layers and validate once. Raises ConfigError with one line naming field and origin."""
+    """Merge the layers and validate once. Raises ConfigError with one line naming field and origin.
+
+    `flag_names` maps a dotted override path ("router.peers") to the flag that set it ("--peer").
+    """
     environ = os.environ if environ is None else environ
     file = file or environ.get("ETLROUTER_CONFIG") or None
-    merged: dict[str, Any] = read_file(file) if file else {}
-    env, origins = env_layer(environ)
+    layers: list[_Layer] = []
+    merged: dict[str, Any] = {}
+    if file:
+        merged = read_file(file)
+        layers.append({_json_path(p): f"file {file}, key {_KEY}" for p in _leaf_paths(merged)})
+    env, env_origins = env_layer(environ)
     merged = deep_merge(merged, env)
-    flag_origins: dict[str, str] = {}
+    layers.append(env_origins)
     if overrides:
         merged = deep_merge(merged, overrides)
-        flag_origins = {"$." + ".".join(path): "command-line flag" for path in _leaf_paths(overrides)}
+        names = flag_names or {}
+        layers.append(
+            {
+                _json_path(p): f"flag {names[_dotted(p)]}" if _dotted(p) in names else "command-line flag"
+                for p in _leaf_paths(overrides)
+            }
+        )
     try:
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as e:
-        where = _origin_of(str(e), {**origins, **flag_origins}, str(file) if file else None)
-        raise ConfigError(f"config error: {e} (from {where})") from None
+        raise ConfigError(f"config error: {e} (from {_origin_of(str(e), layers)})") from None
+
+
+def _json_path(path: tuple[str, ...]) -> str:
+    return "$." + ".".join(path)
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return ".".join(path)
 
 
 def _leaf_paths(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     for key, value in d.items():
-        if isinstance(value, Mapping):
+        key = str(key)  # YAML keys may be ints or bools
+        if isinstance(value, Mapping) and value:
             out.extend(_leaf_paths(value, (*prefix, key)))
         else:
             out.append((*prefix, key))
