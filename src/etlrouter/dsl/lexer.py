@@ -66,6 +66,7 @@ _TOKEN = re.compile(
     | (?P<number>-?[0-9])
     | (?P<string>")
     | (?P<punct>[{}(),;=|])
+    | (?P<bad>(?:[^ \t\r\f\v\n\#.A-Za-z_0-9"{}(),;=|-]|\.(?!\.)|-(?![0-9]))+)
     """,
     re.VERBOSE,
 )
@@ -83,22 +84,22 @@ def tokenize(source: Source) -> tuple[list[Token], list[DslError]]:
     match_token = _TOKEN.match
     while index < end:
         match = match_token(text, index)
-        if match is not None and match.lastgroup == "space":
+        # `bad` takes any character no token starts with, so every offset matches.
+        assert match is not None
+        group = match.lastgroup
+        if group == "space":
             index = match.end()
             continue
         pos = SourcePos(line, index - line_start + 1)
-        if match is None:
-            # Report a run of unexpected characters once, not once per character.
-            run_end = index + 1
-            while run_end < end and match_token(text, run_end) is None:
-                run_end += 1
-            bad = text[index:run_end]
+        if group == "bad":
+            # A run of such characters is reported once; the regex finds the whole run (a Python loop
+            # re-trying the token regex at each offset of the run made pathological files slow).
+            bad = match.group()
             shown = repr(bad) if not bad.isprintable() else f"`{bad}`"
             noun = "character" if len(bad) == 1 else "characters"
             errors.append(source.error(f"unexpected {noun} {shown}", pos, length=len(bad)))
-            index = run_end
+            index = match.end()
             continue
-        group = match.lastgroup
         if group == "newline":
             line += 1
             line_start = index = match.end()

@@ -7,7 +7,7 @@ Nesting (tees inside tees, calls inside calls) is capped so hostile input cannot
 
 from __future__ import annotations
 
-from etlrouter.dsl.errors import DslError, DslErrors, Source, did_you_mean
+from etlrouter.dsl.errors import Diagnostics, DslError, DslErrors, Source, capped, did_you_mean
 from etlrouter.dsl.lexer import Token, TokenKind, tokenize
 from etlrouter.dsl.syntax import (
     STAGE_KINDS,
@@ -42,7 +42,7 @@ def parse(text: str, filename: str = "<input>") -> Document:
     return document
 
 
-def parse_with_errors(text: str, filename: str = "<input>") -> tuple[Document, list[DslError]]:
+def parse_with_errors(text: str, filename: str = "<input>") -> tuple[Document, Diagnostics]:
     """Parse `text`, returning the pipelines that parsed cleanly and all errors found."""
     source = Source(text, filename)
     tokens, lex_errors = tokenize(source)
@@ -51,7 +51,7 @@ def parse_with_errors(text: str, filename: str = "<input>") -> tuple[Document, l
     # A bad character usually derails the parser on the same line; report the cause, not the echo.
     lexed_lines = {error.line for error in lex_errors}
     parse_errors = [error for error in parser.errors if error.line not in lexed_lines]
-    errors = sorted([*lex_errors, *parse_errors], key=DslError.sort_key)
+    errors = capped(lex_errors, parse_errors)
     return Document(filename=filename, pipelines=tuple(pipelines), text=text), errors
 
 
