@@ -82,3 +82,13 @@ def test_ctl_validate_output_is_bounded(tmp_path: Path) -> None:
     assert result.stderr.count(": error: ") == MAX_ERRORS
     assert result.stderr.rstrip().splitlines()[-1].startswith(f"{ELLIPSIS} and ")
     assert result.stderr.rstrip().endswith("more errors")
+
+
+def test_parse_errors_are_capped_and_counted_too() -> None:
+    errors = validate("pipeline p { source a | }\n" * 150, "p.etl")
+    assert len(errors) == MAX_ERRORS and errors.omitted == 50
+    assert all(e.message == errors[0].message for e in errors)
+    # An echo of a lexical error on the same line is neither kept nor counted.
+    mixed = validate("pipeline p { source a | @ }\n" * 60 + "pipeline q { source a | }\n" * 60, "m.etl")
+    assert len(mixed) == MAX_ERRORS and mixed.omitted == 20
+    assert [e.line for e in mixed] == list(range(1, MAX_ERRORS + 1))

@@ -107,6 +107,25 @@ class Diagnostics(list[DslError]):
         return f"{ELLIPSIS} and {self.omitted} more error{'s' if self.omitted != 1 else ''}"
 
 
+class ErrorSink(Diagnostics):
+    """Collects a producer's errors (lexer, parser) in the order it finds them, and past `limit` only
+    counts them: building a DslError (and its excerpt) for the 100,000th error of a garbage file would
+    be most of the work. `lines` has every line with an error, kept or not."""
+
+    def __init__(self, source: Source, limit: int = MAX_ERRORS) -> None:
+        super().__init__()
+        self.source = source
+        self.limit = limit
+        self.lines: set[int] = set()
+
+    def report(self, message: str, pos: SourcePos, *, hint: str | None = None, length: int = 1) -> None:
+        self.lines.add(pos.line)
+        if len(self) < self.limit:
+            self.append(self.source.error(message, pos, hint=hint, length=length))
+        else:
+            self.omitted += 1
+
+
 def capped(*groups: Iterable[DslError], limit: int = MAX_ERRORS) -> Diagnostics:
     """Merge groups of errors into source order and keep the first `limit`; the errors a group had
     already left out (a `Diagnostics`) count among the omitted."""
