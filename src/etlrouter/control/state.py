@@ -504,7 +504,7 @@ class ControlState:
                 "invalid_argument",
                 f"{count} error{'s' if count != 1 else ''} in {command.filename}; first:"
                 f" {first.location}: {first.message}",
-                tuple(_diagnostic(error) for error in errors),
+                tuple(diagnostic_of(error) for error in errors),
             )
         texts = _pipeline_texts(document)
         names = [pipeline.name for pipeline in compiled]
@@ -1050,7 +1050,8 @@ def root_of(pipeline: Pipeline) -> str:
     return dsl_stage_id(None, pipeline.source)
 
 
-def _diagnostic(error: DslError) -> Diagnostic:
+def diagnostic_of(error: DslError) -> Diagnostic:
+    """A compiler error as the replicated Diagnostic (source line and a caret as its excerpt)."""
     excerpt = ""
     if error.source_line:
         excerpt = error.source_line + "\n" + " " * (error.col - 1) + "^"

@@ -113,6 +113,16 @@ class RaftConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("heartbeat_ticks must be smaller than election_ticks")
 
 
+class WorkPoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Worker processes for CPU-heavy admin requests (DSL parse/check/explain), off the Raft event loop."""
+
+    workers: Annotated[int, msgspec.Meta(ge=1)] = 1
+    # Requests that may wait for a worker; beyond workers + queue, RESOURCE_EXHAUSTED with a retry hint.
+    queue: Annotated[int, msgspec.Meta(ge=0)] = 8
+    # A job still running at its deadline is stopped (its worker is killed and replaced).
+    deadline_ms: PositiveMs = 10_000
+
+
 class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     node_id: str = "router-0"
     cluster_id: str = "etlrouter"
@@ -127,6 +137,7 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sidecar_heartbeat_timeout_ms: PositiveMs = 15_000
     # After a leader change, sidecars get this long to heartbeat before they can be expired.
     leader_grace_ms: PositiveMs = 15_000
+    work: WorkPoolConfig = WorkPoolConfig()
 
     def __post_init__(self) -> None:
         for addr in self.join:

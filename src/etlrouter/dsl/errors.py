@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -77,6 +78,22 @@ class DslError(Exception):
     def sort_key(self) -> tuple[str, int, int, str]:
         return (self.filename, self.line, self.col, self.message)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: the default Exception pickling would call DslError(message) and fail.
+        # Pickled when a router's worker process (core/offload.py) sends diagnostics back.
+        return (
+            _rebuild_error,
+            (self.message, self.filename, self.line, self.col, self.source_line, self.hint, self.length),
+        )
+
+
+def _rebuild_error(
+    message: str, filename: str, line: int, col: int, source_line: str, hint: str | None, length: int
+) -> DslError:
+    return DslError(
+        message, filename=filename, line=line, col=col, source_line=source_line, hint=hint, length=length
+    )
+
 
 def excerpt(line: str, col: int, width: int = EXCERPT_WIDTH) -> tuple[str, int]:
     """The part of `line` to show for column `col` (1-based), and the column within it.
@@ -142,6 +159,9 @@ class DslErrors(Exception):
         self.errors: Diagnostics = capped(errors)
         count = len(self.errors) + self.errors.omitted
         super().__init__(f"{count} error{'s' if count != 1 else ''} in pipeline definitions")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DslErrors, (self.errors,))  # a Diagnostics: the omitted count goes along
 
     def __str__(self) -> str:
         rendered = [error.render() for error in self.errors]

@@ -34,6 +34,7 @@ from etlrouter.control import (
 )
 from etlrouter.core.config import Config
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.core.offload import WorkerPool
 from etlrouter.raft.node import NodeOptions, NotLeader, RaftNode
 from etlrouter.router.stats import StatsStore
 from etlrouter.router.watch import WatchHub
@@ -116,6 +117,13 @@ class RouterNode:
         self.live_stats = StatsStore()
         # Direct registrations: instance id -> (last heartbeat ms, ttl ms). Leader-local soft state.
         self.direct_heartbeats: dict[str, tuple[int, int]] = {}
+        # CPU-heavy admin work (router/admin.py) runs in these processes, never on the Raft loop.
+        self.work_pool = WorkerPool(
+            "admin",
+            workers=rc.work.workers,
+            queue=rc.work.queue,
+            deadline_s=rc.work.deadline_ms / 1000,
+        )
         self._leader_since_ms = 0
         self._leader_term = 0
         self._poke = asyncio.Event()
@@ -163,6 +171,7 @@ class RouterNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         await self.raft.stop()
+        await self.work_pool.close()
 
     def ready(self) -> tuple[bool, str]:
         """Ready = part of a cluster with a known leader."""
