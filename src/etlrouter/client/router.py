@@ -3,7 +3,9 @@
 Used by `etlrouter ctl`, the sidecar's cluster client and the operator. Give it any router addresses; a
 follower that cannot serve a request answers FAILED_PRECONDITION with the leader's address in the
 `etlrouter-leader` trailer, and the client follows it. A router that does not answer is skipped; when none
-answers within the deadline the call raises `ClusterUnreachableError`.
+answers within the deadline the call raises `ClusterUnreachableError` (`NoAnswerInTimeError` when a router
+took the request but answered late). A router too busy for a heavy request answers RESOURCE_EXHAUSTED with
+an `etlrouter-retry-after` trailer: the client waits that long and asks again, within its deadline.
 """
 
 from __future__ import annotations
@@ -131,6 +133,12 @@ class RouterClient:
                 except _NoAnswerError as e:
                     last_error = e
                     continue  # the same leader next round: it is up, only slow
+                except _BusyError as e:
+                    last_error = e
+                    # The router said when to come back: wait that long (never past the deadline), then
+                    # ask it again; a client that retried at once would only add to the load.
+                    await asyncio.sleep(min(e.retry_after_s, max(0.0, deadline - time.monotonic())))
+                    break
                 except _RETRYABLE as e:
                     last_error = e
                     self._forget_leader(address)
@@ -141,6 +149,8 @@ class RouterClient:
             attempt += 1
             # Never past the deadline: the last round still gets its chance.
             await asyncio.sleep(min(ROUND_BACKOFF.delay(attempt), max(0.0, deadline - time.monotonic())))
+        if isinstance(last_error, _BusyError):
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, str(last_error))
         if isinstance(last_error, _NoAnswerError):
             raise NoAnswerInTimeError(
                 f"the router at {last_error.address} accepted the request but did not answer within"
@@ -185,12 +195,29 @@ class RouterClient:
             reply = await stream.recv_message()
             await stream.recv_trailing_metadata()
         except GRPCError as e:
-            trailer = dict(stream.trailing_metadata or {}).get(LEADER_TRAILER)
+            trailers = dict(stream.trailing_metadata or {})
+            trailer = trailers.get(LEADER_TRAILER)
             if e.status == Status.FAILED_PRECONDITION and trailer is not None:
                 _, _, address = str(trailer).partition("@")
                 raise _NotLeaderError(e.message or "not the leader", address) from e
+            retry_after = trailers.get(RETRY_AFTER)
+            if e.status == Status.RESOURCE_EXHAUSTED and retry_after is not None:
+                raise _BusyError(e.message or "the router is busy", _seconds(retry_after)) from e
             raise
         return reply
+
+
+class _BusyError(Exception):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _seconds(text: object) -> float:
+    try:
+        return min(max(float(str(text)), 0.05), 30.0)  # a hint from the network: bounded either way
+    except ValueError:
+        return 1.0
 
 
 class _NoAnswerError(Exception):

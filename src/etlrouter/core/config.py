@@ -118,7 +118,7 @@ class WorkPoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     workers: Annotated[int, msgspec.Meta(ge=1)] = 1
     # Requests that may wait for a worker; beyond workers + queue, RESOURCE_EXHAUSTED with a retry hint.
-    queue: Annotated[int, msgspec.Meta(ge=0)] = 8
+    queue: Annotated[int, msgspec.Meta(ge=0)] = 4
     # A job still running at its deadline is stopped (its worker is killed and replaced).
     deadline_ms: PositiveMs = 10_000
 

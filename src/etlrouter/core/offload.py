@@ -96,11 +96,6 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
             conn.send(("error", _Failure(None, f"{type(e).__name__}: {e}")))
 
 
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
-
-
 class _Worker:
     def __init__(self, context: multiprocessing.context.SpawnContext, name: str) -> None:
         parent, child = context.Pipe()
@@ -110,21 +105,19 @@ class _Worker:
         child.close()
 
     async def call(self, job: tuple[Any, ...]) -> tuple[str, Any]:
-        """Send a job and wait for its reply, ("ok", result) or ("error", _Failure)."""
-        loop = asyncio.get_running_loop()
-        self.conn.send(job)  # the idle worker is blocked in recv(): even a 1 MiB argument goes at once
-        ready: asyncio.Future[None] = loop.create_future()
-        fd = self.conn.fileno()
-        loop.add_reader(fd, _wake, ready)
+        """Send a job and wait for its reply, ("ok", result) or ("error", _Failure).
+
+        Both ends of the pipe are blocking calls in a thread: a 1 MiB argument or a long rendering never
+        holds the event loop, and a job that is given up on ends its thread when its worker is killed."""
         try:
-            await ready
-        finally:
-            loop.remove_reader(fd)
-        try:
-            reply: tuple[str, Any] = self.conn.recv()
+            return await asyncio.to_thread(self._exchange, job)
         except (EOFError, OSError):
             code = self.process.exitcode
             raise WorkerCrashedError(f"worker {self.process.name} died (exit code {code})") from None
+
+    def _exchange(self, job: tuple[Any, ...]) -> tuple[str, Any]:
+        self.conn.send(job)
+        reply: tuple[str, Any] = self.conn.recv()
         return reply
 
     def kill(self) -> None:
