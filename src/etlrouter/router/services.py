@@ -331,9 +331,12 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
         for report in request.stages:
             applied[report.dag_id] = max(applied.get(report.dag_id, 0), report.fencing_token)
         commands = state.commands_for_sidecar(sidecar_id, applied)
+        self.node.note_applied_tokens(sidecar_id, applied)
         await stream.send_message(
             control_pb2.SidecarHeartbeatResponse(
-                commands=[command_to_proto(c) for c in commands], rejected_services=rejected
+                commands=[command_to_proto(c) for c in commands],
+                rejected_services=rejected,
+                forget_dags=state.forgettable_dags(sidecar_id, dict(request.applied_tokens)),
             )
         )
 

@@ -96,6 +96,13 @@ def is_stale(applied: Mapping[str, int], dag_id: str, token: int) -> bool:
     return token < applied.get(dag_id, 0)
 
 
+def tokens_to_forget(forget: Iterable[str], running: Mapping[str, object]) -> list[str]:
+    """The DAGs whose fencing tokens may be dropped: the router keeps nothing for this sidecar there, and
+    nothing of them runs here. A later Assign of such a DAG carries a newer token than any dropped one (the
+    router's tokens are Raft indices), so fencing holds; the table stays bounded under pipeline churn."""
+    return [dag_id for dag_id in forget if dag_id not in running]
+
+
 def command_dag(command: control_pb2.AssignmentCommand) -> tuple[str, str]:
     """("assign"|"revoke", dag id) of a command; ("", "") when it carries neither or no DAG id."""
     which = command.WhichOneof("command")
@@ -156,6 +163,8 @@ class _Batch:
     # After applying: revoke locally every running DAG not in this set (None: leave them alone).
     keep_only: set[str] | None = None
     keys: list[bytes] = dataclasses.field(default_factory=list)
+    # After applying: DAGs whose fencing tokens the router said it keeps nothing for (forget_dags).
+    forget: list[str] = dataclasses.field(default_factory=list)
 
 
 class ClusterClient:
@@ -393,8 +402,8 @@ class ClusterClient:
                 self._services_sent_version = version
                 self._list_refusals = 0
                 self._set_rejected(rejected_of(reply.rejected_services))
-            if reply.commands:
-                self._submit(list(reply.commands), skip_pending=True)
+            if reply.commands or reply.forget_dags:
+                self._submit(list(reply.commands), skip_pending=True, forget=list(reply.forget_dags))
         return reply
 
     async def run(self) -> None:
@@ -457,6 +466,7 @@ class ClusterClient:
         *,
         keep_only: set[str] | None = None,
         skip_pending: bool = False,
+        forget: Sequence[str] = (),
     ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         keys = [command.SerializeToString(deterministic=True) for command in commands]
@@ -465,7 +475,7 @@ class ClusterClient:
             commands, keys = [c for c, _ in fresh], [k for _, k in fresh]
         for key in keys:
             self._pending[key] = self._pending.get(key, 0) + 1
-        self._queue.put_nowait(_Batch(commands, done, keep_only, keys))
+        self._queue.put_nowait(_Batch(commands, done, keep_only, keys, list(forget)))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._apply_queued(), name=f"commands-{self.sidecar_id}")
         return done
@@ -511,6 +521,9 @@ class ClusterClient:
                     fencing_token=self.applied.get(dag_id, 0), revoke=control_pb2.Revoke(dag_id=dag_id)
                 )
                 await self._apply_one(revoke)
+        # In queue order, after the commands: an Assign queued before this batch has already been applied.
+        for dag_id in tokens_to_forget(batch.forget, self.running):
+            self.applied.pop(dag_id, None)
 
     async def _apply_one(self, command: control_pb2.AssignmentCommand) -> bool:
         """Apply one command to the target; False when the target failed (the router will resend)."""

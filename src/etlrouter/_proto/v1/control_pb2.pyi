@@ -271,14 +271,16 @@ class SidecarHeartbeatRequest(_message.Message):
     def __init__(self, sidecar_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., load: _Optional[_Union[SidecarLoad, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., services_changed: _Optional[bool] = ..., applied_tokens: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SidecarHeartbeatResponse(_message.Message):
-    __slots__ = ("commands", "reregister", "rejected_services")
+    __slots__ = ("commands", "reregister", "rejected_services", "forget_dags")
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     REJECTED_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    FORGET_DAGS_FIELD_NUMBER: _ClassVar[int]
     commands: _containers.RepeatedCompositeFieldContainer[AssignmentCommand]
     reregister: bool
     rejected_services: _containers.RepeatedCompositeFieldContainer[RejectedService]
-    def __init__(self, commands: _Optional[_Iterable[_Union[AssignmentCommand, _Mapping]]] = ..., reregister: _Optional[bool] = ..., rejected_services: _Optional[_Iterable[_Union[RejectedService, _Mapping]]] = ...) -> None: ...
+    forget_dags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, commands: _Optional[_Iterable[_Union[AssignmentCommand, _Mapping]]] = ..., reregister: _Optional[bool] = ..., rejected_services: _Optional[_Iterable[_Union[RejectedService, _Mapping]]] = ..., forget_dags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeregisterSidecarRequest(_message.Message):
     __slots__ = ("sidecar_id",)
