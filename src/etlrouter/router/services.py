@@ -334,7 +334,7 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
         self.node.note_applied_tokens(sidecar_id, applied)
         await stream.send_message(
             control_pb2.SidecarHeartbeatResponse(
-                commands=[command_to_proto(c) for c in commands],
+                commands=[command_to_proto(c, dict(request.spec_generations)) for c in commands],
                 rejected_services=rejected,
                 forget_dags=state.forgettable_dags(sidecar_id, dict(request.applied_tokens)),
             )
