@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from etlrouter._proto.v1 import control_pb2, dataplane_pb2
+from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2
 from etlrouter.core.config import SidecarConfig, TransportConfig
 from etlrouter.core.grpc import GrpcServer
 from etlrouter.sdk import (
@@ -369,3 +369,23 @@ async def test_lookup_stage_copies_fields_into_headers() -> None:
     assert len(headers) == 30
     assert headers[4] == {"directory.parity": "even"} and headers[5] == {"directory.parity": "odd"}
     assert headers[3] == {}  # not found: the record passes unchanged
+
+
+async def test_a_batch_whose_records_do_not_decode_is_dead_lettered_whole_not_retried() -> None:
+    """A well-formed batch header with garbage records: every retry would fail the same way, so the stage
+    dead-letters the raw bytes once (reason `undecodable`) and reports the batch done."""
+    sink = RecordingSink("left")
+    async with serving(sink) as s1, sidecar("A", {"left": s1.address}, KINDS) as a:
+        spec = dag([("l", SINK, "left", [], 0)])
+        await a.engine.assign(1, assign(spec, {"l": a}, a))
+        garbage = b"\x0a\xff\xff\xff\xff\x0f"  # a length-delimited field longer than the message
+        batch = records_pb2.RawRecordBatch(
+            header=records_pb2.BatchHeader(batch_id="b-1", record_count=3, first_offset=40, last_offset=42),
+            records=garbage,
+        )
+        result = await a.engine.receive("dag-1", "l", batch, "B/src")
+    assert result.done and result.dead_lettered == 1
+    (letter,) = a.dlq.letters
+    assert letter.reason == "undecodable" and letter.record.value == garbage and letter.record.offset == 40
+    assert "do not decode" in letter.error and letter.batch_id == "b-1"
+    assert sink.values == []

@@ -48,7 +48,7 @@ from etlrouter.sidecar.edges import Edge, EdgeBrokenError, LocalEdge, RemoteEdge
 from etlrouter.sidecar.model import BatchResult, BranchShedError, DeadLetterSink, LocalService
 from etlrouter.sidecar.source import SourceRunner
 from etlrouter.sidecar.stages import ERRORS, LookupRunner, SinkRunner, StageRunner, TransformRunner
-from etlrouter.sidecar.wire import encode_records
+from etlrouter.sidecar.wire import UndecodableBatchError, encode_records
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +364,11 @@ class Engine:
         runner.note_watermark(sender, batch)
         try:
             return await runner.handle(batch)
+        except UndecodableBatchError as e:  # garbage records: a retry would fail the same way, forever
+            log.warning(
+                "stage %s: dead-lettering an undecodable batch from %s: %s", stage_id, sender or "?", e
+            )
+            return BatchResult(True, await runner.dead_letter_undecodable(batch, str(e)))
         except Exception as e:  # a bug or an unexpected failure: the sender retries, nothing is lost
             log.exception("stage %s failed on batch %s", stage_id, batch.header.batch_id)
             return BatchResult.retry(f"{type(e).__name__}: {e}")

@@ -34,7 +34,14 @@ from etlrouter.dsl.options import parse_duration_ms
 from etlrouter.flow.retry import Backoff, GiveUp, RetryPolicy, classify_grpc_status
 from etlrouter.flow.watermarks import NO_WATERMARK, StageWatermark, WatermarkValve
 from etlrouter.sidecar.model import DONE, BatchResult, BranchShedError, LocalService, StageHost
-from etlrouter.sidecar.wire import ServiceClient, count_records, decode_records, encode_records
+from etlrouter.sidecar.wire import (
+    ServiceClient,
+    UndecodableBatchError,
+    count_records,
+    decode_records,
+    encode_records,
+    raw_batch_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +284,10 @@ class StageRunner:
         transient = sum(1 for e in errors if e.error_class == records_pb2.ERROR_CLASS_TRANSIENT)
         if transient:
             return BatchResult.retry(f"{what} reported {transient} transient record errors")
-        records = decode_records(batch)
+        try:
+            records = decode_records(batch)
+        except UndecodableBatchError as e:
+            return await self.dead_letter_undecodable(batch, str(e))
         failed = [(e.index, e.message, int(e.error_class)) for e in errors if e.index < len(records)]
         return await self.dead_letter(batch, records, failed, reason)
 
@@ -332,10 +342,20 @@ class StageRunner:
         reason: str,
         stage: control_pb2.StageSpec | None = None,
     ) -> int:
-        records = decode_records(batch)
         permanent = int(records_pb2.ERROR_CLASS_PERMANENT)
+        try:
+            records = decode_records(batch)
+        except UndecodableBatchError as e:
+            records, message, reason = [raw_batch_record(batch)], f"{message}; {e}", "undecodable"
         return await self.dead_letter(
             batch, records, [(i, message, permanent) for i in range(len(records))], reason, stage=stage
+        )
+
+    async def dead_letter_undecodable(self, batch: records_pb2.RawRecordBatch, error: str) -> int:
+        """A batch whose records do not decode: one letter with its raw bytes (retrying cannot help)."""
+        permanent = int(records_pb2.ERROR_CLASS_PERMANENT)
+        return await self.dead_letter(
+            batch, [raw_batch_record(batch)], [(0, error, permanent)], "undecodable"
         )
 
     async def deliver_to_branch(

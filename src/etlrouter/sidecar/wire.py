@@ -7,6 +7,7 @@ records stay one `bytes` field.
 
 from __future__ import annotations
 
+from google.protobuf.message import DecodeError
 from grpclib.client import Channel, UnaryUnaryMethod
 
 from etlrouter._proto.v1 import records_pb2, services_pb2
@@ -53,9 +54,25 @@ def count_records(records: bytes) -> int:
     return len(records_pb2.RecordList.FromString(records).records) if records else 0
 
 
+class UndecodableBatchError(ValueError):
+    """A batch whose header parsed but whose records do not: retrying cannot help, so it is dead-lettered
+    whole, as its raw bytes (`raw_batch_record`)."""
+
+
 def decode_records(raw: records_pb2.RawRecordBatch) -> list[records_pb2.Record]:
     """Decode a raw batch's records: only for the rare paths that need them (dead letters, taps, errors)."""
-    return list(records_pb2.RecordList.FromString(raw.records).records)
+    try:
+        return list(records_pb2.RecordList.FromString(raw.records).records)
+    except DecodeError as e:
+        raise UndecodableBatchError(
+            f"the records of batch {raw.header.batch_id!r} ({len(raw.records)} bytes) do not decode: {e}"
+        ) from None
+
+
+def raw_batch_record(raw: records_pb2.RawRecordBatch) -> records_pb2.Record:
+    """An undecodable batch as one record: its encoded bytes as the value, its first offset, so the DLQ
+    keeps exactly what arrived."""
+    return records_pb2.Record(value=raw.records, offset=raw.header.first_offset)
 
 
 def encode_records(records: list[records_pb2.Record]) -> bytes:
