@@ -129,7 +129,7 @@ def test_topology_is_depth_first_and_marks_shared_stages() -> None:
     ]
     assert [s.service for s in view.shared_stages(topo)] == ["orders", "valid"]
     assert [s.service for s in topo.path_to(topo.stages[3])] == ["orders", "valid", "wh"]
-    assert topo.phases == (("p-a", "running"), ("p-b", "running"))
+    assert topo.phases == (("p-a", "RUNNING"), ("p-b", "RUNNING"))
 
 
 def test_metrics_of_all_processes_add_up_and_render_as_rates() -> None:

@@ -39,6 +39,10 @@ ROUND_BACKOFF = Backoff(base=0.1, cap=0.5)
 class ClusterUnreachableError(Exception):
     """No router answered: the cluster is down, or the addresses are wrong."""
 
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused  # every router refused the connection: nothing listens at the addresses
+
 
 def leader_trailer(leader_id: str, leader_address: str) -> dict[str, str]:
     """Trailing metadata a follower attaches to FAILED_PRECONDITION when it is not the leader. Always set,
@@ -54,12 +58,16 @@ class RouterClient:
         *,
         timeout: float = 10.0,
         transport_config: TransportConfig | None = None,
+        fail_fast_refused: bool = False,
     ) -> None:
         if not addresses:
             raise ValueError("RouterClient needs at least one router address")
         self.addresses: list[str] = list(dict.fromkeys(addresses))
         self.timeout = timeout
         self.transport_config = transport_config
+        # A command-line client gives up at once when every router refuses the connection (nothing listens
+        # there: waiting for the whole timeout helps no one); long-running clients keep retrying.
+        self.fail_fast_refused = fail_fast_refused
         self.leader_address: str | None = None
         self._channels: dict[str, Channel] = {}
         # Client sessions: a write carries (client id, sequence) and its retries reuse them, so the cluster
@@ -100,7 +108,9 @@ class RouterClient:
         last_error: BaseException | None = None
         attempt = 0
         while time.monotonic() < deadline:
-            for address in self._candidates(any_node):
+            refused = 0
+            candidates = self._candidates(any_node)
+            for address in candidates:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -121,11 +131,17 @@ class RouterClient:
                     raise
                 except _RETRYABLE as e:
                     last_error = e
+                    refused += isinstance(e, ConnectionRefusedError)
                     self._forget_leader(address)
                     continue
                 if not any_node:
                     self.leader_address = address
                 return reply
+            if self.fail_fast_refused and candidates and refused == len(candidates):
+                raise ClusterUnreachableError(
+                    f"cannot reach the router cluster at {', '.join(self.addresses)}: connection refused",
+                    refused=True,
+                )
             attempt += 1
             # Never past the deadline: the last round still gets its chance.
             await asyncio.sleep(min(ROUND_BACKOFF.delay(attempt), max(0.0, deadline - time.monotonic())))

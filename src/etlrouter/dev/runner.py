@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import aiohttp
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import RouterClient
 from etlrouter.connectors.generator import GeneratorConfig
+from etlrouter.ctl import contexts
 from etlrouter.dev import view
 from etlrouter.dev.layout import HOST, Layout, busy_ports, make_layout
 from etlrouter.dev.procs import Child, Supervisor
@@ -41,6 +43,7 @@ from etlrouter.dev.progress import (
 from etlrouter.dev.spec import DevSpec, ServiceSpec
 
 MARKER = ".etlrouter-dev"
+LOCK_FILE = ".etlrouter-dev.lock"  # flock()ed while a dev runs on the directory; holds its pid
 OWNED = ("routers", "sidecars", "services", "sinks", "logs", "dev.json")
 SIDECAR_DEADLINE_S, SERVICE_DEADLINE_S, ROUTER_DEADLINE_S = 15.0, 10.0, 10.0
 DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a demo, not a disk filler)
@@ -49,6 +52,7 @@ DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a de
 HEARTBEAT_INTERVAL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5 * HEARTBEAT_INTERVAL_MS
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+CONTEXT_NAME = "dev"  # the ctl context dev writes (and removes on exit while it is still its own)
 
 
 class DevError(Exception):
@@ -101,6 +105,8 @@ class Dev:
     sink_files: dict[str, Path] = field(default_factory=dict)
     state_files: dict[str, Path] = field(default_factory=dict)
     service_argv: dict[str, list[str]] = field(default_factory=dict)
+    context_file: Path | None = None
+    _lock_fd: int | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = self.options.data_dir.resolve()
@@ -126,13 +132,45 @@ class Dev:
 
     # --------------------------------------------------------------------------------------- data dir
 
-    def prepare_data_dir(self) -> None:
+    def lock_data_dir(self) -> None:
+        """Take the data dir's lock (held until dev exits) before anything in it is touched: a second dev on
+        the same directory stops here, and the first one's logs, Raft logs and sink files stay as they are."""
         d = self.data_dir
         if d.exists() and any(d.iterdir()) and not (d / MARKER).exists():
             raise DevUsageError(
                 f"{d} is not empty and was not made by `etlrouter dev` (no {MARKER}); pick another --data-dir"
             )
         d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DevUsageError(
+                f"{d} is in use by another `etlrouter dev` (pid {holder}); nothing was changed. "
+                "Stop it first, or give this one another --data-dir (and --base-port)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock_data_dir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def check_ports(self) -> None:
+        busy = busy_ports(self.layout.all_ports())
+        if busy:
+            raise DevUsageError(
+                f"ports already in use: {', '.join(map(str, busy[:8]))} (another `etlrouter dev`?); "
+                "nothing was changed; choose another --base-port, or 0 for free ports"
+            )
+
+    def prepare_data_dir(self) -> None:
+        """Wipe what an earlier run left (only with the lock held and the ports known to be free)."""
+        d = self.data_dir
         (d / MARKER).write_text("made by `etlrouter dev`; it wipes its own subdirectories on start\n")
         for name in OWNED:  # a fresh cluster each run: old Raft logs and sink files would confuse it
             path = d / name
@@ -268,14 +306,6 @@ class Dev:
         return True
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        services = self.options.spec.services
-        self.layout = make_layout(self.options.base_port, self.options.routers, len(services))
-        busy = busy_ports(self.layout.all_ports())
-        if busy:
-            raise DevUsageError(
-                f"ports already in use: {', '.join(map(str, busy[:8]))} (another `etlrouter dev`?); "
-                "choose another --base-port, or 0 for free ports"
-            )
         self.start_routers()
         self.start_services()
 
@@ -296,6 +326,29 @@ class Dev:
         (self.data_dir / "dev.json").write_text(
             json.dumps({"pid": os.getpid(), "children": self.supervisor.pids()}, indent=2) + "\n"
         )
+
+    # --------------------------------------------------------------------------------- ctl context
+
+    def write_context(self) -> None:
+        """Make this cluster the current context of `etlrouter ctl` (and say where), so `etlrouter ctl list`
+        in another terminal finds it with no flags."""
+        entry = {
+            "name": CONTEXT_NAME,
+            "routers": self.router_addresses,
+            "http": [f"http://{HOST}:{p}" for p in self.layout.router_http],
+            "credentials": {},
+            "owner": {"pid": os.getpid(), "data_dir": str(self.data_dir)},
+        }
+        try:
+            self.context_file = contexts.put(entry)
+        except (OSError, contexts.ContextError) as e:
+            self.say(f"etlrouter dev: could not write the ctl context ({e}); use --router", err=True)
+
+    def remove_context(self) -> None:
+        if self.context_file is None:
+            return
+        with contextlib.suppress(OSError, contexts.ContextError):
+            contexts.remove_if_owned(CONTEXT_NAME, os.getpid(), self.context_file)
 
     # ------------------------------------------------------------------------------------- admin API
 
@@ -403,7 +456,11 @@ class Dev:
             + ", ".join(str(p) for p in self.layout.router_http)
             + ")",
             f"admin API    {', '.join(self.router_addresses)}"
-            f"  (etlrouter ctl --router {self.router_addresses[0]})",
+            + (
+                f"  (ctl context {CONTEXT_NAME!r}, current, in {self.context_file}: `etlrouter ctl list`)"
+                if self.context_file
+                else f"  (etlrouter ctl --router {self.router_addresses[0]})"
+            ),
             f"data dir     {self.data_dir}",
             f"logs         {self.supervisor.log_dir}/<process>.log",
         ]
@@ -477,9 +534,14 @@ class Dev:
             self.out.flush()
 
     async def main(self) -> int:
-        self.prepare_data_dir()
+        self.lock_data_dir()  # 1. the lock: a live dev on this directory stops us before anything changes
+        services = self.options.spec.services
+        self.layout = make_layout(self.options.base_port, self.options.routers, len(services))
+        self.check_ports()  # 2. the ports: busy ones stop us before anything changes
+        self.prepare_data_dir()  # 3. only now: wipe the previous run's files
         async with aiohttp.ClientSession() as session:
             await self.start(session)
+            self.write_context()
             client = RouterClient(self.router_addresses, timeout=20)
             try:
                 await self.apply(client)
@@ -544,6 +606,8 @@ async def _run(options: DevOptions) -> int:
             dev.say(f"all {len(dev.supervisor.children)} processes stopped; logs in {dev.supervisor.log_dir}")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        dev.remove_context()
+        dev.unlock_data_dir()
     return code
 
 

@@ -134,7 +134,7 @@ def topology_from(reply: admin_pb2.ListPipelinesResponse) -> Topology:
         for i, root in enumerate(roots):
             walk(dag, specs, root, 0, i == len(roots) - 1)
     phases = tuple(
-        (p.name, admin_pb2.PipelinePhase.Name(p.phase).removeprefix("PIPELINE_PHASE_").lower())
+        (p.name, admin_pb2.PipelinePhase.Name(p.phase).removeprefix("PIPELINE_PHASE_"))
         for p in reply.pipelines
     )
     return Topology(tuple(stages), phases)
