@@ -35,7 +35,7 @@ PIPELINE = {
     "generation": 1,
 }
 STATUS = {
-    "nodeId": "r1",
+    "nodeId": "r0",
     "leaderId": "r0",
     "leaderAddress": "127.0.0.1:1",
     "term": 2,

@@ -75,6 +75,15 @@ def test_ctl_finds_dev_by_its_context_and_a_second_dev_destroys_nothing(tmp_path
         assert names(before.stdout) == names(after.stdout) == ["orders-archive", "orders-warehouse"]
         assert {p["phase"] for p in json.loads(after.stdout)} <= {"PENDING", "RUNNING"}
 
+        # `cluster status` through a follower shows the leader's view of every member.
+        status = json.loads(ctl("cluster", "status", "-o", "json").stdout)
+        follower = next(m["address"] for m in status["members"] if m["id"] != status["leader"])
+        through = ctl("cluster", "status", "--router", follower, "-o", "json")
+        assert through.returncode == 0, through.stderr
+        view = json.loads(through.stdout)
+        assert view["view"] == "leader" and view["answered_by"] == status["leader"]
+        assert all(m["reachable"] and m["match_index"] > 0 for m in view["members"]), view
+
         # The README's curl, with the address the context gives.
         request = urllib.request.Request(
             context["http"][0] + "/graphql",

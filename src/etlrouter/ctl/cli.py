@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import msgspec
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, dataplane_grpc, dataplane_pb2
 from etlrouter.cli_context import Context
@@ -432,39 +432,59 @@ def cluster() -> None:
     pass
 
 
-@cluster.command(name="status", help="Members, leader, term, commit/apply index and per-member lag.")
+@cluster.command(
+    name="status",
+    help="Members, leader, term, commit/apply index and per-member lag, as the leader sees them "
+    "(asked through a follower, ctl asks the leader; if it cannot, it says the view is a follower's).",
+)
 @click.pass_obj
 def cluster_status(obj: Context) -> None:
-    reply, fmt = run_call(
-        obj,
-        lambda c: c.call(
-            admin_grpc.PipelineAdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest()
-        ),
-    )
+    async def work(c: RouterClient) -> tuple[admin_pb2.ClusterStatus, bool]:
+        reply = await c.call(
+            admin_grpc.PipelineAdminStub,
+            "GetClusterStatus",
+            admin_pb2.GetClusterStatusRequest(),
+            any_node=True,
+        )
+        if reply.node_id == reply.leader_id or not reply.leader_address:
+            return reply, reply.node_id == reply.leader_id
+        try:  # only the leader tracks match index, lag and reachability of every member
+            stub = admin_grpc.PipelineAdminStub(c.channel(reply.leader_address))
+            leader = await stub.GetClusterStatus(admin_pb2.GetClusterStatusRequest(), timeout=c.timeout)
+        except (GRPCError, OSError, TimeoutError, StreamTerminatedError):
+            return reply, False
+        return leader, leader.node_id == leader.leader_id
+
+    (reply, leader_view), fmt = run_call(obj, work)
     members = [
         {
             "id": m.id,
             "address": m.address,
             "role": "leader" if m.leader else ("voter" if m.voter else "learner"),
-            "match_index": m.match_index,
-            "lag": m.lag,
-            "reachable": m.reachable,
+            # a follower does not know the others' progress: unknown, not 0
+            "match_index": m.match_index if leader_view or m.id == reply.node_id else None,
+            "lag": m.lag if leader_view or m.id == reply.node_id else None,
+            "reachable": m.reachable if leader_view or m.id == reply.node_id else None,
         }
         for m in reply.members
     ]
+    view_of = "leader" if leader_view else "follower"
     if fmt != "table":
         data = {
             "leader": reply.leader_id,
             "term": reply.term,
             "commit_index": reply.commit_index,
             "applied_index": reply.applied_index,
+            "answered_by": reply.node_id,
+            "view": view_of,
             "members": members,
         }
         click.echo(render(data, fmt))
         return
+    note = "" if leader_view else ", a follower: the leader is unreachable, other members' progress unknown"
     click.echo(
         f"leader {reply.leader_id or '(none)'}  term {reply.term}  commit {reply.commit_index}  "
-        f"applied {reply.applied_index}  (answered by {reply.node_id})"
+        f"applied {reply.applied_index}  (answered by {reply.node_id}{note})"
     )
     click.echo(render(members, "table"))
 
