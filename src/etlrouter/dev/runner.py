@@ -46,6 +46,7 @@ MARKER = ".etlrouter-dev"
 LOCK_FILE = ".etlrouter-dev.lock"  # flock()ed while a dev runs on the directory; holds its pid
 OWNED = ("routers", "sidecars", "services", "sinks", "logs", "dev.json")
 SIDECAR_DEADLINE_S, SERVICE_DEADLINE_S, ROUTER_DEADLINE_S = 15.0, 10.0, 10.0
+SINK_MAX_BYTES = 64 << 20  # dev's jsonl sinks rotate at 64 MiB and keep one old file: ≤ 128 MiB a sink
 DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a demo, not a disk filler)
 # Sidecars heartbeat every second (default 5 s) so the dashboard shows a stall or a dead sidecar within a few
 # seconds (silent after 3 intervals); the routers move a silent sidecar's stages after 5 missed heartbeats.
@@ -106,6 +107,7 @@ class Dev:
     state_files: dict[str, Path] = field(default_factory=dict)
     service_argv: dict[str, list[str]] = field(default_factory=dict)
     context_file: Path | None = None
+    capped_sinks: set[str] = field(default_factory=set)
     _lock_fd: int | None = None
 
     def __post_init__(self) -> None:
@@ -232,6 +234,11 @@ class Dev:
             path = Path(path_arg) if path_arg else self.data_dir / "sinks" / f"{service.name}.jsonl"
             if not path_arg:
                 auto += ["--path", str(path)]
+            if not self.options.limit and service.arg_value("--max-bytes") is None:
+                # An open-ended demo must not fill the disk: rotate, keep one old file (a --limit run is
+                # bounded by its limit, and its completion check reads whole files: no rotation there).
+                auto += ["--max-bytes", str(SINK_MAX_BYTES), "--keep", "1"]
+                self.capped_sinks.add(service.name)
             self.sink_files[service.name] = path
         elif service.connector == "http_ingest" and service.arg_value("--sidecar") is None:
             auto += ["--sidecar", f"{HOST}:{self.layout.sidecar_grpc[j]}"]  # it pushes to its own sidecar
@@ -465,8 +472,29 @@ class Dev:
             f"logs         {self.supervisor.log_dir}/<process>.log",
         ]
         for name, path in self.sink_files.items():
-            lines.append(f"{'sink ' + name:<12} {path}")
+            cap = " (rotates at 64 MiB to .1; at most 128 MiB)" if name in self.capped_sinks else ""
+            lines.append(f"{'sink ' + name:<12} {path}{cap}")
         return lines
+
+    def sink_bytes(self) -> int:
+        """Bytes the sink files (with their rotated files and commit logs) take on disk now."""
+        total = 0
+        for path in self.sink_files.values():
+            for p in path.parent.glob(path.name + "*"):
+                with contextlib.suppress(OSError):
+                    total += p.stat().st_size
+        return total
+
+    def growth_line(self, previous: tuple[float, int] | None) -> tuple[str, tuple[float, int]]:
+        now = (time.monotonic(), self.sink_bytes())
+        rate = 0.0
+        if previous and now[0] > previous[0]:
+            rate = max(0.0, (now[1] - previous[1]) / (now[0] - previous[0]))
+        text = f"disk: sinks {now[1] / (1 << 20):.1f} MiB, growing {rate / (1 << 20):.2f} MiB/s"
+        text += f" ({rate * 3600 / (1 << 30):.1f} GiB/h)" if rate else ""
+        if self.capped_sinks:
+            text += "; capped by rotation"
+        return text, now
 
     def metrics_lines(self) -> list[str]:
         return [f"/metrics     {e.name:<24} {e.metrics}" for e in self.endpoints]
@@ -478,6 +506,8 @@ class Dev:
         last_summary = 0.0
         planned = False
         run_started = time.monotonic()
+        growth: tuple[float, int] | None = None
+        growth_text = ""
         if tty:
             self.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide the cursor
         try:
@@ -485,18 +515,21 @@ class Dev:
                 self.check_children()
                 await self.refresh_topology(client)
                 now = await self.sample(session)
+                if growth is None or time.monotonic() - growth[0] >= 5:
+                    growth_text, growth = self.growth_line(growth)
                 if tty:
                     up = int(time.monotonic() - self.started_at)
                     header = [
                         *self.banner(),
                         f"up {up // 60:02d}:{up % 60:02d}   Ctrl-C stops everything"
                         + (f"   --limit {limit}" if limit else ""),
+                        growth_text,
                     ]
                     lines = view.render(self.topology, now, before, header)
                     self.out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
                     self.out.flush()
                 elif time.monotonic() - last_summary >= 5:
-                    self.say(view.summary_line(self.topology, now, before))
+                    self.say(view.summary_line(self.topology, now, before) + f"; {growth_text}")
                     last_summary = time.monotonic()
                 before = now
                 if limit:
