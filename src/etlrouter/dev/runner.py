@@ -108,6 +108,7 @@ class Dev:
     service_argv: dict[str, list[str]] = field(default_factory=dict)
     context_file: Path | None = None
     capped_sinks: set[str] = field(default_factory=set)
+    leaders: list[str] = field(default_factory=list)  # the Raft leader as the last /metrics sample saw it
     _lock_fd: int | None = None
 
     def __post_init__(self) -> None:
@@ -515,6 +516,8 @@ class Dev:
                 self.check_children()
                 await self.refresh_topology(client)
                 now = await self.sample(session)
+                if now.leaders:
+                    self.leaders = list(now.leaders)
                 if growth is None or time.monotonic() - growth[0] >= 5:
                     growth_text, growth = self.growth_line(growth)
                 if tty:
@@ -602,9 +605,15 @@ class Dev:
                 service = child.name.removeprefix("sidecar-")
                 levels.setdefault(depth.get(service, 1 << 20), []).append(child.name)
         steps = [(levels[d], SIDECAR_DEADLINE_S) for d in sorted(levels)]
-        for group, deadline in (("service", SERVICE_DEADLINE_S), ("router", ROUTER_DEADLINE_S)):
-            steps.append(([c.name for c in self.supervisor.children if c.group == group], deadline))
-        return steps
+        steps.append(([c.name for c in self.supervisor.children if c.group == "service"], SERVICE_DEADLINE_S))
+        # Followers before the leader: it then finds no voter listening and skips a hand-over that would
+        # only wait out its timeout (the whole cluster stops).
+        routers = [c.name for c in self.supervisor.children if c.group == "router"]
+        followers = [r for r in routers if r not in self.leaders]
+        steps += [
+            (group, ROUTER_DEADLINE_S) for group in (followers, [r for r in routers if r in self.leaders])
+        ]
+        return [step for step in steps if step[0]]
 
     def shutdown(self) -> list[str]:
         return self.supervisor.stop_all(self.stop_steps())
@@ -632,7 +641,7 @@ async def _run(options: DevOptions) -> int:
         code = EXIT_USAGE if isinstance(exc, DevUsageError) else EXIT_FAILED
     finally:
         if dev.supervisor.children:
-            dev.say("stopping: sidecars (sources first), then services, then routers …")
+            dev.say("stopping: sidecars (sources first), then services, then routers (the leader last) …")
             killed = await asyncio.to_thread(dev.shutdown)
             if killed:
                 dev.say(f"killed after their deadline: {', '.join(killed)}")
