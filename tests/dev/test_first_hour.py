@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from tests.dev.test_dev_system import children, dev_command
 
 
@@ -74,6 +74,18 @@ def test_ctl_finds_dev_by_its_context_and_a_second_dev_destroys_nothing(tmp_path
         names = lambda out: sorted(p["name"] for p in json.loads(out))  # noqa: E731
         assert names(before.stdout) == names(after.stdout) == ["orders-archive", "orders-warehouse"]
         assert {p["phase"] for p in json.loads(after.stdout)} <= {"PENDING", "RUNNING"}
+
+        # The file dev says it runs is what it applied.
+        same = subprocess.run(
+            [sys.executable, "-m", "etlrouter", "ctl", "apply", "-f", "examples/dev.etl", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=ROOT,
+        )
+        assert same.returncode == 0, same.stderr
+        assert [c["action"] for c in json.loads(same.stdout)["changes"]] == ["UNCHANGED", "UNCHANGED"]
 
         # `cluster status` through a follower shows the leader's view of every member.
         status = json.loads(ctl("cluster", "status", "-o", "json").stdout)

@@ -53,6 +53,7 @@ DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a de
 HEARTBEAT_INTERVAL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5 * HEARTBEAT_INTERVAL_MS
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SAMPLE = Path(__file__).with_name("sample.etl")
 CONTEXT_NAME = "dev"  # the ctl context dev writes (and removes on exit while it is still its own)
 
 
@@ -360,12 +361,21 @@ class Dev:
 
     # ------------------------------------------------------------------------------------- admin API
 
+    @property
+    def applied_filename(self) -> str:
+        """The built-in sample is applied as `examples/dev.etl` (the same text), so `etlrouter ctl apply -f
+        examples/dev.etl` from the repository's root reports it unchanged, as the file dev says it runs."""
+        spec = self.options.spec
+        if spec.filename == "sample.etl" and spec.pipelines == SAMPLE.read_text(encoding="utf-8"):
+            return "examples/dev.etl"
+        return spec.filename
+
     async def apply(self, client: RouterClient) -> None:
         spec = self.options.spec
         reply = await client.call(
             admin_grpc.PipelineAdminStub,
             "ApplyPipelines",
-            admin_pb2.ApplyPipelinesRequest(definition=spec.pipelines, filename=spec.filename),
+            admin_pb2.ApplyPipelinesRequest(definition=spec.pipelines, filename=self.applied_filename),
             write=True,
         )
         if reply.diagnostics:
