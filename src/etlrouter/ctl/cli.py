@@ -171,13 +171,14 @@ def _output(obj: Context) -> str:
 
 
 def _targets(obj: Context, config: Config) -> tuple[list[str], str]:
-    """The router addresses to use and where they came from. `--router` (flag, ETLROUTER_CTL__ROUTER or
-    the config file's ctl.router) wins; else `--context` / the current context (what
+    """The router addresses to use and where they came from. The `--router` flag wins; then `--context`;
+    then ctl.router from ETLROUTER_CTL__ROUTER or the config file; then the current context (what
     `etlrouter dev` writes); else the built-in default."""
-    explicit = obj.ctl_overrides.get("router_address") or config.ctl.router != CtlConfig().router
     name = obj.ctl_overrides.get("context_name")
-    if explicit and not name:
+    if obj.ctl_overrides.get("router_address"):
         return [config.ctl.router], "--router"
+    if config.ctl.router != CtlConfig().router and not name:
+        return [config.ctl.router], "ctl.router (ETLROUTER_CTL__ROUTER or the config file)"
     try:
         entry = contexts.find(name)
     except contexts.ContextError as e:
