@@ -140,7 +140,9 @@ class JsonlFileSink(Sink):
             if len(self.written) > self.remember_batches:
                 self.written.popitem(last=False)
         if self.max_bytes and end >= self.max_bytes:
-            await asyncio.to_thread(self._rotate)
+            # On the loop, not in a thread: no other write may touch the files while they are swapped (an
+            # fsync and a few renames, once per max_bytes).
+            self._rotate()
         return None
 
     def rotated(self, n: int) -> Path:
