@@ -61,9 +61,10 @@ typecheck: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
+## bench: every benchmark of benchmarks/ (the README's table), one after another; BENCH="codec raft" for some
+BENCH ?= codec transport wal raft flow placement dsl control_plane pipeline e2e
 bench: $(STAMP)
-	$(BIN)/python benchmarks/codec.py
-	$(BIN)/python benchmarks/transport.py
+	@set -e; for b in $(BENCH); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

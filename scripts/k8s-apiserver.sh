@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build a real upstream kube-apiserver (and kube-controller-manager) from Debian bookworm's own
 # `kubernetes` source package, once, and cache the binaries. The operator's tests run them
-# (tests/k8s/apiserver.py). See ../shared/K8S-TEST-CLUSTER.md for why each step is here.
+# (tests/k8s/apiserver.py). docs/operator.md ("Tests against a real kube-apiserver") says why; the
+# comments below say why each step is here.
 #
 #   scripts/k8s-apiserver.sh            # build if missing, print the bin directory
 #
 # Output: $ETLROUTER_K8S_CACHE/v1.20.2/bin/{kube-apiserver,kube-controller-manager}
-# (default ~/.cache/etlrouter/k8s). About 6 minutes on 2 cores the first time; instant after.
+# (default ~/.cache/etlrouter/k8s). 8-15 minutes on 2 cores the first time (8 idle, about 15 when the
+# machine is busy); instant after.
 set -euo pipefail
 
 CACHE="${ETLROUTER_K8S_CACHE:-$HOME/.cache/etlrouter/k8s}"

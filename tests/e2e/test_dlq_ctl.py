@@ -57,7 +57,7 @@ def test_poison_records_dlq_redrive_and_tap(system: tuple[RouterProcesses, Proce
     letters = json.loads(listed.stdout)
     assert len(letters) == len(poison)
     assert {(x["sidecar"], x["pipeline"], x["service"], x["class"], x["reason"]) for x in letters} == {
-        ("sc-mid", "guarded", "guard", "permanent", "error")
+        ("sc-mid", "guarded", "guard", "PERMANENT", "error")
     }
     shown = json.loads(ctl(routers, "-o", "json", "dlq", "show", letters[0]["id"]).stdout)
     assert shown["record"]["offset"] in poison and "division" in shown["error"].lower()

@@ -110,7 +110,7 @@ def test_apply_is_idempotent_and_lists_in_every_format(routers: RouterProcesses,
         "pipeline/to-warehouse created (generation 1)",
     ]
     again = ctl(routers, "-o", "json", "apply", "-f", str(file))
-    assert [c["action"] for c in json.loads(again.stdout)["changes"]] == ["unchanged", "unchanged"]
+    assert [c["action"] for c in json.loads(again.stdout)["changes"]] == ["UNCHANGED", "UNCHANGED"]
 
     table = ctl(routers, "list")
     assert table.returncode == 0, table.stderr
@@ -134,22 +134,22 @@ def test_describe_shows_shared_stages_and_placement(routers: RouterProcesses, tm
     assert ctl(routers, "apply", "-f", str(file)).returncode == 0
     for _ in range(50):  # the leader places stages within a control-loop round
         described = json.loads(ctl(routers, "-o", "json", "describe", "to-archive").stdout)
-        if described["phase"] == "running":
+        if described["phase"] == "RUNNING":
             break
-    assert described["phase"] == "running"
+    assert described["phase"] == "RUNNING"
     clean = next(s for s in described["stages"] if s["service"] == "clean")
     assert clean["shared_with"] == ["to-warehouse"]
     assert clean["parallelism"] == 2 and clean["running_on"] == ["sc-clean#0", "sc-clean#1"]
     text = ctl(routers, "describe", "to-archive")
-    assert "Phase:       running" in text.stdout and "source orders" in text.stdout
+    assert "Phase:       RUNNING" in text.stdout and "source orders" in text.stdout
 
 
 def test_services_sidecars_and_cluster_status(routers: RouterProcesses) -> None:
     services = json.loads(ctl(routers, "-o", "json", "services").stdout)
-    assert {s["name"]: s["kind"] for s in services}["orders"] == "source"
+    assert {s["name"]: s["kind"] for s in services}["orders"] == "SOURCE"
     sidecars = yaml.safe_load(ctl(routers, "-o", "yaml", "sidecars").stdout)
     assert {s["id"] for s in sidecars} == set(SIDECARS)
-    assert all(s["health"] == "serving" for s in sidecars)
+    assert all(s["health"] == "SERVING" for s in sidecars)
     status = json.loads(ctl(routers, "-o", "json", "cluster", "status").stdout)
     assert len(status["members"]) == 3 and status["leader"] in routers.ids
     assert sum(1 for m in status["members"] if m["role"] == "leader") == 1

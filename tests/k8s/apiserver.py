@@ -1,7 +1,7 @@
 """A real kube-apiserver (+ etcd + kube-controller-manager) on loopback for the operator's tests.
 
 The binaries are built once by `scripts/k8s-apiserver.sh` (Debian's upstream v1.20.2 source) and cached;
-see ../shared/K8S-TEST-CLUSTER.md and docs/operator.md. There is no scheduler and no kubelet: pods stay
+see docs/operator.md. There is no scheduler and no kubelet: pods stay
 Pending. The controller manager runs the garbage collector, namespace and StatefulSet controllers, so
 ownerReference GC and namespace deletion behave as on a real cluster.
 """

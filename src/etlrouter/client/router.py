@@ -43,6 +43,10 @@ ROUND_BACKOFF = Backoff(base=0.1, cap=0.5)
 class ClusterUnreachableError(Exception):
     """No router answered: the cluster is down, or the addresses are wrong."""
 
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused  # every router refused the connection: nothing listens at the addresses
+
 
 class NoAnswerInTimeError(ClusterUnreachableError):
     """A router took the request but did not answer before the deadline: it is reachable, and may still be
@@ -63,12 +67,16 @@ class RouterClient:
         *,
         timeout: float = 10.0,
         transport_config: TransportConfig | None = None,
+        fail_fast_refused: bool = False,
     ) -> None:
         if not addresses:
             raise ValueError("RouterClient needs at least one router address")
         self.addresses: list[str] = list(dict.fromkeys(addresses))
         self.timeout = timeout
         self.transport_config = transport_config
+        # A command-line client gives up at once when every router refuses the connection (nothing listens
+        # there: waiting for the whole timeout helps no one); long-running clients keep retrying.
+        self.fail_fast_refused = fail_fast_refused
         self.leader_address: str | None = None
         self._channels: dict[str, Channel] = {}
         # Client sessions: a write carries (client id, sequence) and its retries reuse them, so the cluster
@@ -109,7 +117,9 @@ class RouterClient:
         last_error: BaseException | None = None
         attempt = 0
         while time.monotonic() < deadline:
-            for address in self._candidates(any_node):
+            refused = 0
+            candidates = self._candidates(any_node)
+            for address in candidates:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -141,11 +151,17 @@ class RouterClient:
                     break
                 except _RETRYABLE as e:
                     last_error = e
+                    refused += isinstance(e, ConnectionRefusedError)
                     self._forget_leader(address)
                     continue
                 if not any_node:
                     self.leader_address = address
                 return reply
+            if self.fail_fast_refused and candidates and refused == len(candidates):
+                raise ClusterUnreachableError(
+                    f"cannot reach the router cluster at {', '.join(self.addresses)}: connection refused",
+                    refused=True,
+                )
             attempt += 1
             # Never past the deadline: the last round still gets its chance.
             await asyncio.sleep(min(ROUND_BACKOFF.delay(attempt), max(0.0, deadline - time.monotonic())))

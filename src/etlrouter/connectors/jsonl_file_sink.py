@@ -13,6 +13,12 @@ by a crash are removed, and the sidecar's retry of that batch id (it was never a
 again. Commit entries that point past the end of the data file (lost by an OS crash before Flush) are
 dropped, so those batches are written again too. Content that was in the file before the sink first ran is
 kept.
+
+Rotation — with `--max-bytes N` the data file is rotated once a batch takes it to N bytes or more: it and
+its commit log are fsynced and renamed to `<path>.1` and `<path>.1.batches` (older ones shift to `.2`, …;
+`--keep K` rotated files are kept, older ones deleted), and an empty file takes its place. Batch ids stay
+remembered in memory across a rotation; after a restart only the current file's commit log is read, so a
+retried batch that was written before the last rotation could be written again (at least once, as ever).
 """
 
 from __future__ import annotations
@@ -80,8 +86,12 @@ class CommitLog:
 
 
 class JsonlFileSink(Sink):
-    def __init__(self, path: str | Path, *, remember_batches: int = 100_000) -> None:
+    def __init__(
+        self, path: str | Path, *, remember_batches: int = 100_000, max_bytes: int = 0, keep: int = 1
+    ) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes  # 0: never rotate
+        self.keep = keep
         self.log_path = self.path.with_name(self.path.name + ".batches")
         self.remember_batches = remember_batches
         self.capabilities = Capabilities(
@@ -129,7 +139,36 @@ class JsonlFileSink(Sink):
             self.written[batch_id] = end
             if len(self.written) > self.remember_batches:
                 self.written.popitem(last=False)
+        if self.max_bytes and end >= self.max_bytes:
+            # On the loop, not in a thread: no other write may touch the files while they are swapped (an
+            # fsync and a few renames, once per max_bytes).
+            self._rotate()
         return None
+
+    def rotated(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+    def _rotate(self) -> None:
+        self._sync()
+        self._data.close()
+        self._log.close()
+        for n in range(self.keep, 0, -1):  # .keep is dropped, .n-1 -> .n, …, the current file -> .1
+            older = self.rotated(n)
+            for src in (older, older.with_name(older.name + ".batches")):
+                if n == self.keep:
+                    src.unlink(missing_ok=True)
+                else:
+                    target = self.rotated(n + 1)
+                    if src.name.endswith(".batches"):
+                        target = target.with_name(target.name + ".batches")
+                    if src.exists():
+                        src.replace(target)
+        if self.keep:
+            self.path.replace(self.rotated(1))
+            self.log_path.replace(self.rotated(1).with_name(self.rotated(1).name + ".batches"))
+        self.log_path.write_text("\t0\n", encoding="utf-8")
+        self._data = self.path.open("wb")
+        self._log = self.log_path.open("a", encoding="utf-8")
 
     async def flush(self) -> None:
         await asyncio.to_thread(self._sync)
@@ -150,10 +189,29 @@ class JsonlFileSink(Sink):
 @click.command(name="jsonl-file-sink")
 @click.option("--path", required=True, type=click.Path(dir_okay=False), help="File to append to.")
 @click.option("--remember-batches", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Rotate the file to PATH.1 once it reaches this size (0 = never).",
+)
+@click.option(
+    "--keep", type=click.IntRange(min=0), default=1, show_default=True, help="Rotated files to keep."
+)
 @server_options
-def cli(path: str, remember_batches: int, host: str, port: int, log_level: str, log_format: str) -> None:
+def cli(
+    path: str,
+    remember_batches: int,
+    max_bytes: int,
+    keep: int,
+    host: str,
+    port: int,
+    log_level: str,
+    log_format: str,
+) -> None:
     """Append records to a JSON-lines file, idempotently by batch id."""
-    service = JsonlFileSink(path, remember_batches=remember_batches)
+    service = JsonlFileSink(path, remember_batches=remember_batches, max_bytes=max_bytes, keep=keep)
     serve_service(service, host=host, port=port, log_level=log_level, log_format=log_format)
 
 

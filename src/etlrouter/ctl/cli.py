@@ -6,6 +6,8 @@ Exit codes: 0 ok, 1 runtime error, 2 invalid input (bad DSL, bad flags), 3 canno
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import sys
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -13,13 +15,15 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import msgspec
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, dataplane_grpc, dataplane_pb2
 from etlrouter.cli_context import Context
 from etlrouter.client.router import ClusterUnreachableError, RouterClient
-from etlrouter.core.config import ConfigError
+from etlrouter.core.config import Config, ConfigError, CtlConfig
+from etlrouter.ctl import contexts
 from etlrouter.ctl.output import render
 from etlrouter.dsl import EXPLAIN_FORMATS, DslErrors, explain_file, validate_file
 
@@ -42,23 +46,75 @@ def read_pipeline_file(path: str) -> str:
         die(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", EXIT_INVALID)
 
 
-@click.group(help="Manage pipelines and inspect the router cluster.")
-@click.option(
-    "--router", "router_address", metavar="HOST:PORT", help="Router address (also ETLROUTER_CTL__ROUTER)."
-)
-@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), help="Output format.")
-@click.pass_obj
-def ctl(obj: Context, router_address: str | None, output: str | None) -> None:
-    overrides = {k: v for k, v in {"router": router_address, "output": output}.items() if v is not None}
+def _global_options() -> list[click.Option]:
+    """The options every ctl command accepts, before or after its name (`ctl -o json list` is `ctl list -o
+    json`, as with kubectl)."""
+    return [
+        click.Option(
+            ["--router", "router_address"],
+            metavar="HOST:PORT",
+            help="Router address (also ETLROUTER_CTL__ROUTER); default: the current context's routers.",
+        ),
+        click.Option(
+            ["--context", "context_name"],
+            metavar="NAME",
+            help="Context of the client config file to use (default: its current-context).",
+        ),
+        click.Option(["-o", "--output"], type=click.Choice(["table", "json", "yaml"]), help="Output format."),
+    ]
+
+
+_GLOBAL_NAMES = ("router_address", "context_name", "output")
+
+
+def _remember(obj: Context, values: dict[str, Any]) -> None:
+    overrides = dict(obj.ctl_overrides)
+    for key, value in values.items():
+        if value is not None:  # given after the command: wins over the same option before it
+            overrides[key] = value
     obj.ctl_overrides = overrides
+
+
+@click.group(help="Manage pipelines and inspect the router cluster.", params=_global_options())
+@click.pass_obj
+def ctl(obj: Context, router_address: str | None, context_name: str | None, output: str | None) -> None:
+    obj.ctl_overrides = {}
+    _remember(obj, {"router_address": router_address, "context_name": context_name, "output": output})
+
+
+def file_options(command: Callable[..., None]) -> Callable[..., None]:
+    """A file given by `-f FILE` (as with kubectl) or, equally, as the positional argument."""
+    command = click.argument("file_arg", metavar="[FILE]", required=False, type=click.Path(dir_okay=False))(
+        command
+    )
+    return click.option(
+        "-f", "--file", "file_opt", metavar="FILE", type=click.Path(dir_okay=False), help="The file."
+    )(command)
+
+
+def one_file(file_opt: str | None, file_arg: str | None) -> str:
+    if file_opt and file_arg and file_opt != file_arg:
+        die(f"two files given ({file_opt} and {file_arg}): give one, with -f", EXIT_INVALID)
+    file = file_opt or file_arg
+    if not file:
+        die("no file given: -f FILE", EXIT_INVALID)
+    return file
+
+
+def _diagnostic_rows(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    return [
+        {"file": e.filename, "line": e.line, "column": e.col, "message": e.message, "hint": e.hint or ""}
+        for e in errors
+    ]
 
 
 @ctl.command(
     help="Check a pipeline file offline: syntax, options, kinds. Prints every problem with file:line:col."
 )
-@click.argument("file", type=click.Path(dir_okay=False))
+@file_options
 @click.pass_obj
-def validate(obj: Context, file: str) -> None:
+def validate(obj: Context, file_opt: str | None, file_arg: str | None) -> None:
+    file = one_file(file_opt, file_arg)
     read_pipeline_file(file)  # clear error for unreadable files before the DSL sees them
     errors = validate_file(file)
     fmt = _output(obj)
@@ -66,11 +122,7 @@ def validate(obj: Context, file: str) -> None:
         if fmt == "table":
             more = [errors.more_line()] if errors.omitted else []
             die("\n\n".join([*(e.render() for e in errors), *more]), EXIT_INVALID)
-        rows = [
-            {"file": e.filename, "line": e.line, "column": e.col, "message": e.message, "hint": e.hint or ""}
-            for e in errors
-        ]
-        report: dict[str, object] = {"valid": False, "errors": rows}
+        report: dict[str, object] = {"valid": False, "errors": _diagnostic_rows(errors)}
         if errors.omitted:
             report["more_errors"] = errors.omitted
         click.echo(render(report, fmt))
@@ -78,42 +130,81 @@ def validate(obj: Context, file: str) -> None:
     click.echo(render({"valid": True, "file": file}, fmt) if fmt != "table" else f"{file}: valid")
 
 
-@ctl.command(help="Show the merged DAGs a pipeline file produces: which pipelines share which stages.")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(EXPLAIN_FORMATS), default="tree", show_default=True)
-def explain(file: str, fmt: str) -> None:
+@ctl.command(
+    help="Show the merged DAGs a pipeline file produces: which pipelines share which stages. "
+    "-o json|yaml prints the plan as data (--format json)."
+)
+@file_options
+@click.option(
+    "--format", "fmt", type=click.Choice(EXPLAIN_FORMATS), help="Default: tree (json with -o json)."
+)
+@click.pass_obj
+def explain(obj: Context, file_opt: str | None, file_arg: str | None, fmt: str | None) -> None:
+    file = one_file(file_opt, file_arg)
     read_pipeline_file(file)
+    output = _output(obj)
     try:
-        click.echo(explain_file(file, fmt).rstrip("\n"))  # type: ignore[arg-type]
+        if fmt is None and output != "table":
+            plan = json.loads(explain_file(file, "json"))
+            click.echo(render(plan, output))
+            return
+        click.echo(explain_file(file, fmt or "tree").rstrip("\n"))  # type: ignore[arg-type]
     except DslErrors as e:
+        if output != "table":
+            click.echo(render({"valid": False, "errors": _diagnostic_rows(e.errors)}, output))
+            sys.exit(EXIT_INVALID)
+        die(str(e), EXIT_INVALID)
+
+
+def _config(obj: Context) -> Config:
+    overrides = {"output": obj.ctl_overrides["output"]} if obj.ctl_overrides.get("output") else {}
+    if obj.ctl_overrides.get("router_address"):
+        overrides["router"] = obj.ctl_overrides["router_address"]
+    try:
+        return obj.load({"ctl": overrides})
+    except ConfigError as e:
         die(str(e), EXIT_INVALID)
 
 
 def _output(obj: Context) -> str:
-    try:
-        config = obj.load({"ctl": obj.ctl_overrides})
-    except ConfigError as e:
-        die(str(e), EXIT_INVALID)
-    return config.ctl.output
+    return _config(obj).ctl.output
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Commands that talk to the router cluster.
 
 
-def _client(obj: Context) -> tuple[RouterClient, str]:
+def _targets(obj: Context, config: Config) -> tuple[list[str], str]:
+    """The router addresses to use and where they came from. The `--router` flag wins; then `--context`;
+    then ctl.router from ETLROUTER_CTL__ROUTER or the config file; then the current context (what
+    `etlrouter dev` writes); else the built-in default."""
+    name = obj.ctl_overrides.get("context_name")
+    if obj.ctl_overrides.get("router_address"):
+        return [config.ctl.router], "--router"
+    if config.ctl.router != CtlConfig().router and not name:
+        return [config.ctl.router], "ctl.router (ETLROUTER_CTL__ROUTER or the config file)"
     try:
-        config = obj.load({"ctl": obj.ctl_overrides})
-    except ConfigError as e:
-        die(str(e), EXIT_INVALID)
-    return RouterClient(
-        [config.ctl.router], timeout=config.ctl.timeout_s, transport_config=config.transport
-    ), config.ctl.output
+        entry = contexts.find(name)
+    except contexts.ContextError as e:
+        die(f"error: {e}", EXIT_INVALID)
+    if entry and entry.get("routers"):
+        where = f"context {entry.get('name')!r} of {contexts.config_path()}"
+        return [str(a) for a in entry["routers"]], where
+    return [config.ctl.router], f"the default (no current context in {contexts.config_path()})"
+
+
+def _client(obj: Context) -> tuple[RouterClient, str, str]:
+    config = _config(obj)
+    addresses, source = _targets(obj, config)
+    client = RouterClient(
+        addresses, timeout=config.ctl.timeout_s, transport_config=config.transport, fail_fast_refused=True
+    )
+    return client, config.ctl.output, source
 
 
 def run_call(obj: Context, work: Callable[[RouterClient], Awaitable[T]]) -> tuple[T, str]:
     """Run one client interaction; map failures onto ctl's exit codes."""
-    client, fmt = _client(obj)
+    client, fmt, source = _client(obj)
 
     async def go() -> T:
         try:
@@ -124,7 +215,12 @@ def run_call(obj: Context, work: Callable[[RouterClient], Awaitable[T]]) -> tupl
     try:
         return asyncio.run(go()), fmt
     except ClusterUnreachableError as e:
-        die(f"error: {e}", EXIT_UNREACHABLE)
+        hint = f"\nhint: the addresses came from {source}"
+        if e.refused:
+            hint += "; nothing listens there. Is the cluster (`make run` / `etlrouter dev`) running?"
+        die(f"error: {e}{hint}\nanother cluster: --router HOST:PORT or --context NAME", EXIT_UNREACHABLE)
+    except OSError as e:
+        die(f"error: {e}", EXIT_RUNTIME)
     except GRPCError as e:
         code = EXIT_INVALID if e.status in _INVALID_STATUSES else EXIT_RUNTIME
         die(f"error: {e.status.name}: {e.message}", code)
@@ -139,10 +235,11 @@ _INVALID_STATUSES = frozenset(
         Status.OUT_OF_RANGE,
     }
 )
-_PHASES = {0: "unknown", 1: "pending", 2: "running", 3: "degraded"}
-_ACTIONS = {0: "unknown", 1: "created", 2: "updated", 3: "unchanged", 4: "deleted"}
-_KINDS = {0: "unknown", 1: "source", 2: "transform", 3: "sink", 4: "lookup"}
-_HEALTH = {0: "unknown", 1: "serving", 2: "degraded", 3: "not_serving"}
+# Enum values are spelt as the GraphQL API spells them (api/static/schema.graphql), in every -o format.
+_PHASES = {0: "UNKNOWN", 1: "PENDING", 2: "RUNNING", 3: "DEGRADED"}
+_ACTIONS = {0: "UNKNOWN", 1: "CREATED", 2: "UPDATED", 3: "UNCHANGED", 4: "DELETED"}
+_KINDS = {0: "UNKNOWN", 1: "SOURCE", 2: "TRANSFORM", 3: "SINK", 4: "LOOKUP"}
+_HEALTH = {0: "UNKNOWN", 1: "SERVING", 2: "DEGRADED", 3: "NOT_SERVING"}
 
 
 def _pipeline_row(p: admin_pb2.Pipeline) -> dict[str, Any]:
@@ -175,14 +272,22 @@ def _print_diagnostics(diagnostics: Sequence[admin_pb2.Diagnostic], fmt: str) ->
 @ctl.command(
     help="Create or update every pipeline in FILE (idempotent). --prune deletes pipelines the file dropped."
 )
-@click.option("-f", "--file", "file", required=True, type=click.Path(dir_okay=False), help="Pipeline file.")
+@file_options
 @click.option("--dry-run", is_flag=True, help="Check and report what would change, change nothing.")
 @click.option(
     "--prune", is_flag=True, help="Delete pipelines applied earlier from this file that it no longer has."
 )
 @click.pass_obj
-def apply(obj: Context, file: str, dry_run: bool, prune: bool) -> None:
+def apply(obj: Context, file_opt: str | None, file_arg: str | None, dry_run: bool, prune: bool) -> None:
+    file = one_file(file_opt, file_arg)
     text = read_pipeline_file(file)
+    errors = validate_file(file)  # offline first: a broken file never waits for a cluster
+    if errors:
+        fmt = _output(obj)
+        if fmt == "table":
+            die("\n\n".join(e.render() for e in errors), EXIT_INVALID)
+        click.echo(render({"applied": False, "errors": _diagnostic_rows(errors)}, fmt))
+        sys.exit(EXIT_INVALID)
     request = admin_pb2.ApplyPipelinesRequest(definition=text, filename=file, dry_run=dry_run, prune=prune)
     reply, fmt = run_call(
         obj, lambda c: c.call(admin_grpc.PipelineAdminStub, "ApplyPipelines", request, write=True)
@@ -197,7 +302,8 @@ def apply(obj: Context, file: str, dry_run: bool, prune: bool) -> None:
     if fmt == "table":
         for row in rows:
             suffix = " (dry run)" if dry_run else ""
-            click.echo(f"pipeline/{row['pipeline']} {row['action']} (generation {row['generation']}){suffix}")
+            action = str(row["action"]).lower()
+            click.echo(f"pipeline/{row['pipeline']} {action} (generation {row['generation']}){suffix}")
     else:
         click.echo(render({"dry_run": dry_run, "revision": reply.revision, "changes": rows}, fmt))
 
@@ -331,39 +437,59 @@ def cluster() -> None:
     pass
 
 
-@cluster.command(name="status", help="Members, leader, term, commit/apply index and per-member lag.")
+@cluster.command(
+    name="status",
+    help="Members, leader, term, commit/apply index and per-member lag, as the leader sees them "
+    "(asked through a follower, ctl asks the leader; if it cannot, it says the view is a follower's).",
+)
 @click.pass_obj
 def cluster_status(obj: Context) -> None:
-    reply, fmt = run_call(
-        obj,
-        lambda c: c.call(
-            admin_grpc.PipelineAdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest()
-        ),
-    )
+    async def work(c: RouterClient) -> tuple[admin_pb2.ClusterStatus, bool]:
+        reply = await c.call(
+            admin_grpc.PipelineAdminStub,
+            "GetClusterStatus",
+            admin_pb2.GetClusterStatusRequest(),
+            any_node=True,
+        )
+        if reply.node_id == reply.leader_id or not reply.leader_address:
+            return reply, reply.node_id == reply.leader_id
+        try:  # only the leader tracks match index, lag and reachability of every member
+            stub = admin_grpc.PipelineAdminStub(c.channel(reply.leader_address))
+            leader = await stub.GetClusterStatus(admin_pb2.GetClusterStatusRequest(), timeout=c.timeout)
+        except (GRPCError, OSError, TimeoutError, StreamTerminatedError):
+            return reply, False
+        return leader, leader.node_id == leader.leader_id
+
+    (reply, leader_view), fmt = run_call(obj, work)
     members = [
         {
             "id": m.id,
             "address": m.address,
             "role": "leader" if m.leader else ("voter" if m.voter else "learner"),
-            "match_index": m.match_index,
-            "lag": m.lag,
-            "reachable": m.reachable,
+            # a follower does not know the others' progress: unknown, not 0
+            "match_index": m.match_index if leader_view or m.id == reply.node_id else None,
+            "lag": m.lag if leader_view or m.id == reply.node_id else None,
+            "reachable": m.reachable if leader_view or m.id == reply.node_id else None,
         }
         for m in reply.members
     ]
+    view_of = "leader" if leader_view else "follower"
     if fmt != "table":
         data = {
             "leader": reply.leader_id,
             "term": reply.term,
             "commit_index": reply.commit_index,
             "applied_index": reply.applied_index,
+            "answered_by": reply.node_id,
+            "view": view_of,
             "members": members,
         }
         click.echo(render(data, fmt))
         return
+    note = "" if leader_view else ", a follower: the leader is unreachable, other members' progress unknown"
     click.echo(
         f"leader {reply.leader_id or '(none)'}  term {reply.term}  commit {reply.commit_index}  "
-        f"applied {reply.applied_index}  (answered by {reply.node_id})"
+        f"applied {reply.applied_index}  (answered by {reply.node_id}{note})"
     )
     click.echo(render(members, "table"))
 
@@ -412,9 +538,11 @@ def backup() -> None:
 
 
 @backup.command(name="create", help="Write a consistent snapshot of the cluster state to FILE.")
-@click.argument("file", type=click.Path(dir_okay=False))
+@file_options
 @click.pass_obj
-def backup_create(obj: Context, file: str) -> None:
+def backup_create(obj: Context, file_opt: str | None, file_arg: str | None) -> None:
+    file = one_file(file_opt, file_arg)
+
     async def work(c: RouterClient) -> tuple[admin_pb2.SnapshotInfo, bytes]:
         stub = admin_grpc.BackupServiceStub(c.channel(await _leader_address(c)))
         chunks = await stub.CreateSnapshot(admin_pb2.CreateSnapshotRequest(), timeout=c.timeout)
@@ -436,10 +564,14 @@ def backup_create(obj: Context, file: str) -> None:
 @backup.command(
     name="restore", help="Replace the state of a fresh cluster (no pipelines) with the snapshot in FILE."
 )
-@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@file_options
 @click.pass_obj
-def backup_restore(obj: Context, file: str) -> None:
-    data = Path(file).read_bytes()
+def backup_restore(obj: Context, file_opt: str | None, file_arg: str | None) -> None:
+    file = one_file(file_opt, file_arg)
+    try:
+        data = Path(file).read_bytes()
+    except OSError as e:
+        die(f"cannot read {file}: {e.strerror}", EXIT_INVALID)
 
     async def work(c: RouterClient) -> admin_pb2.RestoreSnapshotResponse:
         address = await _leader_address(c)
@@ -483,7 +615,7 @@ async def _sidecar_addresses(c: RouterClient) -> dict[str, str]:
     return {s.sidecar_id: s.data_address for s in reply.sidecars}
 
 
-_ERROR_CLASSES = {0: "unspecified", 1: "transient", 2: "permanent", 3: "rejected"}
+_ERROR_CLASSES = {0: "UNSPECIFIED", 1: "TRANSIENT", 2: "PERMANENT", 3: "REJECTED"}
 
 
 def _letter_row(sidecar_id: str, letter: Any) -> dict[str, Any]:
@@ -601,6 +733,8 @@ def dlq_redrive(obj: Context, letter_ids: Sequence[str], pipeline: str, target_s
 def tap(obj: Context, pipeline: str, stage: str, sample_rate: float, limit: int) -> None:
     """STAGE is a stage id or the name of the service the stage calls."""
 
+    fmt = _output(obj)
+
     async def work(c: RouterClient) -> int:
         one = await c.call(
             admin_grpc.PipelineAdminStub, "GetPipeline", admin_pb2.GetPipelineRequest(name=pipeline)
@@ -630,12 +764,49 @@ def tap(obj: Context, pipeline: str, stage: str, sample_rate: float, limit: int)
             await stream.send_message(request, end=True)
             async for event in stream:
                 record = event.record
-                click.echo(
-                    f"offset={record.offset} key={record.key.decode(errors='replace')} "
-                    f"value={record.value.decode(errors='replace')[:200]}"
-                    + (f"  (dropped so far: {event.dropped})" if event.dropped else "")
-                )
+                if fmt == "table":
+                    click.echo(
+                        f"offset={record.offset} key={record.key.decode(errors='replace')} "
+                        f"value={record.value.decode(errors='replace')[:200]}"
+                        + (f"  (dropped so far: {event.dropped})" if event.dropped else "")
+                    )
+                else:  # one JSON object per line (JSON Lines), or one YAML document per record
+                    row = {
+                        "offset": record.offset,
+                        "event_time_ms": record.event_time_ms,
+                        "key": record.key.decode(errors="replace"),
+                        "value": record.value.decode(errors="replace"),
+                        "headers": dict(record.headers),
+                        "dropped": event.dropped,
+                    }
+                    text = msgspec.json.encode(row).decode() if fmt == "json" else render(row, "yaml")
+                    click.echo(text if fmt == "json" else f"---\n{text}")
                 shown += 1
         return shown
 
     run_call(obj, work)
+
+
+def _install_global_options(command: click.Command) -> None:
+    """Give every command and group under `ctl` the global options, so they may follow the verb."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _install_global_options(sub)
+    if command is ctl:
+        return
+    command.params.extend(_global_options())
+    callback = command.callback
+    assert callback is not None
+
+    @functools.wraps(callback)
+    def with_globals(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name, None) for name in _GLOBAL_NAMES}
+        obj = click.get_current_context().find_object(Context)
+        if obj is not None:
+            _remember(obj, values)
+        return callback(*args, **kwargs)
+
+    command.callback = with_globals
+
+
+_install_global_options(ctl)

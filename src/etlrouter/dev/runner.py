@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import aiohttp
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import RouterClient
 from etlrouter.connectors.generator import GeneratorConfig
+from etlrouter.ctl import contexts
 from etlrouter.dev import view
 from etlrouter.dev.layout import HOST, Layout, busy_ports, make_layout
 from etlrouter.dev.procs import Child, Supervisor
@@ -41,14 +43,18 @@ from etlrouter.dev.progress import (
 from etlrouter.dev.spec import DevSpec, ServiceSpec
 
 MARKER = ".etlrouter-dev"
+LOCK_FILE = ".etlrouter-dev.lock"  # flock()ed while a dev runs on the directory; holds its pid
 OWNED = ("routers", "sidecars", "services", "sinks", "logs", "dev.json")
 SIDECAR_DEADLINE_S, SERVICE_DEADLINE_S, ROUTER_DEADLINE_S = 15.0, 10.0, 10.0
+SINK_MAX_BYTES = 64 << 20  # dev's jsonl sinks rotate at 64 MiB and keep one old file: ≤ 128 MiB a sink
 DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a demo, not a disk filler)
 # Sidecars heartbeat every second (default 5 s) so the dashboard shows a stall or a dead sidecar within a few
 # seconds (silent after 3 intervals); the routers move a silent sidecar's stages after 5 missed heartbeats.
 HEARTBEAT_INTERVAL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5 * HEARTBEAT_INTERVAL_MS
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SAMPLE = Path(__file__).with_name("sample.etl")
+CONTEXT_NAME = "dev"  # the ctl context dev writes (and removes on exit while it is still its own)
 
 
 class DevError(Exception):
@@ -101,6 +107,10 @@ class Dev:
     sink_files: dict[str, Path] = field(default_factory=dict)
     state_files: dict[str, Path] = field(default_factory=dict)
     service_argv: dict[str, list[str]] = field(default_factory=dict)
+    context_file: Path | None = None
+    capped_sinks: set[str] = field(default_factory=set)
+    leaders: list[str] = field(default_factory=list)  # the Raft leader as the last /metrics sample saw it
+    _lock_fd: int | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = self.options.data_dir.resolve()
@@ -126,13 +136,45 @@ class Dev:
 
     # --------------------------------------------------------------------------------------- data dir
 
-    def prepare_data_dir(self) -> None:
+    def lock_data_dir(self) -> None:
+        """Take the data dir's lock (held until dev exits) before anything in it is touched: a second dev on
+        the same directory stops here, and the first one's logs, Raft logs and sink files stay as they are."""
         d = self.data_dir
         if d.exists() and any(d.iterdir()) and not (d / MARKER).exists():
             raise DevUsageError(
                 f"{d} is not empty and was not made by `etlrouter dev` (no {MARKER}); pick another --data-dir"
             )
         d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DevUsageError(
+                f"{d} is in use by another `etlrouter dev` (pid {holder}); nothing was changed. "
+                "Stop it first, or give this one another --data-dir (and --base-port)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock_data_dir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def check_ports(self) -> None:
+        busy = busy_ports(self.layout.all_ports())
+        if busy:
+            raise DevUsageError(
+                f"ports already in use: {', '.join(map(str, busy[:8]))} (another `etlrouter dev`?); "
+                "nothing was changed; choose another --base-port, or 0 for free ports"
+            )
+
+    def prepare_data_dir(self) -> None:
+        """Wipe what an earlier run left (only with the lock held and the ports known to be free)."""
+        d = self.data_dir
         (d / MARKER).write_text("made by `etlrouter dev`; it wipes its own subdirectories on start\n")
         for name in OWNED:  # a fresh cluster each run: old Raft logs and sink files would confuse it
             path = d / name
@@ -194,6 +236,11 @@ class Dev:
             path = Path(path_arg) if path_arg else self.data_dir / "sinks" / f"{service.name}.jsonl"
             if not path_arg:
                 auto += ["--path", str(path)]
+            if not self.options.limit and service.arg_value("--max-bytes") is None:
+                # An open-ended demo must not fill the disk: rotate, keep one old file (a --limit run is
+                # bounded by its limit, and its completion check reads whole files: no rotation there).
+                auto += ["--max-bytes", str(SINK_MAX_BYTES), "--keep", "1"]
+                self.capped_sinks.add(service.name)
             self.sink_files[service.name] = path
         elif service.connector == "http_ingest" and service.arg_value("--sidecar") is None:
             auto += ["--sidecar", f"{HOST}:{self.layout.sidecar_grpc[j]}"]  # it pushes to its own sidecar
@@ -268,14 +315,6 @@ class Dev:
         return True
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        services = self.options.spec.services
-        self.layout = make_layout(self.options.base_port, self.options.routers, len(services))
-        busy = busy_ports(self.layout.all_ports())
-        if busy:
-            raise DevUsageError(
-                f"ports already in use: {', '.join(map(str, busy[:8]))} (another `etlrouter dev`?); "
-                "choose another --base-port, or 0 for free ports"
-            )
         self.start_routers()
         self.start_services()
 
@@ -297,14 +336,46 @@ class Dev:
             json.dumps({"pid": os.getpid(), "children": self.supervisor.pids()}, indent=2) + "\n"
         )
 
+    # --------------------------------------------------------------------------------- ctl context
+
+    def write_context(self) -> None:
+        """Make this cluster the current context of `etlrouter ctl` (and say where), so `etlrouter ctl list`
+        in another terminal finds it with no flags."""
+        entry = {
+            "name": CONTEXT_NAME,
+            "routers": self.router_addresses,
+            "http": [f"http://{HOST}:{p}" for p in self.layout.router_http],
+            "credentials": {},
+            "owner": {"pid": os.getpid(), "data_dir": str(self.data_dir)},
+        }
+        try:
+            self.context_file = contexts.put(entry)
+        except (OSError, contexts.ContextError) as e:
+            self.say(f"etlrouter dev: could not write the ctl context ({e}); use --router", err=True)
+
+    def remove_context(self) -> None:
+        if self.context_file is None:
+            return
+        with contextlib.suppress(OSError, contexts.ContextError):
+            contexts.remove_if_owned(CONTEXT_NAME, os.getpid(), self.context_file)
+
     # ------------------------------------------------------------------------------------- admin API
+
+    @property
+    def applied_filename(self) -> str:
+        """The built-in sample is applied as `examples/dev.etl` (the same text), so `etlrouter ctl apply -f
+        examples/dev.etl` from the repository's root reports it unchanged, as the file dev says it runs."""
+        spec = self.options.spec
+        if spec.filename == "sample.etl" and spec.pipelines == SAMPLE.read_text(encoding="utf-8"):
+            return "examples/dev.etl"
+        return spec.filename
 
     async def apply(self, client: RouterClient) -> None:
         spec = self.options.spec
         reply = await client.call(
             admin_grpc.PipelineAdminStub,
             "ApplyPipelines",
-            admin_pb2.ApplyPipelinesRequest(definition=spec.pipelines, filename=spec.filename),
+            admin_pb2.ApplyPipelinesRequest(definition=spec.pipelines, filename=self.applied_filename),
             write=True,
         )
         if reply.diagnostics:
@@ -403,13 +474,38 @@ class Dev:
             + ", ".join(str(p) for p in self.layout.router_http)
             + ")",
             f"admin API    {', '.join(self.router_addresses)}"
-            f"  (etlrouter ctl --router {self.router_addresses[0]})",
+            + (
+                f"  (ctl context {CONTEXT_NAME!r}, current, in {self.context_file}: `etlrouter ctl list`)"
+                if self.context_file
+                else f"  (etlrouter ctl --router {self.router_addresses[0]})"
+            ),
             f"data dir     {self.data_dir}",
             f"logs         {self.supervisor.log_dir}/<process>.log",
         ]
         for name, path in self.sink_files.items():
-            lines.append(f"{'sink ' + name:<12} {path}")
+            cap = " (rotates at 64 MiB to .1; at most 128 MiB)" if name in self.capped_sinks else ""
+            lines.append(f"{'sink ' + name:<12} {path}{cap}")
         return lines
+
+    def sink_bytes(self) -> int:
+        """Bytes the sink files (with their rotated files and commit logs) take on disk now."""
+        total = 0
+        for path in self.sink_files.values():
+            for p in path.parent.glob(path.name + "*"):
+                with contextlib.suppress(OSError):
+                    total += p.stat().st_size
+        return total
+
+    def growth_line(self, previous: tuple[float, int] | None) -> tuple[str, tuple[float, int]]:
+        now = (time.monotonic(), self.sink_bytes())
+        rate = 0.0
+        if previous and now[0] > previous[0]:
+            rate = max(0.0, (now[1] - previous[1]) / (now[0] - previous[0]))
+        text = f"disk: sinks {now[1] / (1 << 20):.1f} MiB, growing {rate / (1 << 20):.2f} MiB/s"
+        text += f" ({rate * 3600 / (1 << 30):.1f} GiB/h)" if rate else ""
+        if self.capped_sinks:
+            text += "; capped by rotation"
+        return text, now
 
     def metrics_lines(self) -> list[str]:
         return [f"/metrics     {e.name:<24} {e.metrics}" for e in self.endpoints]
@@ -421,6 +517,8 @@ class Dev:
         last_summary = 0.0
         planned = False
         run_started = time.monotonic()
+        growth: tuple[float, int] | None = None
+        growth_text = ""
         if tty:
             self.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide the cursor
         try:
@@ -428,18 +526,23 @@ class Dev:
                 self.check_children()
                 await self.refresh_topology(client)
                 now = await self.sample(session)
+                if now.leaders:
+                    self.leaders = list(now.leaders)
+                if growth is None or time.monotonic() - growth[0] >= 5:
+                    growth_text, growth = self.growth_line(growth)
                 if tty:
                     up = int(time.monotonic() - self.started_at)
                     header = [
                         *self.banner(),
                         f"up {up // 60:02d}:{up % 60:02d}   Ctrl-C stops everything"
                         + (f"   --limit {limit}" if limit else ""),
+                        growth_text,
                     ]
                     lines = view.render(self.topology, now, before, header)
                     self.out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
                     self.out.flush()
                 elif time.monotonic() - last_summary >= 5:
-                    self.say(view.summary_line(self.topology, now, before))
+                    self.say(view.summary_line(self.topology, now, before) + f"; {growth_text}")
                     last_summary = time.monotonic()
                 before = now
                 if limit:
@@ -477,9 +580,14 @@ class Dev:
             self.out.flush()
 
     async def main(self) -> int:
-        self.prepare_data_dir()
+        self.lock_data_dir()  # 1. the lock: a live dev on this directory stops us before anything changes
+        services = self.options.spec.services
+        self.layout = make_layout(self.options.base_port, self.options.routers, len(services))
+        self.check_ports()  # 2. the ports: busy ones stop us before anything changes
+        self.prepare_data_dir()  # 3. only now: wipe the previous run's files
         async with aiohttp.ClientSession() as session:
             await self.start(session)
+            self.write_context()
             client = RouterClient(self.router_addresses, timeout=20)
             try:
                 await self.apply(client)
@@ -507,9 +615,15 @@ class Dev:
                 service = child.name.removeprefix("sidecar-")
                 levels.setdefault(depth.get(service, 1 << 20), []).append(child.name)
         steps = [(levels[d], SIDECAR_DEADLINE_S) for d in sorted(levels)]
-        for group, deadline in (("service", SERVICE_DEADLINE_S), ("router", ROUTER_DEADLINE_S)):
-            steps.append(([c.name for c in self.supervisor.children if c.group == group], deadline))
-        return steps
+        steps.append(([c.name for c in self.supervisor.children if c.group == "service"], SERVICE_DEADLINE_S))
+        # Followers before the leader: it then finds no voter listening and skips a hand-over that would
+        # only wait out its timeout (the whole cluster stops).
+        routers = [c.name for c in self.supervisor.children if c.group == "router"]
+        followers = [r for r in routers if r not in self.leaders]
+        steps += [
+            (group, ROUTER_DEADLINE_S) for group in (followers, [r for r in routers if r in self.leaders])
+        ]
+        return [step for step in steps if step[0]]
 
     def shutdown(self) -> list[str]:
         return self.supervisor.stop_all(self.stop_steps())
@@ -537,13 +651,15 @@ async def _run(options: DevOptions) -> int:
         code = EXIT_USAGE if isinstance(exc, DevUsageError) else EXIT_FAILED
     finally:
         if dev.supervisor.children:
-            dev.say("stopping: sidecars (sources first), then services, then routers …")
+            dev.say("stopping: sidecars (sources first), then services, then routers (the leader last) …")
             killed = await asyncio.to_thread(dev.shutdown)
             if killed:
                 dev.say(f"killed after their deadline: {', '.join(killed)}")
             dev.say(f"all {len(dev.supervisor.children)} processes stopped; logs in {dev.supervisor.log_dir}")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        dev.remove_context()
+        dev.unlock_data_dir()
     return code
 
 

@@ -134,7 +134,7 @@ def topology_from(reply: admin_pb2.ListPipelinesResponse) -> Topology:
         for i, root in enumerate(roots):
             walk(dag, specs, root, 0, i == len(roots) - 1)
     phases = tuple(
-        (p.name, admin_pb2.PipelinePhase.Name(p.phase).removeprefix("PIPELINE_PHASE_").lower())
+        (p.name, admin_pb2.PipelinePhase.Name(p.phase).removeprefix("PIPELINE_PHASE_"))
         for p in reply.pipelines
     )
     return Topology(tuple(stages), phases)
@@ -180,11 +180,12 @@ def render(
     lines.append("")
     cols = (
         f"{'STAGE':<34} {'KIND':<9} {'REC/S':>8} {'RECEIVED':>9} {'ACKED':>9} {'DLQ':>6} {'CREDITS':>8} "
-        f"{'LAG':>7}  PIPELINES"
+        f"{'BEHIND':>7}  PIPELINES"
     )
     lines.append(c(BOLD, cols))
     if not topology.stages:
         lines.append(c(DIM, "(no pipelines yet)"))
+    sources = {s.dag: (s.dag, s.id) for s in topology.stages if s.depth == 0}
     for stage in topology.stages:
         key = (stage.dag, stage.id)
         branch = (
@@ -195,7 +196,10 @@ def render(
         acked = _num(now.acked[key]) if stage.kind == "source" else "-"
         dlq = now.dlq.get(key, 0.0)
         credits = _num(now.credits[key]) if key in now.credits else "-"
-        lag = f"{now.lag[key]:.1f}s" if key in now.lag else "-"
+        source = sources.get(stage.dag)
+        lag = "-"
+        if stage.depth and key in now.lag and source in now.lag:  # event time behind the DAG's source
+            lag = f"{max(0.0, now.lag[key] - now.lag[source]):.1f}s"
         shared = len(stage.pipelines) > 1
         pipes = ", ".join(stage.pipelines) + (" (shared)" if shared else "")
         row = (
@@ -204,6 +208,15 @@ def render(
             f"{c(GREEN, pipes) if shared else pipes}"
         )
         lines.append(row)
+    if topology.stages:
+        lines += [
+            "",
+            c(
+                DIM,
+                "BEHIND: how far the stage's event-time watermark trails its source's "
+                "(etlrouter_watermark_lag_seconds, stage minus source): ~0 when the stage keeps up",
+            ),
+        ]
     return lines
 
 
