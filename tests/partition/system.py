@@ -185,6 +185,17 @@ class NetnsSystem:
                     continue
         return entries
 
+    def leadership_claims(self) -> list[tuple[float, str, int, str]]:
+        """(wall time, node, term, leader) from every router's "raft role changed" log lines that name a
+        leader: the complete record of who each node took as the leader of each term."""
+        claims = []
+        for node in ROUTERS:
+            for entry in self.log_lines(node):
+                if entry.get("msg") == "raft role changed" and entry.get("leader"):
+                    ts, term = float(entry["ts"]), int(entry["term"])  # type: ignore[arg-type, call-overload]
+                    claims.append((ts, node, term, str(entry["leader"])))
+        return claims
+
     def running(self, sidecar: str) -> tuple[set[str], list[tuple[str, int]]]:
         """What a sidecar runs now (dag/stage#replica), from its own log, and the (dag, token) pairs it
         applied, in order."""
