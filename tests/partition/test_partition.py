@@ -21,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError
 
-from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
 from etlrouter.client.router import RouterClient
 from etlrouter.testing.linearizability import check_kv_history
 from tests.partition.clients import Workload, leaders_by_term
@@ -31,7 +33,7 @@ from tests.partition.system import ROUTERS, SIDECAR_HEARTBEAT_TIMEOUT_MS, SINKS,
 pytestmark = pytest.mark.partition
 
 SEED = int(os.environ.get("PARTITION_SEED", "1"))
-Measures = dict[str, float]
+Measures = dict[str, object]
 
 
 def current_leader(workload: Workload, timeout: float = 30) -> str:
@@ -64,16 +66,64 @@ def hold(seconds: float) -> None:
 # -- the schedule classes: each injects its fault, holds it, and returns what it measured ----------------
 
 
+def probe(s: NetnsSystem, node: str) -> dict[str, str]:
+    """Ask one router directly (no retries elsewhere): a linearizable read, a stale read, a write."""
+
+    async def go() -> dict[str, str]:
+        host, port = s.router_address(node).rsplit(":", 1)
+        channel = Channel(host, int(port))
+        admin, registry = admin_grpc.PipelineAdminStub(channel), control_grpc.ServiceRegistryStub(channel)
+        instance = control_pb2.ServiceInstance(
+            name=f"probe-{node}", kind=control_pb2.SERVICE_KIND_SINK, endpoint="10.213.7.252:1"
+        )
+        calls = {
+            "linearizable_read": admin.GetPipeline(admin_pb2.GetPipelineRequest(name="flow"), timeout=2),
+            "stale_read": admin.GetPipeline(
+                admin_pb2.GetPipelineRequest(name="flow", consistency=admin_pb2.READ_CONSISTENCY_STALE),
+                timeout=2,
+            ),
+            "write": registry.Register(
+                control_pb2.RegisterServiceRequest(instance=instance, ttl_ms=1000), timeout=2
+            ),
+        }
+        out = {}
+        for what, call in calls.items():
+            try:
+                await call
+                out[what] = "ok"
+            except GRPCError as e:
+                out[what] = e.status.name
+            except (TimeoutError, OSError) as e:
+                out[what] = type(e).__name__
+        channel.close()
+        return out
+
+    return s.net.run_in("client", lambda: asyncio.run(go()))
+
+
 def leader_isolated(s: NetnsSystem, w: Workload, rng: random.Random) -> Measures:
+    """The leader loses its followers; clients and sidecars still reach it."""
     leader = current_leader(w)
-    s.net.cut(leader, followers(leader))  # clients and sidecars still reach it
-    hold(rng.uniform(3, 5))
-    return {}
+    s.net.cut(leader, followers(leader))
+    time.sleep(1.5)  # past one election timeout
+    answers = probe(s, leader)
+    hold(rng.uniform(1.5, 3.5))
+    return {f"old_leader_{k}": v for k, v in answers.items()}
 
 
 def minority_isolated(s: NetnsSystem, w: Workload, rng: random.Random) -> Measures:
-    leader = current_leader(w)
-    s.net.isolate(rng.choice(followers(leader)))  # from everyone
+    """A follower loses the other routers; clients and sidecars still reach it."""
+    node = rng.choice(followers(current_leader(w)))
+    s.net.cut(node, [r for r in ROUTERS if r != node])
+    time.sleep(1.5)
+    answers = probe(s, node)
+    hold(rng.uniform(1.5, 3.5))
+    return {f"minority_{k}": v for k, v in answers.items()}
+
+
+def follower_unplugged(s: NetnsSystem, w: Workload, rng: random.Random) -> Measures:
+    """A follower loses everyone (routers, clients, sidecars)."""
+    s.net.isolate(rng.choice(followers(current_leader(w))))
     hold(rng.uniform(3, 5))
     return {}
 
@@ -117,20 +167,19 @@ def loss30(s: NetnsSystem, w: Workload, rng: random.Random) -> Measures:
     return {}
 
 
-def _moved_while(s: NetnsSystem, seconds: float) -> Measures:
+def _moved_while(s: NetnsSystem, seconds: float) -> int:
     time.sleep(1.0)  # let batches in flight when the cut began settle
     before = len(s.all_sink_offsets())
     time.sleep(seconds)
-    moved = len(s.all_sink_offsets()) - before
-    return {"records_moved_while_cut": moved}
+    return len(s.all_sink_offsets()) - before
 
 
 def source_sidecar_cut(s: NetnsSystem, w: Workload, rng: random.Random) -> Measures:
     """The source's sidecar loses the routers (longer than the heartbeat timeout) but not its peers."""
     s.net.cut("sc-src", ROUTERS)
-    m = _moved_while(s, SIDECAR_HEARTBEAT_TIMEOUT_MS / 1000 + rng.uniform(2, 3))
-    assert m["records_moved_while_cut"] > 0, "records stopped while the source sidecar was cut off"
-    return m
+    moved = _moved_while(s, SIDECAR_HEARTBEAT_TIMEOUT_MS / 1000 + rng.uniform(2, 3))
+    assert moved > 0, "records stopped while the source sidecar was cut off"
+    return {"records_moved_while_cut": moved}
 
 
 def sink_sidecar_cut(s: NetnsSystem, w: Workload, rng: random.Random) -> Measures:
@@ -139,8 +188,9 @@ def sink_sidecar_cut(s: NetnsSystem, w: Workload, rng: random.Random) -> Measure
     holder = next((n for n in SINKS if s.running(n)[0]), SINKS[0])
     other = next(n for n in SINKS if n != holder)
     s.net.cut(holder, ROUTERS)
-    m = _moved_while(s, SIDECAR_HEARTBEAT_TIMEOUT_MS / 1000 + rng.uniform(2, 3))
-    assert m["records_moved_while_cut"] > 0, "records stopped while a sink sidecar was cut off"
+    moved = _moved_while(s, SIDECAR_HEARTBEAT_TIMEOUT_MS / 1000 + rng.uniform(2, 3))
+    assert moved > 0, "records stopped while a sink sidecar was cut off"
+    m: Measures = {"records_moved_while_cut": moved}
     # The cut-off holder still runs its replica (it heard of no newer assignment); the other may run it too.
     m["moved_to_other_sidecar"] = float(bool(s.running(other)[0]))
     m["cut_holder_still_running"] = float(bool(s.running(holder)[0]))
@@ -152,6 +202,7 @@ CLASSES: dict[str, Callable[[NetnsSystem, Workload, random.Random], Measures]] =
     for f in (
         leader_isolated,
         minority_isolated,
+        follower_unplugged,
         source_sidecar_cut,
         sink_sidecar_cut,
         leader_deaf,
@@ -231,6 +282,9 @@ def test_schedule(
         thread.join(30)
     obs = workload.obs
 
+    in_fault = [o for o in obs.operations if faulted <= o.invoke <= healed and o.kind.value == "write"]
+    acked_in_fault = [o.response - o.invoke for o in in_fault if o.response != float("inf")]
+
     # At most one leader per term: the status polls of every router, and every router's own log of its
     # role changes (which misses no term, however short).
     window = [x for x in obs.status if x[0] >= faulted]
@@ -279,6 +333,8 @@ def test_schedule(
         "records_acked_again_after_heal_s": round(records_s, 2),
         "single_sink_holder_by_s_after_heal": round(fence_s, 2),
         "ops": float(len(obs.operations)),
+        "writes_acked_during_fault": float(len(acked_in_fault)),
+        "max_write_latency_during_fault_s": round(max(acked_in_fault, default=0.0), 2),
         "unknown_writes": float(sum(1 for o in obs.operations if o.response == float("inf"))),
         "durable_acked": float(len(obs.durable_acked)),
         "records_acked": float(acked + 1),
