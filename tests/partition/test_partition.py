@@ -174,6 +174,13 @@ def _moved_while(s: NetnsSystem, seconds: float) -> int:
     return len(s.all_sink_offsets()) - before
 
 
+def records_flowing(s: NetnsSystem) -> bool:
+    """Records reach a sink now: the data plane has a working assignment (not one in mid-change)."""
+    before = len(s.all_sink_offsets())
+    time.sleep(1.0)
+    return len(s.all_sink_offsets()) > before
+
+
 def source_sidecar_cut(s: NetnsSystem, w: Workload, rng: random.Random) -> Measures:
     """The source's sidecar loses the routers (longer than the heartbeat timeout) but not its peers."""
     s.net.cut("sc-src", ROUTERS)
@@ -262,9 +269,14 @@ def test_schedule(
         wait_for(lambda: len(workload.obs.write_acks) >= 3, 60, "writes acknowledged before the fault")
         wait_for(lambda: s.acked_offset() >= 0, 60, "records acknowledged before the fault")
         term_at_fault = max((x[2] for x in workload.obs.status), default=0)
+        wait_for(lambda: records_flowing(s), 60, "records reaching a sink before the fault")
         faulted, faulted_wall = time.monotonic(), time.time()
-        measures = CLASSES[schedule.name](s, workload, rng)
-        s.net.heal()
+        print(f"fault at {faulted_wall:.3f} (wall clock, as in the JSON logs)")
+        try:
+            measures = CLASSES[schedule.name](s, workload, rng)
+        finally:
+            s.net.heal()  # a failed schedule must not leave its rules for the next one
+            print(f"healed at {time.time():.3f}")
         healed = time.monotonic()
         ready_s = s.wait_routers_ready(60)
         write_s = wait_for(
