@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.partition.clients import leaders_by_term
 from tests.partition.system import NetnsSystem
+
+pytestmark = pytest.mark.partition
 
 
 def test_two_leaders_in_one_term_are_seen() -> None:
