@@ -28,7 +28,10 @@ Phases, and what each measures:
 5. reassignment: the sidecar holding the most replicas falls silent; from the reply to its last heartbeat to
    (i) its deletion arriving on a Watch stream from the leader (the DeregisterSidecar entry applied) and
    (ii) ListSidecars (polled every 50 ms) showing all its replicas on other sidecars; then the heartbeats
-   of the next interval, which carry the changed DAG to the sidecars that run it.
+   of the next interval, which carry the changed DAG to the sidecars that run it. Half the sidecars (every
+   other block of 20, one per service) report the spec generations they hold, so their Assigns come
+   without the DagSpec; the other half emulate sidecars from before that change: the row "bytes to ..."
+   compares the two within the same run.
 
 Leader CPU is utime + stime from /proc/<pid>/stat (10 ms ticks); the leader is asked at the start and end
 of every window and a window with an election is flagged. Machine-wide CPU (/proc/stat) is printed beside
@@ -141,6 +144,10 @@ class SimSidecar:
     missed: bool = False
     inflight: asyncio.Future[None] | None = None
     last_ok: float = 0.0
+    # Reports the spec generations it holds (heartbeat spec_generations), so an Assign of a generation it
+    # has comes without the DagSpec; False emulates a sidecar before that change (full DAG every time).
+    reports_specs: bool = True
+    specs: dict[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -150,10 +157,12 @@ class SimSidecar:
         for command in commands:
             token = int(command.fencing_token)
             if command.HasField("assign"):
-                dag = command.assign.dag.id
+                dag = command.assign.dag_id or command.assign.dag.id
                 if token < self.tokens.get(dag, 0):
                     continue
                 self.tokens[dag] = token
+                if command.assign.HasField("dag"):
+                    self.specs[dag] = command.assign.dag.generation
                 self.local[dag] = {(p.stage_id, p.replica) for p in command.assign.local}
             elif command.HasField("revoke"):
                 dag = command.revoke.dag_id
@@ -179,6 +188,7 @@ class SimSidecar:
                 running_stages=running,
             ),
             applied_tokens=self.tokens,
+            spec_generations=self.specs if self.reports_specs else {},
         )
         for dag, replicas in sorted(self.local.items()):
             for stage_id, _ in sorted(replicas):
@@ -203,6 +213,7 @@ class Sample:
     commands: int
     reply_bytes: int
     reregister: bool
+    reports_specs: bool = True
 
 
 class Generator:
@@ -212,7 +223,14 @@ class Generator:
         rng = random.Random(seed)
         names = list(service_kinds().items())
         self.sidecars = {
-            sidecar_id(i): SimSidecar(i, *names[i % len(names)], load=rng.uniform(0.05, 0.3))
+            # Every other block of 20 (one sidecar per service) emulates a sidecar without spec diffs: the
+            # same layout on both sides, so the reassignment burst compares the two in one run.
+            sidecar_id(i): SimSidecar(
+                i,
+                *names[i % len(names)],
+                load=rng.uniform(0.05, 0.3),
+                reports_specs=(i // len(names)) % 2 == 0,
+            )
             for i in range(first, first + count)
         }
         self.rng = rng
@@ -281,7 +299,13 @@ class Generator:
             sc.apply(reply.commands)
             self.samples.append(
                 Sample(
-                    started, ended - started, True, len(reply.commands), reply.ByteSize(), reply.reregister
+                    started,
+                    ended - started,
+                    True,
+                    len(reply.commands),
+                    reply.ByteSize(),
+                    reply.reregister,
+                    sc.reports_specs,
                 )
             )
         finally:
@@ -315,6 +339,11 @@ class Generator:
                 "with_commands": sum(s.commands > 0 for s in window),
                 "reply_bytes": sum(s.reply_bytes for s in window),
                 "reregister": sum(s.reregister for s in window),
+                # Split by sidecar kind: spec diffs on / off (the before and after of one run).
+                "diff_bytes": sum(s.reply_bytes for s in window if s.reports_specs),
+                "diff_answers": sum(1 for s in window if s.reports_specs and s.ok),
+                "full_bytes": sum(s.reply_bytes for s in window if not s.reports_specs),
+                "full_answers": sum(1 for s in window if not s.reports_specs and s.ok),
             }
         if op == "pause":
             self.paused = True
@@ -500,6 +529,9 @@ class WorkerProcess:
             await self.proc.wait()
 
 
+SPLIT_KEYS = ("diff_bytes", "diff_answers", "full_bytes", "full_answers")
+
+
 async def gather_stats(workers: list[WorkerProcess], lo: float, hi: float) -> dict[str, Any]:
     parts = await asyncio.gather(*(w.request("stats", **{"from": lo, "to": hi}) for w in workers))
     return {
@@ -508,6 +540,10 @@ async def gather_stats(workers: list[WorkerProcess], lo: float, hi: float) -> di
         "with_commands": sum(p["with_commands"] for p in parts),
         "reply_bytes": sum(p["reply_bytes"] for p in parts),
         "reregister": sum(p["reregister"] for p in parts),
+        **{
+            key: sum(p[key] for p in parts)
+            for key in ("diff_bytes", "diff_answers", "full_bytes", "full_answers")
+        },
     }
 
 
@@ -817,6 +853,13 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
             f"{burst['with_commands']} of {len(blat)}",
             f"steady: {hb['with_commands']} of {len(lat)}",
             f"{burst['reply_bytes'] / max(1, len(blat)):.0f} B per answer",
+        ),
+        (
+            f"next {args.interval:g} s: bytes to the half of the sidecars that report the specs they hold"
+            " (Assign diffs) vs the half that do not (full DAG, the old behaviour)",
+            f"{burst['diff_bytes'] / 1024:.1f} KiB ({burst['diff_answers']} answers)",
+            f"full: {burst['full_bytes'] / 1024:.1f} KiB ({burst['full_answers']} answers)",
+            f"{burst['diff_bytes'] / max(1, burst['full_bytes']):.2f}x",
         ),
         (
             f"next {args.interval:g} s: heartbeat p50 / p99; leader CPU{flag(burst_cpu)}",

@@ -4,6 +4,8 @@ Generates 1,000 pipelines reading 20 sources; each takes a random walk down a sm
 transforms and lookups and ends in one of a dozen sinks (some with a tee), so prefixes overlap the way
 they do when many teams consume the same topics. Times each phase (best of --repeat runs) and, in the
 same run, two baselines: tokenizing only, and a naive build that gives every pipeline its own DAG.
+A second table feeds `validate` (what `etlrouter ctl validate` runs) 1 MiB of pathological input and
+renders what it reports, against the same-run baseline of validating 1 MiB of the realistic file.
 
     .venv/bin/python benchmarks/dsl.py [--pipelines 1000] [--sources 20] [--repeat 5] [--seed 1]
 """
@@ -16,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from etlrouter.dsl import compile, explain_tree, optimize, parse
+from etlrouter.dsl import compile, explain_tree, optimize, parse, validate
 from etlrouter.dsl.checker import analyze
 from etlrouter.dsl.errors import Source
 from etlrouter.dsl.lexer import tokenize
@@ -65,6 +67,33 @@ def generate(pipelines: int, sources: int, seed: int) -> str:
         body = "\n  | ".join([source, *steps, tail])
         blocks.append(f"pipeline p{number:04d} {{\n  {body}\n  {policy}\n}}\n")
     return "\n".join(blocks)
+
+
+MIB = 1 << 20
+
+
+def pathological() -> list[tuple[str, str]]:
+    """1 MiB inputs that once made validate slow or its output huge (issue #13)."""
+    rng = random.Random(13)
+    punct = "{}(),;=|!@$%^&*.-+[]<>?/~`'"
+
+    def fill(unit: str) -> str:
+        return (unit * (MIB // len(unit) + 1))[:MIB]
+
+    return [
+        ("punctuation, one line", "".join(rng.choice(punct) for _ in range(MIB))),
+        ("punctuation, 80-column lines", fill("".join(rng.choice(punct) for _ in range(79)) + "\n")),
+        ("unterminated strings", fill('"abc\n')),
+        ("deep nesting", "pipeline p { source a (" + "(" * (MIB // 2 - 20) + ")" * (MIB // 2 - 20) + ") }"),
+        ("100,000 errors", "pipeline p { source a | @ }\n" * 100_000),
+    ]
+
+
+def validate_and_render(text: str, filename: str) -> tuple[int, int, int]:
+    """(errors kept, errors omitted, characters printed), as `ctl validate` would print them."""
+    errors = validate(text, filename)
+    printed = sum(len(error.render()) for error in errors)
+    return len(errors), getattr(errors, "omitted", 0), printed
 
 
 def best_of(repeat: int, run: Callable[[], T]) -> tuple[float, T]:
@@ -127,6 +156,27 @@ def main() -> None:
     print(f"{'after merging':<36} {merged_stages:>9}")
     print(f"{'ratio after / before':<36} {merged_stages / unmerged_stages:>9.3f}")
     print(f"{'optimize time / naive build time':<36} {optimize_s / naive_s:>9.3f}")
+
+    # Pathological input: linear time, bounded output. Baseline: the realistic file, per MiB.
+    repeat = min(args.repeat, 3)
+    baseline_s, _ = best_of(repeat, lambda: validate_and_render(text, filename))
+    baseline_per_mib = baseline_s * MIB / len(text)
+    print()
+    print(
+        f"{'validate + render, 1 MiB of':<30} {'ms':>9} {'vs realistic':>13} "
+        f"{'kept':>6} {'omitted':>8} {'printed':>9}"
+    )
+    print("-" * 80)
+    print(f"{'realistic pipelines (baseline)':<30} {baseline_per_mib * 1000:>9.1f} {1:>13.2f}")
+    for name, bad in pathological():
+        seconds, (kept, omitted, printed) = best_of(
+            repeat, lambda bad=bad: validate_and_render(bad, "bad.etl")
+        )
+        seconds *= MIB / len(bad)
+        print(
+            f"{name:<30} {seconds * 1000:>9.1f} {seconds / baseline_per_mib:>13.2f} "
+            f"{kept:>6} {omitted:>8} {printed:>9}"
+        )
 
 
 if __name__ == "__main__":

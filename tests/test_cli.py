@@ -200,3 +200,39 @@ def test_connector_subcommand_runs_a_reference_connector() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (
+            ["router"],
+            {"ETLROUTER_ROUTER__NOSUCH": "1"},
+            "unknown field `nosuch` - at `$.router` (from env ETLROUTER_ROUTER__NOSUCH)",
+        ),
+        (
+            ["router", "--node-id", "r0", "--peer", "r0=127.0.0.1:notaport"],
+            {},
+            "- at `$.router.peers[0]` (from flag --peer)",
+        ),
+        (["sidecar", "--scan-ports", "1-x"], {}, "(from flag --scan-ports)"),
+    ],
+)
+def test_config_errors_name_the_env_var_or_flag(args: list[str], env: dict[str, str], expected: str) -> None:
+    import os
+
+    result = etlrouter(*args, env={**os.environ, **env})
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("config error: ")
+    assert line.endswith(expected), line
+
+
+def test_a_bad_key_in_a_config_file_names_the_file_and_key(tmp_path: Path) -> None:
+    import os
+
+    config = tmp_path / "c.toml"
+    config.write_text("[router.raft]\nnosuch = 1\n")
+    result = etlrouter("--config", str(config), "router", "--grpc-port", "1", env=dict(os.environ))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"(from file {config}, key router.raft.nosuch)")

@@ -96,3 +96,54 @@ def test_addresses_and_port_lists() -> None:
     assert parse_port_list("1,3-4") == [1, 3, 4]
     with pytest.raises(ValueError, match="at most 4096 wide"):
         parse_port_list("1-65535")
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "overrides", "origin"),
+    [
+        # An unknown key is blamed on whoever wrote that key, not on a flag that set a sibling.
+        (
+            "",
+            {"ETLROUTER_ROUTER__NOSUCH": "1"},
+            {"router": {"data_dir": "d"}},
+            "env ETLROUTER_ROUTER__NOSUCH",
+        ),
+        (
+            "router:\n  raft:\n    nosuch: 1\n",
+            {},
+            {"router": {"grpc": {"port": 1}}},
+            "key router.raft.nosuch",
+        ),
+        ("routr: {}\n", {}, {}, "key routr"),
+        # A bad list element is blamed on the layer that supplied the list.
+        (
+            "",
+            {},
+            {"router": {"node_id": "r0", "peers": [{"id": "r0", "address": "h:notaport"}]}},
+            "flag --peer",
+        ),
+        ("router:\n  peers: [{id: router-0, address: 'h:x'}]\n", {}, {}, "key router.peers[0]"),
+        # A struct-level check (node_id not among the peers) is blamed on the layer that set part of it.
+        ("", {"ETLROUTER_ROUTER__PEERS": "[{id: a, address: 'h:1'}]"}, {}, "env ETLROUTER_ROUTER__PEERS"),
+        # A later layer that set the same value wins.
+        (
+            "router:\n  grpc: {port: x}\n",
+            {"ETLROUTER_ROUTER__GRPC__PORT": "y"},
+            {},
+            "env ETLROUTER_ROUTER__GRPC__PORT",
+        ),
+        ("router:\n  grpc: {port: 1}\n", {}, {"router": {"grpc": {"port": "y"}}}, "flag --grpc-port"),
+    ],
+)
+def test_errors_name_the_true_origin(
+    tmp_path: Path, text: str, env: dict[str, str], overrides: dict[str, object], origin: str
+) -> None:
+    from etlrouter.cli_context import FLAG_NAMES
+
+    file = write(tmp_path, "c.yaml", text) if text else None
+    with pytest.raises(ConfigError) as info:
+        load_config(file, environ=env, overrides=overrides, flag_names=FLAG_NAMES)
+    message = str(info.value)
+    assert message.endswith(f"{origin})"), message
+    if "key " in origin:
+        assert f"(from file {file}, {origin})" in message

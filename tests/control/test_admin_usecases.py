@@ -1,14 +1,17 @@
 """The admin use cases (router/admin.py) both APIs call, on a real ControlState behind a stand-in node: the
-size limit, the leader check, diagnostics instead of an error, refusals with the state's code. No I/O."""
+size limit, the leader check, diagnostics instead of an error, refusals with the state's code. The DSL work
+runs in real worker processes."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
 
 from etlrouter.control import ClientSession, Command
+from etlrouter.core.offload import WorkerPool
 from etlrouter.raft.node import NotLeader
 from etlrouter.router import admin
 from etlrouter.router.node import RouterNode
@@ -23,10 +26,21 @@ class _Raft:
         return self.leader
 
 
+POOL = WorkerPool("test-admin", workers=1, queue=4, deadline_s=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_pool() -> Iterator[None]:
+    yield
+    asyncio.run(POOL.close())
+
+
 class StandInNode:
-    """What the use cases touch of a RouterNode: the state, propose, the leader check and the read barrier."""
+    """What the use cases touch of a RouterNode: the state, propose, the leader check, the read barrier and
+    the worker pool."""
 
     def __init__(self, *, leader: bool = True) -> None:
+        self.work_pool = POOL  # real worker processes: the DSL work crosses to them as in a router
         self.driver = Driver()
         register_all(self.driver)
         self.state = self.driver.state
@@ -110,13 +124,15 @@ def test_validate_and_explain_go_through_the_dsl_choke_point(monkeypatch: pytest
     seen: list[str] = []
     real = admin._dsl_work
 
-    async def counting(work: Any, *args: Any, **kwargs: Any) -> Any:
+    async def counting(node: Any, work: Any, *args: Any, **kwargs: Any) -> Any:
         seen.append(work.__name__)
-        return await real(work, *args, **kwargs)
+        return await real(node, work, *args, **kwargs)
 
     monkeypatch.setattr(admin, "_dsl_work", counting)
     assert asyncio.run(admin.validate_pipelines(n, ORDERS, "")) == []
     explained = asyncio.run(admin.explain_pipelines(n, ORDERS, "", "tree"))
     assert explained.rendered and not explained.diagnostics
     asyncio.run(admin.apply_pipelines(n, ORDERS, "", dry_run=True))
-    assert seen == ["validate", "explain", "preview"]
+    asyncio.run(admin.apply_pipelines(n, ORDERS, ""))
+    # Apply and its dry run check the document in a worker before the state machine compiles it again.
+    assert seen == ["validate", "explain", "validate", "validate"]

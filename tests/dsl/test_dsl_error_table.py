@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from etlrouter.dsl import DslError, StaticRegistry, validate
+from etlrouter.dsl.errors import ELLIPSIS, EXCERPT_WIDTH
 
 
 @dataclass(frozen=True)
@@ -384,8 +385,14 @@ def assert_caret_under_column(error: DslError) -> None:
     lines = error.render().split("\n")
     source_line, caret_line = lines[1], lines[2]
     gutter = source_line.index("| ") + 2
-    assert source_line[gutter:] == error.source_line.replace("\t", " ")
-    assert caret_line.index("^") - gutter == error.col - 1
+    shown, full = source_line[gutter:], error.source_line.replace("\t", " ")
+    caret = caret_line.index("^") - gutter
+    if len(full) <= EXCERPT_WIDTH:
+        assert shown == full
+        assert caret == error.col - 1
+    else:  # a window of the line around the column, cut sides marked with an ellipsis
+        assert shown.strip(ELLIPSIS) in full and len(shown.strip(ELLIPSIS)) == EXCERPT_WIDTH
+        assert shown[caret] == full[error.col - 1]
 
 
 def test_table_is_large_enough_and_cases_are_distinct() -> None:

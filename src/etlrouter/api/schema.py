@@ -35,6 +35,7 @@ from etlrouter.api.dlq import DlqInputError, SidecarAdmins
 from etlrouter.api.forward import ForwardError, LeaderForwarder
 from etlrouter.control import Diagnostic, PipelineChange, PipelineStatus
 from etlrouter.control.model import StagePlacement, option_text, parallelism_of
+from etlrouter.core.offload import OverloadedError, WorkTimeoutError
 from etlrouter.dsl import DagStage, MergedDag
 from etlrouter.raft.node import NotLeader, UnknownOutcomeError
 from etlrouter.router import admin
@@ -67,9 +68,9 @@ def load_sdl() -> str:
     return resources.files("etlrouter.api").joinpath("static/schema.graphql").read_text(encoding="utf-8")
 
 
-def api_error(code: str, message: str) -> GraphQLError:
+def api_error(code: str, message: str, **extensions: object) -> GraphQLError:
     """An error the client sees with `extensions.code` (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...)."""
-    return GraphQLError(message, extensions={"code": code})
+    return GraphQLError(message, extensions={"code": code, **extensions})
 
 
 @contextlib.contextmanager
@@ -84,6 +85,10 @@ def use_case_errors() -> Iterator[None]:
         raise api_error("NOT_FOUND", str(e)) from None
     except admin.CommandRejectedError as e:
         raise api_error(e.code.upper(), e.message) from None
+    except OverloadedError as e:
+        raise api_error("RESOURCE_EXHAUSTED", str(e), retryAfterSeconds=e.retry_after_s) from None
+    except WorkTimeoutError as e:  # before TimeoutError: the router answered, it gave up on the work
+        raise api_error("DEADLINE_EXCEEDED", f"the router stopped this request: {e}") from None
     except UnknownOutcomeError as e:
         # No client session here (unlike gRPC): a retry is not deduplicated, so look first.
         raise api_error("UNAVAILABLE", f"outcome unknown: {e}; check the pipelines and retry") from None

@@ -3,7 +3,9 @@
 Used by `etlrouter ctl`, the sidecar's cluster client and the operator. Give it any router addresses; a
 follower that cannot serve a request answers FAILED_PRECONDITION with the leader's address in the
 `etlrouter-leader` trailer, and the client follows it. A router that does not answer is skipped; when none
-answers within the deadline the call raises `ClusterUnreachableError`.
+answers within the deadline the call raises `ClusterUnreachableError` (`NoAnswerInTimeError` when a router
+took the request but answered late). A router too busy for a heavy request answers RESOURCE_EXHAUSTED with
+an `etlrouter-retry-after` trailer: the client waits that long and asks again, within its deadline.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 LEADER_TRAILER = "etlrouter-leader"
 SESSION_CLIENT = "etlrouter-client-id"
 SESSION_SEQ = "etlrouter-seq"
+# Sent with RESOURCE_EXHAUSTED by a router whose heavy-request pool is full: seconds to wait before retrying.
+RETRY_AFTER = "etlrouter-retry-after"
 _Reply = TypeVar("_Reply")
 _RETRYABLE = (StreamTerminatedError, ConnectionError, OSError, asyncio.TimeoutError)
 # Between rounds over every router: 0.1, 0.2, 0.4, then 0.5 s (jittered, so many clients that lost the same
@@ -38,6 +42,11 @@ ROUND_BACKOFF = Backoff(base=0.1, cap=0.5)
 
 class ClusterUnreachableError(Exception):
     """No router answered: the cluster is down, or the addresses are wrong."""
+
+
+class NoAnswerInTimeError(ClusterUnreachableError):
+    """A router took the request but did not answer before the deadline: it is reachable, and may still be
+    working on it (a subclass so callers that handle "no answer" keep working; the message says which)."""
 
 
 def leader_trailer(leader_id: str, leader_address: str) -> dict[str, str]:
@@ -106,7 +115,9 @@ class RouterClient:
                     break
                 stub = stub_class(self.channel(address))
                 try:
-                    reply = await self._unary(getattr(stub, method), request, min(remaining, 5.0), metadata)
+                    reply = await self._unary(
+                        address, getattr(stub, method), request, min(remaining, 5.0), metadata
+                    )
                 except _NotLeaderError as e:
                     last_error = e
                     if e.leader_address:
@@ -119,6 +130,15 @@ class RouterClient:
                         self._forget_leader(address)
                         continue
                     raise
+                except _NoAnswerError as e:
+                    last_error = e
+                    continue  # the same leader next round: it is up, only slow
+                except _BusyError as e:
+                    last_error = e
+                    # The router said when to come back: wait that long (never past the deadline), then
+                    # ask it again; a client that retried at once would only add to the load.
+                    await asyncio.sleep(min(e.retry_after_s, max(0.0, deadline - time.monotonic())))
+                    break
                 except _RETRYABLE as e:
                     last_error = e
                     self._forget_leader(address)
@@ -129,6 +149,13 @@ class RouterClient:
             attempt += 1
             # Never past the deadline: the last round still gets its chance.
             await asyncio.sleep(min(ROUND_BACKOFF.delay(attempt), max(0.0, deadline - time.monotonic())))
+        if isinstance(last_error, _BusyError):
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, str(last_error))
+        if isinstance(last_error, _NoAnswerError):
+            raise NoAnswerInTimeError(
+                f"the router at {last_error.address} accepted the request but did not answer within"
+                f" {last_error.timeout:.1f} s (it may still be working on it; a longer --timeout may help)"
+            )
         raise ClusterUnreachableError(
             f"cannot reach the router cluster at {', '.join(self.addresses)}: {_describe(last_error)}"
         )
@@ -148,19 +175,56 @@ class RouterClient:
             self.leader_address = None
 
     @staticmethod
-    async def _unary(method: Any, request: Any, timeout: float, metadata: dict[str, str] | None) -> Any:
-        async with method.open(timeout=timeout, metadata=metadata) as stream:
-            await stream.send_message(request, end=True)
-            try:
-                reply = await stream.recv_message()
-                await stream.recv_trailing_metadata()
-            except GRPCError as e:
-                trailer = dict(stream.trailing_metadata or {}).get(LEADER_TRAILER)
-                if e.status == Status.FAILED_PRECONDITION and trailer is not None:
-                    _, _, address = str(trailer).partition("@")
-                    raise _NotLeaderError(e.message or "not the leader", address) from e
-                raise
-            return reply
+    async def _unary(
+        address: str, method: Any, request: Any, timeout: float, metadata: dict[str, str] | None
+    ) -> Any:
+        sent = False
+        try:
+            async with method.open(timeout=timeout, metadata=metadata) as stream:
+                await stream.send_message(request, end=True)
+                sent = True
+                return await RouterClient._reply(stream)
+        except TimeoutError:
+            if sent:  # connected and delivered: the router is up, the answer is late
+                raise _NoAnswerError(address, timeout) from None
+            raise
+
+    @staticmethod
+    async def _reply(stream: Any) -> Any:
+        try:
+            reply = await stream.recv_message()
+            await stream.recv_trailing_metadata()
+        except GRPCError as e:
+            trailers = dict(stream.trailing_metadata or {})
+            trailer = trailers.get(LEADER_TRAILER)
+            if e.status == Status.FAILED_PRECONDITION and trailer is not None:
+                _, _, address = str(trailer).partition("@")
+                raise _NotLeaderError(e.message or "not the leader", address) from e
+            retry_after = trailers.get(RETRY_AFTER)
+            if e.status == Status.RESOURCE_EXHAUSTED and retry_after is not None:
+                raise _BusyError(e.message or "the router is busy", _seconds(retry_after)) from e
+            raise
+        return reply
+
+
+class _BusyError(Exception):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _seconds(text: object) -> float:
+    try:
+        return min(max(float(str(text)), 0.05), 30.0)  # a hint from the network: bounded either way
+    except ValueError:
+        return 1.0
+
+
+class _NoAnswerError(Exception):
+    def __init__(self, address: str, timeout: float) -> None:
+        super().__init__(f"{address} did not answer within {timeout:.1f} s")
+        self.address = address
+        self.timeout = timeout
 
 
 class _NotLeaderError(Exception):

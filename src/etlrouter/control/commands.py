@@ -90,6 +90,14 @@ class RevokeStages(_Command, frozen=True, kw_only=True, tag="revoke_stages"):
     replicas: tuple[ReplicaKey, ...]
 
 
+class ForgetReleased(_Command, frozen=True, kw_only=True, tag="forget_released"):
+    """A sidecar confirmed (in a heartbeat) that it applied these fencing tokens: the record of stages it
+    was told to give up at or below them is no longer needed. Keeps the state bounded under churn."""
+
+    sidecar_id: str
+    confirmed: dict[str, int]  # dag id -> highest token the sidecar applied
+
+
 class Restore(_Command, frozen=True, kw_only=True, tag="restore"):
     """Replace the state of a cluster that has no pipelines with a snapshot's pipelines and direct
     services. Sidecars and assignments belong to the old cluster and are not restored: sidecars
@@ -107,6 +115,7 @@ Command = (
     | DeletePipeline
     | AssignStages
     | RevokeStages
+    | ForgetReleased
     | Restore
 )
 

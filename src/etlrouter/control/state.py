@@ -32,6 +32,7 @@ from etlrouter.control.commands import (
     DeletePipeline,
     DeregisterService,
     DeregisterSidecar,
+    ForgetReleased,
     RegisterService,
     RegisterSidecar,
     Restore,
@@ -318,6 +319,8 @@ class ControlState:
                 case RevokeStages():
                     revokes = tuple(ReplicaAssignment(*key, "") for key in command.replicas)
                     return self._assign(index, revokes, "RevokeStages")
+                case ForgetReleased():
+                    return self._forget_released(index, command)
                 case Restore():
                     return self._restore_command(index, command)
         except _Rejected as rejected:
@@ -504,7 +507,7 @@ class ControlState:
                 "invalid_argument",
                 f"{count} error{'s' if count != 1 else ''} in {command.filename}; first:"
                 f" {first.location}: {first.message}",
-                tuple(_diagnostic(error) for error in errors),
+                tuple(diagnostic_of(error) for error in errors),
             )
         texts = _pipeline_texts(document)
         names = [pipeline.name for pipeline in compiled]
@@ -690,6 +693,41 @@ class ControlState:
                 released.pop(stage_id, None)
         state.token = index
         return True
+
+    def _forget_released(self, index: int, command: ForgetReleased) -> ApplyResult:
+        """Drop the release records a sidecar confirmed applying. Bookkeeping only: no reader and no
+        placement sees a difference (commands_for_sidecar skips confirmed releases), so the revision stays."""
+        dags = self._released.get(command.sidecar_id)
+        if dags is None:
+            return self._unchanged(index)
+        for dag_id, token in command.confirmed.items():
+            stages = dags.get(dag_id)
+            if stages is None:
+                continue
+            for stage_id in [stage for stage, at in stages.items() if at <= token]:
+                del stages[stage_id]
+            if not stages:
+                del dags[dag_id]
+        if not dags:
+            del self._released[command.sidecar_id]
+        return self._unchanged(index)
+
+    def confirmed_releases(self, sidecar_id: str, applied: Mapping[str, int]) -> dict[str, int]:
+        """The DAGs whose release records `sidecar_id` has confirmed with these applied tokens (what a
+        ForgetReleased may drop); empty when there is nothing to forget."""
+        dags = self._released.get(sidecar_id, {})
+        return {
+            dag_id: applied[dag_id]
+            for dag_id, stages in dags.items()
+            if dag_id in applied and any(at <= applied[dag_id] for at in stages.values())
+        }
+
+    def forgettable_dags(self, sidecar_id: str, applied: Mapping[str, int]) -> list[str]:
+        """DAGs among `applied` of which nothing is kept for this sidecar: no replica held, no release
+        left to confirm. The sidecar may drop their fencing tokens: any later Assign there is newer."""
+        held = self._held.get(sidecar_id, {})
+        released = self._released.get(sidecar_id, {})
+        return sorted(dag_id for dag_id in applied if dag_id not in held and dag_id not in released)
 
     def _replicas_held_by(self, sidecar_id: str) -> list[ReplicaKey]:
         keys: list[ReplicaKey] = []
@@ -1050,7 +1088,8 @@ def root_of(pipeline: Pipeline) -> str:
     return dsl_stage_id(None, pipeline.source)
 
 
-def _diagnostic(error: DslError) -> Diagnostic:
+def diagnostic_of(error: DslError) -> Diagnostic:
+    """A compiler error as the replicated Diagnostic (source line and a caret as its excerpt)."""
     excerpt = ""
     if error.source_line:
         excerpt = error.source_line + "\n" + " " * (error.col - 1) + "^"

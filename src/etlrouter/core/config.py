@@ -113,6 +113,16 @@ class RaftConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("heartbeat_ticks must be smaller than election_ticks")
 
 
+class WorkPoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Worker processes for CPU-heavy admin requests (DSL parse/check/explain), off the Raft event loop."""
+
+    workers: Annotated[int, msgspec.Meta(ge=1)] = 1
+    # Requests that may wait for a worker; beyond workers + queue, RESOURCE_EXHAUSTED with a retry hint.
+    queue: Annotated[int, msgspec.Meta(ge=0)] = 4
+    # A job still running at its deadline is stopped (its worker is killed and replaced).
+    deadline_ms: PositiveMs = 10_000
+
+
 class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     node_id: str = "router-0"
     cluster_id: str = "etlrouter"
@@ -127,6 +137,7 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sidecar_heartbeat_timeout_ms: PositiveMs = 15_000
     # After a leader change, sidecars get this long to heartbeat before they can be expired.
     leader_grace_ms: PositiveMs = 15_000
+    work: WorkPoolConfig = WorkPoolConfig()
 
     def __post_init__(self) -> None:
         for addr in self.join:
@@ -216,22 +227,37 @@ def read_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or TOML config file into a dict; errors name the file (and line where the parser knows)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as e:
-        raise ConfigError(f"config error: cannot read {p}: {e.strerror}") from None
+        raise ConfigError(f"config error: cannot read {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config error: {p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "a config file is YAML or TOML"
+        ) from None
+    if "\x00" in text:  # valid UTF-8 all the same: a binary file
+        raise ConfigError(
+            f"config error: {p}: a binary file (NUL at offset {text.index(chr(0))}); expected YAML or TOML"
+        )
     try:
         data: Any = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config error: {p}: {e}") from None
+        raise ConfigError(f"config error: {p}: {_one_line(str(e))}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"config error: {p}{where}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(
+            f"config error: {p}{where}: {_one_line(str(getattr(e, 'problem', None) or e))}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config error: {p}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -272,43 +298,86 @@ def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def _origin_of(message: str, origins: Mapping[str, str], file: str | None) -> str:
+# Each layer's contribution, in precedence order (later wins): the leaf paths it supplied ("$.a.b") and
+# how to name each one in an error; _KEY in a name stands for the key path the error points at.
+_Layer = dict[str, str]
+_KEY = "\x00key"
+
+
+def _under(path: str, ancestor: str) -> bool:
+    """`path` is `ancestor` or lies inside it ("$.a.b[0]" lies in "$.a.b" and in "$.a")."""
+    return path == ancestor or path.startswith((ancestor + ".", ancestor + "["))
+
+
+def _origin_of(message: str, layers: list[_Layer]) -> str:
+    """The layer that supplied the bad value the error points at; "defaults" when none did."""
     m = re.search(r"at `(\$[^`]*)`", message)
-    if m:
-        path = m.group(1)
-        # The error may point at the enclosing struct; the most specific supplied path under it wins.
-        for candidate in sorted(origins, key=len, reverse=True):
-            if candidate == path or candidate.startswith(path + ".") or path.startswith(candidate + "."):
-                return origins[candidate]
-    return f"file {file}" if file else "defaults"
+    path = m.group(1) if m else "$"
+    unknown = re.match(r"Object contains unknown field `([^`]*)`", message)
+    if unknown:  # the error points at the enclosing struct; the culprit is the key itself
+        path = f"{path}.{unknown.group(1)}"
+    # A layer that set this value or one enclosing it (a list, a whole section): the highest one wins.
+    for layer in reversed(layers):
+        for supplied, origin in layer.items():
+            if _under(path, supplied):
+                return origin.replace(_KEY, path[2:])
+    # An error about a whole struct (e.g. node_id not among the peers): the layer that set part of it.
+    for layer in reversed(layers):
+        inside = [supplied for supplied in layer if _under(supplied, path)]
+        if inside:
+            supplied = max(inside, key=len)
+            return layer[supplied].replace(_KEY, supplied[2:])
+    return "defaults"
 
 
 def load_config(
     file: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Config:
-    """Merge the layers and validate once. Raises ConfigError with one line naming field and origin."""
+    """Merge the layers and validate once. Raises ConfigError with one line naming field and origin.
+
+    `flag_names` maps a dotted override path ("router.peers") to the flag that set it ("--peer").
+    """
     environ = os.environ if environ is None else environ
     file = file or environ.get("ETLROUTER_CONFIG") or None
-    merged: dict[str, Any] = read_file(file) if file else {}
-    env, origins = env_layer(environ)
+    layers: list[_Layer] = []
+    merged: dict[str, Any] = {}
+    if file:
+        merged = read_file(file)
+        layers.append({_json_path(p): f"file {file}, key {_KEY}" for p in _leaf_paths(merged)})
+    env, env_origins = env_layer(environ)
     merged = deep_merge(merged, env)
-    flag_origins: dict[str, str] = {}
+    layers.append(env_origins)
     if overrides:
         merged = deep_merge(merged, overrides)
-        flag_origins = {"$." + ".".join(path): "command-line flag" for path in _leaf_paths(overrides)}
+        names = flag_names or {}
+        layers.append(
+            {
+                _json_path(p): f"flag {names[_dotted(p)]}" if _dotted(p) in names else "command-line flag"
+                for p in _leaf_paths(overrides)
+            }
+        )
     try:
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as e:
-        where = _origin_of(str(e), {**origins, **flag_origins}, str(file) if file else None)
-        raise ConfigError(f"config error: {e} (from {where})") from None
+        raise ConfigError(f"config error: {e} (from {_origin_of(str(e), layers)})") from None
+
+
+def _json_path(path: tuple[str, ...]) -> str:
+    return "$." + ".".join(path)
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return ".".join(path)
 
 
 def _leaf_paths(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     for key, value in d.items():
-        if isinstance(value, Mapping):
+        key = str(key)  # YAML keys may be ints or bools
+        if isinstance(value, Mapping) and value:
             out.extend(_leaf_paths(value, (*prefix, key)))
         else:
             out.append((*prefix, key))

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 import weakref
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpclib.client import Channel
+from grpclib.const import Handler, Status
+from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec, _googleapis_available
+from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 from grpclib.protocol import H2Protocol
@@ -16,8 +21,82 @@ from grpclib.server import Server
 
 from etlrouter.core import transport
 from etlrouter.core.config import TransportConfig, split_address
+from etlrouter.core.lifecycle import listen_error
+from etlrouter.core.metrics import MALFORMED_REQUESTS
 
 log = logging.getLogger(__name__)
+
+MALFORMED_LOG_INTERVAL_S = 60.0  # per method: one warning, then at most one a minute with a count
+
+
+class MalformedMessageError(GRPCError):
+    """A request message that does not parse: the caller's fault, answered INVALID_ARGUMENT."""
+
+
+class ValidatingProtoCodec(ProtoCodec):
+    """grpclib's protobuf codec, but a message that does not decode is the caller's error, not ours.
+
+    grpclib turns any exception of a handler into `UNKNOWN: Internal Server Error` and logs a traceback;
+    a GRPCError instead goes back to the caller with its status and is not logged by grpclib.
+    """
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            name = message_type.DESCRIPTOR.full_name
+            raise MalformedMessageError(Status.INVALID_ARGUMENT, f"malformed {name}: {error}") from None
+
+
+class _MalformedLog:
+    """Rate-limited warnings for malformed requests, per method: a peer sending garbage in a loop must
+    not flood the log."""
+
+    def __init__(self, interval_s: float = MALFORMED_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def report(self, method: str, error: GRPCError) -> None:
+        MALFORMED_REQUESTS.labels(method=method).inc()
+        now = time.monotonic()
+        last = self._last.get(method)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[method] = self._suppressed.get(method, 0) + 1
+            return
+        self._last[method] = now
+        suppressed = self._suppressed.pop(method, 0)
+        log.warning(
+            "malformed request refused",
+            extra={"fields": {"method": method, "error": error.message, "suppressed_since_last": suppressed}},
+        )
+
+
+_malformed_log = _MalformedLog()
+
+
+def _guarded(method: str, func: Callable[[Any], Coroutine[Any, Any, None]]) -> Callable[[Any], Any]:
+    async def handle(stream: Any) -> None:
+        try:
+            await func(stream)
+        except MalformedMessageError as error:
+            _malformed_log.report(method, error)
+            raise
+
+    return handle
+
+
+class _GuardedMapping:
+    """The handlers of all services, each wrapped to report malformed requests once per method."""
+
+    def __init__(self, services: Sequence[Any]) -> None:
+        self._mapping: dict[str, Handler] = {}
+        for svc in services:
+            for path, handler in svc.__mapping__().items():
+                self._mapping[path] = handler._replace(func=_guarded(path, handler.func))
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return self._mapping
 
 
 class GrpcServer:
@@ -34,7 +113,9 @@ class GrpcServer:
         host: str,
         port: int,
         transport_config: TransportConfig | None = None,
+        setting: str = "the gRPC listen address",
     ) -> None:
+        self.setting = setting  # what to name when the port cannot be bound, e.g. "router.grpc.port"
         self.transport_config = transport_config or TransportConfig()
         transport.install(self.transport_config)
         self.status = ServiceStatus()
@@ -42,7 +123,13 @@ class GrpcServer:
         checks: dict[Any, list[ServiceStatus]] = {svc: [self.status] for svc in services}
         health = Health({**checks, OVERALL: [self.status]})
         self._all = ServerReflection.extend([*services, health])
-        self._server = Server(self._all, config=transport.grpc_configuration(self.transport_config))
+        self._server = Server(
+            [_GuardedMapping(self._all)],
+            codec=ValidatingProtoCodec(),
+            # What grpclib picks itself when it chooses the codec (rich error details, when installed).
+            status_details_codec=ProtoStatusDetailsCodec() if _googleapis_available() else None,
+            config=transport.grpc_configuration(self.transport_config),
+        )
         # grpclib's Server.close() cancels running calls but leaves client connections open, so a stopped
         # server would keep half-dead connections that clients never notice. Track them to close them.
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
@@ -62,7 +149,10 @@ class GrpcServer:
         return f"{self._host}:{self.port}"
 
     async def start(self) -> None:
-        await self._server.start(self._host, self._requested_port, reuse_address=True)
+        try:
+            await self._server.start(self._host, self._requested_port, reuse_address=True)
+        except OSError as error:
+            raise listen_error(self.address, self.setting, error) from None
         sockets = getattr(self._server._server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from etlrouter.core.lifecycle import listen_error
 from etlrouter.core.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ def build_app(readiness: ReadinessCheck, *, client_max_size: int = 1 << 20) -> w
 
 
 class HttpServer:
-    def __init__(self, app: web.Application, *, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, *, host: str, port: int, setting: str = "the HTTP listen address"
+    ) -> None:
+        self.setting = setting
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._host, self._requested_port = host, port
         self.port = port
@@ -46,7 +50,10 @@ class HttpServer:
     async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._requested_port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:
+            raise listen_error(self.address, self.setting, error) from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         if sockets:

@@ -10,11 +10,35 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+LAG_PROBE_INTERVAL_S = 0.25
+
+
+async def watch_event_loop_lag(interval_s: float = LAG_PROBE_INTERVAL_S) -> None:
+    """Sleep `interval_s` over and over and observe how late each wake-up is: a blocked or overloaded loop
+    delays every timer (Raft ticks, heartbeats, deadlines) by that much. Runs until cancelled."""
+    from etlrouter.core.metrics import EVENT_LOOP_LAG  # the registry imports prometheus: only when serving
+
+    while True:
+        started = time.monotonic()
+        await asyncio.sleep(interval_s)
+        EVENT_LOOP_LAG.observe(max(0.0, time.monotonic() - started - interval_s))
+
+
+class StartupError(Exception):
+    """A role cannot start for a reason the operator must fix (a port in use, an unusable data directory);
+    `str()` is one line naming the problem and the setting. The process exits with code 2, no traceback."""
+
+
+def listen_error(address: str, setting: str, error: OSError) -> StartupError:
+    reason = error.strerror or str(error)
+    return StartupError(f"cannot listen on {address}: {reason} (set by {setting})")
 
 
 class Component(Protocol):
@@ -56,8 +80,13 @@ async def serve(component: Component, *, drain_deadline_s: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     drain_task: asyncio.Task[None] | asyncio.Future[None] = loop.create_future()
+    lag_probe = asyncio.ensure_future(watch_event_loop_lag())
     try:
-        await component.start()
+        try:
+            await component.start()
+        except OSError as error:
+            # An OS refusal while starting is the environment's, not a bug: say it in one line.
+            raise StartupError(f"cannot start: {error}") from error
         await _first_of(stop_requested.wait(), component.wait())
         drain_task = asyncio.ensure_future(component.drain())
         try:
@@ -69,6 +98,7 @@ async def serve(component: Component, *, drain_deadline_s: float) -> None:
             if not drain_task.cancelled():
                 raise
     finally:
+        lag_probe.cancel()
         with contextlib.suppress(Exception):
             await component.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -12,5 +19,19 @@ BUILD_INFO = Gauge(
     "etlrouter_build_info",
     "Always 1; labels say which version and role this process runs.",
     ["version", "role"],
+    registry=REGISTRY,
+)
+
+MALFORMED_REQUESTS = Counter(
+    "etlrouter_grpc_malformed_requests_total",
+    "gRPC requests refused because a message did not parse (INVALID_ARGUMENT), per method.",
+    ["method"],
+    registry=REGISTRY,
+)
+
+EVENT_LOOP_LAG = Histogram(
+    "etlrouter_event_loop_lag_seconds",
+    "How late a task that sleeps a fixed interval wakes up: time the event loop was busy with other work.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=REGISTRY,
 )

@@ -19,6 +19,16 @@ from etlrouter.core.metrics import BUILD_INFO
 log = logging.getLogger(__name__)
 
 
+# The roles whose listen ports are also command-line flags (cli.py: --grpc-port, --http-port).
+_PORT_FLAGS = ("router", "sidecar")
+
+
+def listen_setting(role: str, server: str) -> str:
+    """The config key (and flag) that chose a role's listen address, for a bind error."""
+    key = f"{role}.{server}.host/port"
+    return f"{key} or --{server}-port" if role in _PORT_FLAGS else key
+
+
 class RoleRuntime:
     """The shared servers of a role. Roles subclass it or hand it their gRPC services and HTTP routes."""
 
@@ -34,10 +44,16 @@ class RoleRuntime:
     ) -> None:
         self.role = role
         self.grpc = GrpcServer(
-            grpc_services, host=grpc_listen.host, port=grpc_listen.port, transport_config=transport_config
+            grpc_services,
+            host=grpc_listen.host,
+            port=grpc_listen.port,
+            transport_config=transport_config,
+            setting=listen_setting(role, "grpc"),
         )
         self.app: web.Application = build_app(readiness or (lambda: (True, "serving")))
-        self.http = HttpServer(self.app, host=http_listen.host, port=http_listen.port)
+        self.http = HttpServer(
+            self.app, host=http_listen.host, port=http_listen.port, setting=listen_setting(role, "http")
+        )
         self._done = asyncio.Event()
         BUILD_INFO.labels(version=__version__, role=role).set(1)
 

@@ -64,12 +64,16 @@ def validate(obj: Context, file: str) -> None:
     fmt = _output(obj)
     if errors:
         if fmt == "table":
-            die("\n\n".join(e.render() for e in errors), EXIT_INVALID)
+            more = [errors.more_line()] if errors.omitted else []
+            die("\n\n".join([*(e.render() for e in errors), *more]), EXIT_INVALID)
         rows = [
             {"file": e.filename, "line": e.line, "column": e.col, "message": e.message, "hint": e.hint or ""}
             for e in errors
         ]
-        click.echo(render({"valid": False, "errors": rows}, fmt))
+        report: dict[str, object] = {"valid": False, "errors": rows}
+        if errors.omitted:
+            report["more_errors"] = errors.omitted
+        click.echo(render(report, fmt))
         sys.exit(EXIT_INVALID)
     click.echo(render({"valid": True, "file": file}, fmt) if fmt != "table" else f"{file}: valid")
 

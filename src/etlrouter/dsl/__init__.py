@@ -20,7 +20,7 @@ from etlrouter.dsl.api import (
     validate_file,
 )
 from etlrouter.dsl.checker import analyze, check
-from etlrouter.dsl.errors import DslError, DslErrors
+from etlrouter.dsl.errors import MAX_ERRORS, Diagnostics, DslError, DslErrors
 from etlrouter.dsl.explain import explain_dot, explain_mermaid, explain_tree
 from etlrouter.dsl.model import (
     MODEL_FORMAT_VERSION,
@@ -43,11 +43,13 @@ from etlrouter.dsl.syntax import Document, StageKind
 
 __all__ = [
     "EXPLAIN_FORMATS",
+    "MAX_ERRORS",
     "MODEL_FORMAT_VERSION",
     "BranchPolicy",
     "DagDiff",
     "DagEdge",
     "DagStage",
+    "Diagnostics",
     "Document",
     "DslError",
     "DslErrors",

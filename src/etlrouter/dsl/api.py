@@ -9,7 +9,7 @@ from typing import Literal
 import msgspec
 
 from etlrouter.dsl.checker import analyze
-from etlrouter.dsl.errors import DslError, DslErrors
+from etlrouter.dsl.errors import Diagnostics, DslErrors, capped
 from etlrouter.dsl.explain import explain_dot, explain_mermaid, explain_tree
 from etlrouter.dsl.model import MergedDag, Pipeline, Registry
 from etlrouter.dsl.optimizer import optimize
@@ -22,14 +22,15 @@ EXPLAIN_FORMATS: tuple[ExplainFormat, ...] = ("tree", "dot", "mermaid", "json", 
 
 def _compile_collecting(
     text: str, filename: str, registry: Registry | None
-) -> tuple[list[Pipeline], list[DslError]]:
+) -> tuple[list[Pipeline], Diagnostics]:
     document, syntax_errors = parse_with_errors(text, filename)
     pipelines, semantic_errors = analyze(document, registry)
-    return pipelines, sorted([*syntax_errors, *semantic_errors], key=DslError.sort_key)
+    return pipelines, capped(syntax_errors, semantic_errors)
 
 
-def validate(text: str, filename: str = "<input>", registry: Registry | None = None) -> list[DslError]:
-    """Every syntax and semantic error in `text`; empty when it compiles. Never raises."""
+def validate(text: str, filename: str = "<input>", registry: Registry | None = None) -> Diagnostics:
+    """Every syntax and semantic error in `text` (the first MAX_ERRORS, and a count of the rest); empty when
+    it compiles. Never raises."""
     return _compile_collecting(text, filename, registry)[1]
 
 
@@ -70,7 +71,7 @@ def explain(
     raise ValueError(f"unknown explain format {fmt!r}; use one of {', '.join(EXPLAIN_FORMATS)}")
 
 
-def validate_file(path: str | Path, registry: Registry | None = None) -> list[DslError]:
+def validate_file(path: str | Path, registry: Registry | None = None) -> Diagnostics:
     """`validate` on a file (for `etlrouter ctl validate FILE`)."""
     file = Path(path)
     return validate(file.read_text(encoding="utf-8"), str(path), registry)

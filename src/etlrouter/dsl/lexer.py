@@ -14,7 +14,7 @@ import re
 
 import msgspec
 
-from etlrouter.dsl.errors import DslError, Source, SourcePos
+from etlrouter.dsl.errors import ErrorSink, Source, SourcePos
 
 
 class TokenKind(enum.Enum):
@@ -66,16 +66,18 @@ _TOKEN = re.compile(
     | (?P<number>-?[0-9])
     | (?P<string>")
     | (?P<punct>[{}(),;=|])
+    | (?P<bad>(?:[^ \t\r\f\v\n\#.A-Za-z_0-9"{}(),;=|-]|\.(?!\.)|-(?![0-9]))+)
     """,
     re.VERBOSE,
 )
 
 
-def tokenize(source: Source) -> tuple[list[Token], list[DslError]]:
-    """Split `source` into tokens (always ending with EOF) and the lexical errors found on the way."""
+def tokenize(source: Source) -> tuple[list[Token], ErrorSink]:
+    """Split `source` into tokens (always ending with EOF) and the lexical errors found on the way (the
+    first MAX_ERRORS, and a count of the rest)."""
     text = source.text
     tokens: list[Token] = []
-    errors: list[DslError] = []
+    errors = ErrorSink(source)
     index = 0
     line = 1
     line_start = 0
@@ -83,22 +85,22 @@ def tokenize(source: Source) -> tuple[list[Token], list[DslError]]:
     match_token = _TOKEN.match
     while index < end:
         match = match_token(text, index)
-        if match is not None and match.lastgroup == "space":
+        # `bad` takes any character no token starts with, so every offset matches.
+        assert match is not None
+        group = match.lastgroup
+        if group == "space":
             index = match.end()
             continue
         pos = SourcePos(line, index - line_start + 1)
-        if match is None:
-            # Report a run of unexpected characters once, not once per character.
-            run_end = index + 1
-            while run_end < end and match_token(text, run_end) is None:
-                run_end += 1
-            bad = text[index:run_end]
+        if group == "bad":
+            # A run of such characters is reported once; the regex finds the whole run (a Python loop
+            # re-trying the token regex at each offset of the run made pathological files slow).
+            bad = match.group()
             shown = repr(bad) if not bad.isprintable() else f"`{bad}`"
             noun = "character" if len(bad) == 1 else "characters"
-            errors.append(source.error(f"unexpected {noun} {shown}", pos, length=len(bad)))
-            index = run_end
+            errors.report(f"unexpected {noun} {shown}", pos, length=len(bad))
+            index = match.end()
             continue
-        group = match.lastgroup
         if group == "newline":
             line += 1
             line_start = index = match.end()
@@ -122,7 +124,7 @@ def tokenize(source: Source) -> tuple[list[Token], list[DslError]]:
 
 
 def _lex_number(
-    text: str, start: int, pos: SourcePos, tokens: list[Token], errors: list[DslError], source: Source
+    text: str, start: int, pos: SourcePos, tokens: list[Token], errors: ErrorSink, source: Source
 ) -> int:
     end = len(text)
     index = start + 1
@@ -145,14 +147,14 @@ def _lex_number(
     try:
         float(digits) if kind is not TokenKind.INT else int(digits)
     except ValueError:
-        errors.append(source.error(f"malformed number `{raw}`", pos, length=len(raw)))
+        errors.report(f"malformed number `{raw}`", pos, length=len(raw))
         return index
     tokens.append(Token(kind, raw, pos, index - start))
     return index
 
 
 def _lex_string(
-    text: str, start: int, pos: SourcePos, tokens: list[Token], errors: list[DslError], source: Source
+    text: str, start: int, pos: SourcePos, tokens: list[Token], errors: ErrorSink, source: Source
 ) -> int:
     end = len(text)
     index = start + 1
@@ -171,24 +173,15 @@ def _lex_string(
                 index += 2
                 continue
             column = pos.col + (index - start)
-            errors.append(
-                source.error(
-                    f"unknown escape `\\{escaped}` in string",
-                    SourcePos(pos.line, column),
-                    hint='allowed escapes are \\" \\\\ \\n \\t',
-                    length=2,
-                )
+            errors.report(
+                f"unknown escape `\\{escaped}` in string",
+                SourcePos(pos.line, column),
+                hint='allowed escapes are \\" \\\\ \\n \\t',
+                length=2,
             )
             index += 2 if escaped and escaped != "\n" else 1
             continue
         chars.append(char)
         index += 1
-    errors.append(
-        source.error(
-            "unterminated string",
-            pos,
-            hint='close it with `"` on the same line',
-            length=index - start,
-        )
-    )
+    errors.report("unterminated string", pos, hint='close it with `"` on the same line', length=index - start)
     return index

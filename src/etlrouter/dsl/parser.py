@@ -7,7 +7,9 @@ Nesting (tees inside tees, calls inside calls) is capped so hostile input cannot
 
 from __future__ import annotations
 
-from etlrouter.dsl.errors import DslError, DslErrors, Source, did_you_mean
+from collections.abc import Set
+
+from etlrouter.dsl.errors import Diagnostics, DslErrors, ErrorSink, Source, capped, did_you_mean
 from etlrouter.dsl.lexer import Token, TokenKind, tokenize
 from etlrouter.dsl.syntax import (
     STAGE_KINDS,
@@ -42,16 +44,14 @@ def parse(text: str, filename: str = "<input>") -> Document:
     return document
 
 
-def parse_with_errors(text: str, filename: str = "<input>") -> tuple[Document, list[DslError]]:
+def parse_with_errors(text: str, filename: str = "<input>") -> tuple[Document, Diagnostics]:
     """Parse `text`, returning the pipelines that parsed cleanly and all errors found."""
     source = Source(text, filename)
     tokens, lex_errors = tokenize(source)
-    parser = _Parser(source, tokens)
-    pipelines = parser.document()
     # A bad character usually derails the parser on the same line; report the cause, not the echo.
-    lexed_lines = {error.line for error in lex_errors}
-    parse_errors = [error for error in parser.errors if error.line not in lexed_lines]
-    errors = sorted([*lex_errors, *parse_errors], key=DslError.sort_key)
+    parser = _Parser(source, tokens, quiet_lines=lex_errors.lines)
+    pipelines = parser.document()
+    errors = capped(lex_errors, parser.errors)
     return Document(filename=filename, pipelines=tuple(pipelines), text=text), errors
 
 
@@ -66,11 +66,12 @@ def _describe(token: Token) -> str:
 
 
 class _Parser:
-    def __init__(self, source: Source, tokens: list[Token]) -> None:
+    def __init__(self, source: Source, tokens: list[Token], quiet_lines: Set[int] = frozenset()) -> None:
         self.source = source
         self.tokens = tokens
         self.index = 0
-        self.errors: list[DslError] = []
+        self.errors = ErrorSink(source)
+        self.quiet_lines = quiet_lines  # lines whose errors are echoes of a lexical error there
 
     # -- token plumbing -------------------------------------------------------------------------
 
@@ -91,7 +92,8 @@ class _Parser:
         return token.kind is TokenKind.NAME and token.text == word
 
     def fail(self, message: str, token: Token, hint: str | None = None) -> _Abort:
-        self.errors.append(self.source.error(message, token.pos, hint=hint, length=token.length))
+        if token.pos.line not in self.quiet_lines:
+            self.errors.report(message, token.pos, hint=hint, length=token.length)
         return _Abort()
 
     def expect(self, kind: TokenKind, what: str) -> Token:
@@ -116,8 +118,12 @@ class _Parser:
         return self.advance()
 
     def skip_to_next_pipeline(self) -> None:
-        while self.peek().kind is not TokenKind.EOF and not self.at_word("pipeline"):
-            self.advance()
+        # A plain loop over the list: garbage files send the parser here with a million tokens to skip.
+        tokens, index, last = self.tokens, self.index, len(self.tokens) - 1  # tokens[last] is EOF
+        name = TokenKind.NAME
+        while index < last and not (tokens[index].kind is name and tokens[index].text == "pipeline"):
+            index += 1
+        self.index = index
 
     # -- grammar ---------------------------------------------------------------------------------
 

@@ -11,13 +11,18 @@ What a use case raises:
 - raft's `NotLeader` (this router cannot serve it: gRPC answers with the leader trailer, GraphQL forwards),
   `UnknownOutcomeError` (leadership lost mid-write) and `TimeoutError` (no quorum; `NO_QUORUM` says so).
 
-Every CPU-heavy piece of DSL work the admin APIs start (preview, validate, explain) goes through
-`_dsl_work`: that is where a worker pool with admission control will go.
+Every CPU-heavy piece of DSL work the admin APIs start (apply's and preview's compile check, validate,
+explain) goes through `_dsl_work`, which runs it in the node's worker processes (core/offload.py) against a
+snapshot of the registry: the event loop that sends Raft heartbeats only waits. A document that does not
+compile is answered from there, before anything is proposed, so the state machine — which compiles again on
+every node, in log order — only ever sees documents that compiled a moment ago. Beyond the pool's capacity a
+request gets core.offload's `OverloadedError` at once (RESOURCE_EXHAUSTED with a retry hint); a job past its
+deadline is stopped and reported as `WorkTimeoutError` (the leader gave up, not "unreachable").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
@@ -33,8 +38,17 @@ from etlrouter.control import (
     StagePlacement,
 )
 from etlrouter.control.commands import ApplyMode
-from etlrouter.control.state import SidecarRecord
-from etlrouter.dsl import DslError, DslErrors, ExplainFormat, explain_dot, explain_mermaid, explain_tree
+from etlrouter.control.state import SidecarRecord, diagnostic_of
+from etlrouter.dsl import (
+    DslError,
+    DslErrors,
+    ExplainFormat,
+    MergedDag,
+    StaticRegistry,
+    explain_dot,
+    explain_mermaid,
+    explain_tree,
+)
 from etlrouter.dsl import explain as explain_text
 from etlrouter.dsl import validate as validate_text
 from etlrouter.raft.node import MemberStatus, NodeStatus
@@ -120,12 +134,21 @@ def checked(result: ApplyResult) -> ApplyResult:
     return result
 
 
-async def _dsl_work(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """The one choke point for CPU-heavy DSL work (parse, check, optimize) started by an admin request.
+async def _dsl_work(node: RouterNode, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """The one choke point for CPU-heavy DSL work (parse, check, optimize, render) of an admin request: in
+    the node's worker processes. `work` must be a top-level function, its arguments picklable."""
+    return await node.work_pool.run(work, *args, **kwargs)
 
-    Runs it inline on the event loop for now; a follow-up moves it into a worker pool with admission control.
-    (ApplyPipelines compiles inside the state machine, on every node in log order: not through here.)"""
-    return work(*args, **kwargs)
+
+def registry_snapshot(node: RouterNode) -> StaticRegistry:
+    """The services the checker resolves names against, as a value that can cross to a worker process."""
+    kinds = {name: node.state.kind_of(name) for name in node.state.service_names()}
+    return StaticRegistry({name: kind for name, kind in kinds.items() if kind is not None})
+
+
+def _render_dags(dags: Sequence[MergedDag], fmt: ExplainFormat) -> str:
+    render = {"tree": explain_tree, "dot": explain_dot, "mermaid": explain_mermaid}[fmt]
+    return render(dags)
 
 
 async def linearizable_read(node: RouterNode) -> None:
@@ -150,16 +173,23 @@ async def apply_pipelines(
     A document that does not compile comes back with its diagnostics (nothing changed); any other refusal
     raises CommandRejectedError."""
     check_definition(definition)
+    filename = filename or DEFAULT_FILENAME
     command = ApplyPipelines(
         definition=definition,
-        filename=filename or DEFAULT_FILENAME,
+        filename=filename,
         prune=prune,
         mode=mode,
         expected_generation=expected_generation,
     )
     if dry_run:
         await linearizable_read(node)
-        result = await _dsl_work(node.state.preview, command)
+    else:
+        node.require_leader()  # a follower redirects before doing any work
+    errors = await _dsl_work(node, validate_text, definition, filename, registry_snapshot(node))
+    if errors:  # what the state machine would answer, without a log entry or the loop's time
+        return ApplyOutcome((), tuple(diagnostic_of(e) for e in errors), node.state.revision)
+    if dry_run:
+        result = node.state.preview(command)  # compiles again: a document that just compiled, bounded
     else:
         result = await node.propose(command, session)
     diagnostics = result.error.diagnostics if result.error is not None else ()
@@ -186,7 +216,9 @@ def pipeline(node: RouterNode, name: str) -> PipelineStatus:
 async def validate_pipelines(node: RouterNode, definition: str, filename: str) -> list[DslError]:
     """The problems of a document against the current registry; empty when it is valid."""
     check_definition(definition)
-    return await _dsl_work(validate_text, definition, filename or DEFAULT_FILENAME, node.state)
+    return await _dsl_work(
+        node, validate_text, definition, filename or DEFAULT_FILENAME, registry_snapshot(node)
+    )
 
 
 async def explain_pipelines(
@@ -194,13 +226,14 @@ async def explain_pipelines(
 ) -> Explained:
     """A document merged with the running pipelines, rendered; without a document, the running DAGs."""
     if not definition:
-        render = {"tree": explain_tree, "dot": explain_dot, "mermaid": explain_mermaid}[fmt]
-        rendered = await _dsl_work(render, node.state.dags())
+        rendered = await _dsl_work(node, _render_dags, list(node.state.dags()), fmt)
         return Explained(rendered, dags=tuple(node.state.dag_specs()))
     check_definition(definition)
     try:
         return Explained(
-            await _dsl_work(explain_text, definition, filename or DEFAULT_FILENAME, fmt, node.state)
+            await _dsl_work(
+                node, explain_text, definition, filename or DEFAULT_FILENAME, fmt, registry_snapshot(node)
+            )
         )
     except DslErrors as e:
         return Explained("", diagnostics=tuple(e.errors))

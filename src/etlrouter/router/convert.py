@@ -3,7 +3,7 @@ place: the control plane's structs, the admin use cases' results, and the live s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from etlrouter._proto.v1 import admin_pb2, control_pb2
@@ -133,11 +133,17 @@ def placement_to_proto(placement: StagePlacement) -> control_pb2.StagePlacement:
     )
 
 
-def command_to_proto(command: AssignmentCommand) -> control_pb2.AssignmentCommand:
+def command_to_proto(
+    command: AssignmentCommand, held_specs: Mapping[str, int] | None = None
+) -> control_pb2.AssignmentCommand:
+    """`held_specs`: the spec generations the sidecar holds (its heartbeat's spec_generations); an Assign
+    of a generation it holds goes without the DagSpec."""
     out = control_pb2.AssignmentCommand(fencing_token=command.fencing_token)
     inner = command.command
     if isinstance(inner, Assign):
-        out.assign.dag.CopyFrom(dag_to_proto(inner.dag))
+        out.assign.dag_id = inner.dag.id
+        if held_specs is None or held_specs.get(inner.dag.id) != inner.dag.generation:
+            out.assign.dag.CopyFrom(dag_to_proto(inner.dag))
         out.assign.placements.extend(placement_to_proto(p) for p in inner.placements)
         out.assign.local.extend(placement_to_proto(p) for p in inner.local)
     else:

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,14 @@ from etlrouter.control import (
     ControlState,
     DeregisterService,
     DeregisterSidecar,
+    ForgetReleased,
     Liveness,
     encode_command,
     place,
 )
 from etlrouter.core.config import Config
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.core.offload import WorkerPool
 from etlrouter.raft.node import NodeOptions, NotLeader, RaftNode
 from etlrouter.router.stats import StatsStore
 from etlrouter.router.watch import WatchHub
@@ -116,6 +118,16 @@ class RouterNode:
         self.live_stats = StatsStore()
         # Direct registrations: instance id -> (last heartbeat ms, ttl ms). Leader-local soft state.
         self.direct_heartbeats: dict[str, tuple[int, int]] = {}
+        # CPU-heavy admin work (router/admin.py) runs in these processes, never on the Raft loop.
+        self.work_pool = WorkerPool(
+            "admin",
+            workers=rc.work.workers,
+            queue=rc.work.queue,
+            deadline_s=rc.work.deadline_ms / 1000,
+        )
+        # Sidecars' confirmed revocations (from heartbeats), replicated as ForgetReleased by the control
+        # loop about once a second: one log entry per sidecar that has something to forget, not per beat.
+        self.confirmed_releases: dict[str, dict[str, int]] = {}
         self._leader_since_ms = 0
         self._leader_term = 0
         self._poke = asyncio.Event()
@@ -163,6 +175,7 @@ class RouterNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         await self.raft.stop()
+        await self.work_pool.close()
 
     def ready(self) -> tuple[bool, str]:
         """Ready = part of a cluster with a known leader."""
@@ -238,6 +251,17 @@ class RouterNode:
                 log.exception("leader control loop failed; retrying")
                 await asyncio.sleep(0.5)
 
+    def note_applied_tokens(self, sidecar_id: str, applied: Mapping[str, int]) -> None:
+        """A heartbeat's applied tokens: remember the revocations they confirm, to forget them (leader)."""
+        confirmed = self.state.confirmed_releases(sidecar_id, applied)
+        if confirmed:
+            self.confirmed_releases.setdefault(sidecar_id, {}).update(confirmed)
+
+    async def _forget_confirmed_releases(self) -> None:
+        pending, self.confirmed_releases = self.confirmed_releases, {}
+        for sidecar_id, confirmed in sorted(pending.items()):
+            await self.propose(ForgetReleased(sidecar_id=sidecar_id, confirmed=confirmed))
+
     async def _leader_duties(self, *, run_placement: bool = True) -> None:
         now = now_ms()
         for sidecar_id in self.sidecar_liveness.expired(now, self.state.sidecar_services()):
@@ -254,6 +278,7 @@ class RouterNode:
                 EXPIRED.labels("service").inc()
                 await self.propose(DeregisterService(instance_id=record.instance_id))
                 self.direct_heartbeats.pop(record.instance_id, None)
+        await self._forget_confirmed_releases()
         if not run_placement:
             return
         plan = place(

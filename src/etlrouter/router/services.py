@@ -21,7 +21,7 @@ from grpclib.server import Stream
 from prometheus_client import Counter, Histogram
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
-from etlrouter.client.router import SESSION_CLIENT, SESSION_SEQ, leader_trailer
+from etlrouter.client.router import RETRY_AFTER, SESSION_CLIENT, SESSION_SEQ, leader_trailer
 from etlrouter.control import (
     ClientSession,
     DeregisterService,
@@ -34,6 +34,7 @@ from etlrouter.control import (
 )
 from etlrouter.control.state import ControlState
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.core.offload import OverloadedError, WorkTimeoutError
 from etlrouter.dsl import ExplainFormat
 from etlrouter.raft.node import NotLeader, UnknownOutcomeError
 from etlrouter.router import admin
@@ -128,6 +129,14 @@ async def _map_errors(handler: Callable[..., Awaitable[None]], self: Any, stream
         raise GRPCError(Status.NOT_FOUND, str(e)) from None
     except CommandRejectedError as e:
         raise GRPCError(_STATUS_OF_CODE.get(e.code, Status.UNKNOWN), e.message) from None
+    except OverloadedError as e:
+        await stream.send_trailing_metadata(
+            status=Status.RESOURCE_EXHAUSTED,
+            status_message=str(e),
+            metadata={RETRY_AFTER: f"{e.retry_after_s:g}"},
+        )
+    except WorkTimeoutError as e:  # before TimeoutError: the leader answered, it gave up on the work
+        raise GRPCError(Status.DEADLINE_EXCEEDED, f"the router stopped this request: {e}") from None
     except UnknownOutcomeError as e:
         raise GRPCError(Status.UNAVAILABLE, f"outcome unknown: {e}; retry with the same session") from None
     except TimeoutError:
@@ -322,9 +331,12 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
         for report in request.stages:
             applied[report.dag_id] = max(applied.get(report.dag_id, 0), report.fencing_token)
         commands = state.commands_for_sidecar(sidecar_id, applied)
+        self.node.note_applied_tokens(sidecar_id, applied)
         await stream.send_message(
             control_pb2.SidecarHeartbeatResponse(
-                commands=[command_to_proto(c) for c in commands], rejected_services=rejected
+                commands=[command_to_proto(c, dict(request.spec_generations)) for c in commands],
+                rejected_services=rejected,
+                forget_dags=state.forgettable_dags(sidecar_id, dict(request.applied_tokens)),
             )
         )
 

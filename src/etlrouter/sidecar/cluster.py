@@ -96,11 +96,31 @@ def is_stale(applied: Mapping[str, int], dag_id: str, token: int) -> bool:
     return token < applied.get(dag_id, 0)
 
 
+def tokens_to_forget(forget: Iterable[str], running: Mapping[str, object]) -> list[str]:
+    """The DAGs whose fencing tokens may be dropped: the router keeps nothing for this sidecar there, and
+    nothing of them runs here. A later Assign of such a DAG carries a newer token than any dropped one (the
+    router's tokens are Raft indices), so fencing holds; the table stays bounded under pipeline churn."""
+    return [dag_id for dag_id in forget if dag_id not in running]
+
+
+def with_spec(assign: control_pb2.Assign, specs: Mapping[str, control_pb2.DagSpec]) -> bool:
+    """Complete an Assign that came without its DagSpec from the one held (the router leaves it out only
+    for the generation the heartbeat reported); False when none is held (the sidecar reports none, so the
+    router sends it in full next time)."""
+    if assign.HasField("dag"):
+        return True
+    held = specs.get(assign.dag_id)
+    if held is None:
+        return False
+    assign.dag.CopyFrom(held)
+    return True
+
+
 def command_dag(command: control_pb2.AssignmentCommand) -> tuple[str, str]:
     """("assign"|"revoke", dag id) of a command; ("", "") when it carries neither or no DAG id."""
     which = command.WhichOneof("command")
     if which == "assign":
-        return "assign", command.assign.dag.id
+        return "assign", command.assign.dag_id or command.assign.dag.id
     if which == "revoke":
         return "revoke", command.revoke.dag_id
     return "", ""
@@ -156,6 +176,8 @@ class _Batch:
     # After applying: revoke locally every running DAG not in this set (None: leave them alone).
     keep_only: set[str] | None = None
     keys: list[bytes] = dataclasses.field(default_factory=list)
+    # After applying: DAGs whose fencing tokens the router said it keeps nothing for (forget_dags).
+    forget: list[str] = dataclasses.field(default_factory=list)
 
 
 class ClusterClient:
@@ -193,6 +215,9 @@ class ClusterClient:
         self.revision = 0  # Raft index of the last registration
         # Highest fencing token applied per DAG (revoked DAGs included): sent in every heartbeat.
         self.applied: dict[str, int] = {}
+        # The DagSpec of each DAG this sidecar was assigned, so an Assign of the same generation can come
+        # without it (heartbeat spec_generations).
+        self.specs: dict[str, control_pb2.DagSpec] = {}
         # Local stage ids of every DAG this sidecar runs (what `register` revokes when unmentioned).
         self.running: dict[str, set[str]] = {}
         self.stale_ignored = 0
@@ -344,6 +369,7 @@ class ClusterClient:
             sidecar_id=self.sidecar_id,
             health=self.health,
             applied_tokens=self.applied,
+            spec_generations={dag_id: spec.generation for dag_id, spec in self.specs.items()},
         )
         try:
             request.load.CopyFrom(self.target.load())
@@ -393,8 +419,8 @@ class ClusterClient:
                 self._services_sent_version = version
                 self._list_refusals = 0
                 self._set_rejected(rejected_of(reply.rejected_services))
-            if reply.commands:
-                self._submit(list(reply.commands), skip_pending=True)
+            if reply.commands or reply.forget_dags:
+                self._submit(list(reply.commands), skip_pending=True, forget=list(reply.forget_dags))
         return reply
 
     async def run(self) -> None:
@@ -457,6 +483,7 @@ class ClusterClient:
         *,
         keep_only: set[str] | None = None,
         skip_pending: bool = False,
+        forget: Sequence[str] = (),
     ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         keys = [command.SerializeToString(deterministic=True) for command in commands]
@@ -465,7 +492,7 @@ class ClusterClient:
             commands, keys = [c for c, _ in fresh], [k for _, k in fresh]
         for key in keys:
             self._pending[key] = self._pending.get(key, 0) + 1
-        self._queue.put_nowait(_Batch(commands, done, keep_only, keys))
+        self._queue.put_nowait(_Batch(commands, done, keep_only, keys, list(forget)))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._apply_queued(), name=f"commands-{self.sidecar_id}")
         return done
@@ -511,6 +538,10 @@ class ClusterClient:
                     fencing_token=self.applied.get(dag_id, 0), revoke=control_pb2.Revoke(dag_id=dag_id)
                 )
                 await self._apply_one(revoke)
+        # In queue order, after the commands: an Assign queued before this batch has already been applied.
+        for dag_id in tokens_to_forget(batch.forget, self.running):
+            self.applied.pop(dag_id, None)
+            self.specs.pop(dag_id, None)
 
     async def _apply_one(self, command: control_pb2.AssignmentCommand) -> bool:
         """Apply one command to the target; False when the target failed (the router will resend)."""
@@ -531,6 +562,10 @@ class ClusterClient:
                 self.applied.get(dag_id, 0),
             )
             return True
+        if which == "assign" and not with_spec(command.assign, self.specs):
+            COMMANDS.labels(which, "failed").inc()
+            log.warning("an Assign of DAG %s came without a spec this sidecar holds; asking again", dag_id)
+            return False
         try:
             if which == "assign":
                 await self.target.assign(token, command.assign)
@@ -545,6 +580,7 @@ class ClusterClient:
         COMMANDS.labels(which, "applied").inc()
         self.applied[dag_id] = max(self.applied.get(dag_id, 0), token)
         if which == "assign":
+            self.specs[dag_id] = command.assign.dag
             self.running[dag_id] = {placement.stage_id for placement in command.assign.local}
             if not self.running[dag_id]:
                 del self.running[dag_id]
@@ -555,6 +591,7 @@ class ClusterClient:
                 self.running[dag_id] = left
             else:
                 self.running.pop(dag_id, None)
+                self.specs.pop(dag_id, None)
         return True
 
     async def close(self) -> None:

@@ -3,12 +3,16 @@ stores. Each part of the sidecar is written against these, so they can be built 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import msgspec
+from grpclib.client import Channel
 
-from etlrouter._proto.v1 import control_pb2, dataplane_pb2
+from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2
+from etlrouter.core.config import SidecarConfig
 
 ServiceKind = Literal["source", "transform", "sink", "lookup"]
 
@@ -73,3 +77,59 @@ class Redriver(Protocol):
     async def redrive(self, dag_id: str, stage_id: str, letters: Sequence[dataplane_pb2.DeadLetter]) -> int:
         """Send the letters' records into the stage; returns how many were accepted (durably handled later
         with at-least-once semantics, like any batch)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What a hop reports upstream for one batch: done (written, or durably dead-lettered: how many), or
+    not done (the sender retries, `error` says why)."""
+
+    done: bool
+    dead_lettered: int = 0
+    error: str = ""
+
+    @staticmethod
+    def retry(error: str) -> BatchResult:
+        return BatchResult(False, 0, error)
+
+
+DONE = BatchResult(True)
+
+
+class BranchShedError(Exception):
+    """A branch lagged past its shed bound: the sending stage dead-letters its copy (reason "shed")."""
+
+
+class StageHost(Protocol):
+    """What a stage runner may ask of what hosts it (one assigned DAG on this sidecar). Runners depend on
+    this, not on the engine, so the engine can import the runners without the runners importing it."""
+
+    @property
+    def dag_id(self) -> str: ...
+
+    @property
+    def config(self) -> SidecarConfig:
+        """The sidecar's configuration (edge windows, watermark rules, drain timeout)."""
+
+    def channel_for(self, endpoint: str) -> Channel:
+        """The one shared channel to a local service."""
+
+    def stage_spec(self, stage_id: str) -> control_pb2.StageSpec | None:
+        """Another stage of the DAG (a child, whose shed policy and DLQ option the sender applies)."""
+
+    def tap(self, stage_id: str, batch: records_pb2.RawRecordBatch) -> None:
+        """Offer a batch entering a stage to the open taps."""
+
+    async def put_dead_letters(self, letters: Sequence[dataplane_pb2.DeadLetter], dlq_sink: str = "") -> None:
+        """Durably dead-letter (to the sink service `dlq_sink` when named, else the local store)."""
+
+    async def deliver_to_branch(
+        self,
+        from_stage: str,
+        child: str,
+        batch: records_pb2.RawRecordBatch,
+        rng: random.Random,
+        may_shed: bool = True,
+    ) -> BatchResult:
+        """Deliver to one replica of a child stage, retrying (jitter from `rng`) until it is handled; raises
+        BranchShedError when the child's shed bound passed first (never when not `may_shed`)."""

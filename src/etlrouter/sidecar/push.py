@@ -33,7 +33,8 @@ from grpclib.exceptions import GRPCError
 
 from etlrouter._proto.v1 import dataplane_pb2, records_pb2
 from etlrouter.flow.credits import Credits, CreditViolation, ReceiveBuffer
-from etlrouter.sidecar.engine import Engine, SourceRunner, is_push_source
+from etlrouter.sidecar.engine import Engine
+from etlrouter.sidecar.source import SourceRunner, is_push_source
 from etlrouter.sidecar.wire import count_records
 
 log = logging.getLogger(__name__)

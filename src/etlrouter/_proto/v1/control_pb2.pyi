@@ -246,8 +246,15 @@ class EdgeReport(_message.Message):
     def __init__(self, to_stage_id: _Optional[str] = ..., records_sent: _Optional[int] = ..., credits_available: _Optional[int] = ..., starved_seconds_total: _Optional[float] = ..., in_flight_batches: _Optional[int] = ..., oldest_in_flight_seconds: _Optional[float] = ...) -> None: ...
 
 class SidecarHeartbeatRequest(_message.Message):
-    __slots__ = ("sidecar_id", "health", "load", "stages", "services", "services_changed", "applied_tokens")
+    __slots__ = ("sidecar_id", "health", "load", "stages", "services", "services_changed", "applied_tokens", "spec_generations")
     class AppliedTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class SpecGenerationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +268,7 @@ class SidecarHeartbeatRequest(_message.Message):
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     SERVICES_CHANGED_FIELD_NUMBER: _ClassVar[int]
     APPLIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
     sidecar_id: str
     health: Health
     load: SidecarLoad
@@ -268,17 +276,20 @@ class SidecarHeartbeatRequest(_message.Message):
     services: _containers.RepeatedCompositeFieldContainer[ServiceInstance]
     services_changed: bool
     applied_tokens: _containers.ScalarMap[str, int]
-    def __init__(self, sidecar_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., load: _Optional[_Union[SidecarLoad, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., services_changed: _Optional[bool] = ..., applied_tokens: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    spec_generations: _containers.ScalarMap[str, int]
+    def __init__(self, sidecar_id: _Optional[str] = ..., health: _Optional[_Union[Health, str]] = ..., load: _Optional[_Union[SidecarLoad, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceInstance, _Mapping]]] = ..., services_changed: _Optional[bool] = ..., applied_tokens: _Optional[_Mapping[str, int]] = ..., spec_generations: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SidecarHeartbeatResponse(_message.Message):
-    __slots__ = ("commands", "reregister", "rejected_services")
+    __slots__ = ("commands", "reregister", "rejected_services", "forget_dags")
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     REJECTED_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    FORGET_DAGS_FIELD_NUMBER: _ClassVar[int]
     commands: _containers.RepeatedCompositeFieldContainer[AssignmentCommand]
     reregister: bool
     rejected_services: _containers.RepeatedCompositeFieldContainer[RejectedService]
-    def __init__(self, commands: _Optional[_Iterable[_Union[AssignmentCommand, _Mapping]]] = ..., reregister: _Optional[bool] = ..., rejected_services: _Optional[_Iterable[_Union[RejectedService, _Mapping]]] = ...) -> None: ...
+    forget_dags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, commands: _Optional[_Iterable[_Union[AssignmentCommand, _Mapping]]] = ..., reregister: _Optional[bool] = ..., rejected_services: _Optional[_Iterable[_Union[RejectedService, _Mapping]]] = ..., forget_dags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeregisterSidecarRequest(_message.Message):
     __slots__ = ("sidecar_id",)
@@ -301,14 +312,16 @@ class AssignmentCommand(_message.Message):
     def __init__(self, fencing_token: _Optional[int] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("dag", "placements", "local")
+    __slots__ = ("dag", "placements", "local", "dag_id")
     DAG_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
+    DAG_ID_FIELD_NUMBER: _ClassVar[int]
     dag: DagSpec
     placements: _containers.RepeatedCompositeFieldContainer[StagePlacement]
     local: _containers.RepeatedCompositeFieldContainer[StagePlacement]
-    def __init__(self, dag: _Optional[_Union[DagSpec, _Mapping]] = ..., placements: _Optional[_Iterable[_Union[StagePlacement, _Mapping]]] = ..., local: _Optional[_Iterable[_Union[StagePlacement, _Mapping]]] = ...) -> None: ...
+    dag_id: str
+    def __init__(self, dag: _Optional[_Union[DagSpec, _Mapping]] = ..., placements: _Optional[_Iterable[_Union[StagePlacement, _Mapping]]] = ..., local: _Optional[_Iterable[_Union[StagePlacement, _Mapping]]] = ..., dag_id: _Optional[str] = ...) -> None: ...
 
 class Revoke(_message.Message):
     __slots__ = ("dag_id", "stage_ids")
