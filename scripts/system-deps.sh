@@ -7,6 +7,8 @@ need=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)  # the dashboard's browser tests (Playwright drives it)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)  # tests/partition: network namespaces, veth, a bridge
+command -v iptables >/dev/null 2>&1 || need+=(iptables)  # tests/partition: the faults (DROP, loss)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "note: ${need[*]} not installed and cannot be installed here (needs root and apt-get);" \
