@@ -14,9 +14,14 @@ COPY requirements/runtime.lock requirements/runtime.lock
 RUN pip --python /opt/etlrouter/bin/python install --no-deps --only-binary=:all: -r requirements/runtime.lock
 COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
+# Extension modules lose their debug symbols (uvloop and asyncpg ship them: about 20 MB); binutils stays in
+# this stage.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && pip --python /opt/etlrouter/bin/python install --no-deps --no-compile /wheels/*.whl \
  && pip --python /opt/etlrouter/bin/python check \
+ && apt-get update -qq && apt-get install -y -qq --no-install-recommends binutils >/dev/null \
+ && find /opt/etlrouter -name '*.so' -exec strip --strip-unneeded {} + \
+ && find /opt/etlrouter -depth -type d \( -name tests -o -name test \) -path '*/site-packages/*/tests' -exec rm -rf {} + \
  && find /opt/etlrouter -depth -type d -name __pycache__ -exec rm -rf {} + \
  && python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/etlrouter/lib
 
