@@ -26,9 +26,14 @@ k8s-deps:
 	bash scripts/k8s-apiserver.sh
 
 ## image: the container image etlrouter:VERSION (also tagged etlrouter:test) with buildah, rebuilt only when
-## its inputs changed; prints its size and `etlrouter --help` from it (docs/image.md)
+## its inputs changed; prints its size and `etlrouter --help` from it; its SBOM in artifacts/ (docs/image.md)
 image:
 	bash scripts/image-build.sh
+	bash scripts/image-sbom.sh
+
+## sbom: the image's CycloneDX SBOM and licence list in artifacts/ (part of `make image`)
+sbom:
+	bash scripts/image-sbom.sh
 
 ## run: the main job — a local cluster moving records through the sample pipelines
 run: $(STAMP)
