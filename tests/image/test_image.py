@@ -9,7 +9,8 @@ How a process runs from the image: `buildah from` + `buildah mount` give the ima
 /var/lib/etlrouter, /proc and /dev are mounted, and `chroot --userspec` starts the image's ENTRYPOINT with the
 image's Env, User and WorkingDir read by `buildah inspect` (no network namespace: host networking). `etlrouter
 ctl` goes through `buildah run --isolation chroot --network host` itself. The image is built (or found up to
-date by its inputs' hash) by scripts/image-build.sh — `make image`, which `make test` runs first.
+date by its inputs' hash, tagged etlrouter:build-INPUTS) by scripts/image-build.sh — `make image`, which `make
+test` runs first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +32,7 @@ import pytest
 
 from tests.conftest import ROOT, free_port, missing_dependency
 
-IMAGE = os.environ.get("ETLROUTER_TEST_IMAGE", "etlrouter:test")
+IMAGE = os.environ.get("ETLROUTER_TEST_IMAGE", "")
 STORAGE = ["--storage-driver", os.environ.get("BUILDAH_STORAGE_DRIVER", "overlay")]
 TOTAL = 3000
 DATA = "/var/lib/etlrouter"
@@ -80,7 +82,10 @@ def image() -> Iterator[Image]:
         ["bash", str(ROOT / "scripts" / "image-build.sh")], capture_output=True, text=True, timeout=1800
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    container = buildah("from", "--pull-never", IMAGE).strip()
+    # The image of this tree's inputs (etlrouter:test may have been moved by another tree's build since).
+    inputs = re.search(r"\(inputs ([0-9a-f]+)\)", build.stdout)
+    assert inputs, build.stdout
+    container = buildah("from", "--pull-never", IMAGE or f"etlrouter:build-{inputs[1]}").strip()
     try:
         rootfs = Path(buildah("mount", container).strip())
         config = json.loads(buildah("inspect", "--type", "container", container))["OCIv1"]["config"]
