@@ -10,18 +10,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=igno
 RUN python -m venv --without-pip /opt/etlrouter
 WORKDIR /src
 # Dependencies first (their own layer, cached while only the project's source changes); binary wheels only.
+# Extension modules lose their debug symbols (uvloop and asyncpg ship them: about 35 MB); binutils stays in
+# this stage; the packages' own tests go.
 COPY requirements/runtime.lock requirements/runtime.lock
-RUN pip --python /opt/etlrouter/bin/python install --no-deps --only-binary=:all: -r requirements/runtime.lock
+RUN pip --python /opt/etlrouter/bin/python install --no-deps --only-binary=:all: -r requirements/runtime.lock \
+ && apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends binutils >/dev/null \
+ && find /opt/etlrouter -name '*.so' -exec strip --strip-unneeded {} + \
+ && find /opt/etlrouter/lib -depth -type d -name tests -path '*/site-packages/*/tests' -exec rm -rf {} +
 COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
-# Extension modules lose their debug symbols (uvloop and asyncpg ship them: about 20 MB); binutils stays in
-# this stage.
+# The project's wheel without dependencies, a consistency check, then everything byte-compiled once with
+# unchecked-hash .pyc files (used as they are: the root file system may be read-only).
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && pip --python /opt/etlrouter/bin/python install --no-deps --no-compile /wheels/*.whl \
  && pip --python /opt/etlrouter/bin/python check \
- && apt-get update -qq && apt-get install -y -qq --no-install-recommends binutils >/dev/null \
- && find /opt/etlrouter -name '*.so' -exec strip --strip-unneeded {} + \
- && find /opt/etlrouter -depth -type d \( -name tests -o -name test \) -path '*/site-packages/*/tests' -exec rm -rf {} + \
  && find /opt/etlrouter -depth -type d -name __pycache__ -exec rm -rf {} + \
  && python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/etlrouter/lib
 
