@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps k8s-deps run test check lint format typecheck proto bench clean lock
+.PHONY: setup system-deps k8s-deps image sbom run test check lint format typecheck proto bench clean lock
 
 # Installs exactly what requirements/dev.lock pins, then the project itself (no dependency resolution).
 $(STAMP): pyproject.toml requirements/dev.lock
@@ -25,12 +25,22 @@ system-deps:
 k8s-deps:
 	bash scripts/k8s-apiserver.sh
 
+## image: the container image etlrouter:VERSION (also tagged etlrouter:test) with buildah, rebuilt only when
+## its inputs changed; prints its size and `etlrouter --help` from it; its SBOM in artifacts/ (docs/image.md)
+image:
+	bash scripts/image-build.sh
+	bash scripts/image-sbom.sh
+
+## sbom: the image's CycloneDX SBOM and licence list in artifacts/ (part of `make image`)
+sbom:
+	bash scripts/image-sbom.sh
+
 ## run: the main job — a local cluster moving records through the sample pipelines
 run: $(STAMP)
 	$(BIN)/etlrouter dev
 
 ## test: the whole test suite
-test: $(STAMP) system-deps k8s-deps
+test: $(STAMP) system-deps k8s-deps image
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## check: lint, format, types, generated code, locks against pyproject, a warning-free build

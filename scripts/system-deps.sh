@@ -9,6 +9,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)  # the dashboard's browser tests (Playwright drives it)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)  # tests/partition: network namespaces, veth, a bridge
 command -v iptables >/dev/null 2>&1 || need+=(iptables)  # tests/partition: the faults (DROP, loss)
+command -v buildah >/dev/null 2>&1 || need+=(buildah)  # the image (make image; tests/image), no daemon
+command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)  # a local stand-in for the image's base
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "note: ${need[*]} not installed and cannot be installed here (needs root and apt-get);" \

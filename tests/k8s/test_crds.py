@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from etlrouter import __version__
 from tests.k8s.conftest import Kube
 
 CRD_DIR = Path(__file__).resolve().parents[2] / "k8s" / "crds"
@@ -56,7 +57,7 @@ def test_cluster_defaults_are_filled_in(kube: Kube, crds: list[str], namespace: 
     assert status == 201, body
     assert body["spec"] == {
         "replicas": 3,
-        "image": "etlrouter:latest",
+        "image": f"etlrouter:{__version__}",
         "storage": {"size": "1Gi"},
         "tls": {"enabled": False},
         "ports": {"grpc": 7400, "http": 7480, "raft": 7450},

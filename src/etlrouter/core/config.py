@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from etlrouter import __version__
+
 ENV_PREFIX = "ETLROUTER_"
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveMs = Annotated[int, msgspec.Meta(gt=0)]
@@ -189,7 +191,8 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     webhook: ListenConfig = ListenConfig(host="0.0.0.0", port=9443)
     webhook_service: str = "etlrouter-webhook"
     http: ListenConfig = ListenConfig(port=7680)
-    sidecar_image: str = "etlrouter:latest"
+    # The image this package version is released as (Dockerfile label, k8s/ manifests): etlrouter:VERSION.
+    sidecar_image: str = f"etlrouter:{__version__}"
     # Admission policy when the webhook cannot inject: "fail" blocks the pod, "ignore" lets it run without.
     failure_policy: Literal["Fail", "Ignore"] = "Ignore"
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from etlrouter import __version__
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.operator import kube
 from etlrouter.operator.condition import set_condition
@@ -60,6 +61,25 @@ ROUTER_TIMEOUT_S = 3.0
 ROLLING_RESTART = "RollingRestart"  # the Progressing condition's reason while a rollout runs
 
 
+# The image of this package version (what the Dockerfile builds and k8s/ references) and what its containers
+# need: uid 10001 (the image's user), a read-only root file system with the data volume at /data and an
+# emptyDir at /var/lib/etlrouter (the image's HOME and TMPDIR; the router's worker processes use it).
+DEFAULT_IMAGE = f"etlrouter:{__version__}"
+IMAGE_UID = 10001
+DEFAULT_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "100m", "memory": "128Mi"},
+    "limits": {"memory": "512Mi"},
+}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": IMAGE_UID,
+    "runAsGroup": IMAGE_UID,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
 class SpecError(ValueError):
     """The custom resource cannot be turned into objects; the message names the field."""
 
@@ -83,10 +103,10 @@ def parse_spec(cr: dict[str, Any]) -> ClusterSpec:
     storage, tls, ports = spec.get("storage") or {}, spec.get("tls") or {}, spec.get("ports") or {}
     return ClusterSpec(
         replicas=int(spec.get("replicas", 3)),
-        image=str(spec.get("image") or "etlrouter:latest"),
+        image=str(spec.get("image") or DEFAULT_IMAGE),
         storage_size=str(storage.get("size") or "1Gi"),
         storage_class=storage.get("storageClassName"),
-        resources=dict(spec.get("resources") or {}),
+        resources=dict(spec.get("resources") or DEFAULT_RESOURCES),
         tls_enabled=bool(tls.get("enabled", False)),
         tls_secret=tls.get("secretName"),
         grpc_port=int(ports.get("grpc", 7400)),
@@ -224,8 +244,12 @@ def desired_objects(
     mounts: list[dict[str, Any]] = [
         {"name": "data", "mountPath": "/data"},
         {"name": "config", "mountPath": "/etc/etlrouter"},
+        {"name": "home", "mountPath": "/var/lib/etlrouter"},
     ]
-    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": f"{name}-config"}},
+        {"name": "home", "emptyDir": {}},
+    ]
     if spec.tls_enabled:
         secret = spec.tls_secret or f"{name}-tls"
         mounts.append({"name": "tls", "mountPath": "/etc/etlrouter/tls", "readOnly": True})
@@ -253,6 +277,7 @@ def desired_objects(
             "failureThreshold": 6,
         },
         "volumeMounts": mounts,
+        "securityContext": CONTAINER_SECURITY,
     }
     if spec.resources:
         container["resources"] = spec.resources
@@ -268,6 +293,12 @@ def desired_objects(
         "metadata": {"labels": labels(name), "annotations": template_annotations},
         "spec": {
             "terminationGracePeriodSeconds": 30,
+            # fsGroup: the data PersistentVolume is writable by the image's user.
+            "securityContext": {
+                "runAsNonRoot": True,
+                "fsGroup": IMAGE_UID,
+                "fsGroupChangePolicy": "OnRootMismatch",
+            },
             "containers": [container],
             "volumes": volumes,
         },

@@ -21,7 +21,8 @@ SIDECAR_NAME = "etlrouter-sidecar"
 DATA_VOLUME = "etlrouter-sidecar-data"
 SIDECAR_GRPC_PORT = 7500
 SIDECAR_HTTP_PORT = 7580
-DATA_DIR = "/var/lib/etlrouter/sidecar"
+DATA_HOME = "/var/lib/etlrouter"  # the image's HOME and data directory
+DATA_DIR = f"{DATA_HOME}/sidecar"
 
 JsonPatch = list[dict[str, Any]]
 
@@ -103,7 +104,16 @@ def sidecar_container(spec: SidecarSpec) -> dict[str, Any]:
         ],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": SIDECAR_HTTP_PORT}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": SIDECAR_HTTP_PORT}, "periodSeconds": 10},
-        "volumeMounts": [{"name": DATA_VOLUME, "mountPath": DATA_DIR}],
+        # The image's HOME and TMPDIR (/var/lib/etlrouter) are on the data volume: the root stays read-only.
+        "volumeMounts": [{"name": DATA_VOLUME, "mountPath": DATA_HOME}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     if spec.resources:
         container["resources"] = copy.deepcopy(dict(spec.resources))

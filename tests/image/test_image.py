@@ -1,0 +1,388 @@
+"""Every role from the container image (issue #17): a 3-router cluster, a generator source, a filter transform
+and a jsonl-file sink connector with their sidecars, `etlrouter ctl`, all run from `etlrouter:test` with host
+networking on loopback; records flow end to end; SIGTERM drains each process cleanly; the processes run as
+uid 10001 on a read-only root file system with only /var/lib/etlrouter writable.
+
+How a process runs from the image: `buildah from` + `buildah mount` give the image's root file system;
+`buildah run` has no `--read-only` (buildah 1.28), so each long-running process gets its own mount namespace
+(`unshare --mount`) where that root is bind-mounted read-only, its own host directory is bind-mounted on
+/var/lib/etlrouter, /proc and /dev are mounted, and `chroot --userspec` starts the image's ENTRYPOINT with the
+image's Env, User and WorkingDir read by `buildah inspect` (no network namespace: host networking). `etlrouter
+ctl` goes through `buildah run --isolation chroot --network host` itself. The image is built (or found up to
+date by its inputs' hash, tagged etlrouter:build-INPUTS) by scripts/image-build.sh — `make image`, which `make
+test` runs first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port, missing_dependency
+
+IMAGE = os.environ.get("ETLROUTER_TEST_IMAGE", "")
+STORAGE = ["--storage-driver", os.environ.get("BUILDAH_STORAGE_DRIVER", "overlay")]
+TOTAL = 3000
+DATA = "/var/lib/etlrouter"
+SIDECAR_ENV = {
+    "ETLROUTER_SIDECAR__DATA_DIR": f"{DATA}/dlq",
+    "ETLROUTER_SIDECAR__HEARTBEAT_INTERVAL_MS": "500",
+    "ETLROUTER_SIDECAR__SCAN_INTERVAL_MS": "500",
+    "ETLROUTER_SIDECAR__DRAIN_TIMEOUT_MS": "5000",
+}
+PIPELINE = """
+pipeline image-e2e {
+  source orders (batch_size = 200)
+  | transform clean (config.expr = "true")
+  | sink out (flush = true)
+}
+"""
+
+
+def buildah(*args: str, timeout: float = 120) -> str:
+    done = subprocess.run(["buildah", *STORAGE, *args], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"buildah {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+@dataclass
+class Image:
+    container: str
+    rootfs: Path
+    entrypoint: list[str]
+    env: list[str]
+    user: str
+    workdir: str
+    uid: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.uid = int(self.user.split(":")[0])
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[Image]:
+    if shutil.which("buildah") is None:
+        missing_dependency("buildah not installed (scripts/system-deps.sh installs it as root)")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        missing_dependency("running processes from the image needs root (mount namespaces, chroot)")
+    build = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "image-build.sh")], capture_output=True, text=True, timeout=1800
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    # The image of this tree's inputs (etlrouter:test may have been moved by another tree's build since).
+    inputs = re.search(r"\(inputs ([0-9a-f]+)\)", build.stdout)
+    assert inputs, build.stdout
+    container = buildah("from", "--pull-never", IMAGE or f"etlrouter:build-{inputs[1]}").strip()
+    try:
+        rootfs = Path(buildah("mount", container).strip())
+        config = json.loads(buildah("inspect", "--type", "container", container))["OCIv1"]["config"]
+        yield Image(
+            container,
+            rootfs,
+            list(config["Entrypoint"]),
+            list(config.get("Env") or []),
+            str(config["User"]),
+            str(config.get("WorkingDir") or "/"),
+        )
+    finally:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            buildah("umount", container)
+            buildah("rm", container)
+
+
+# Inside a fresh mount namespace: the image's root read-only, the process's own data directory writable.
+_ENTER = r"""
+set -eu
+root=$1 rootfs=$2 data=$3 user=$4 workdir=$5; shift 5
+mount --bind "$rootfs" "$root"
+mount -o remount,bind,ro "$root"
+mount --bind "$data" "$root/var/lib/etlrouter"
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+exec chroot --userspec="$user" --groups= "$root" /usr/bin/env -i -C "$workdir" "$@"
+"""
+
+
+class ImageProcesses:
+    """Processes started from the image, each with its own host data directory; all stopped at the end."""
+
+    def __init__(self, image: Image, workdir: Path) -> None:
+        self.image = image
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def data(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, self.image.uid, self.image.uid)
+        return path
+
+    def start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, *, raw: bool = False
+    ) -> None:
+        """`args` after the image's ENTRYPOINT (or, with `raw`, instead of it)."""
+        mountpoint = self.workdir / f".root-{name}"
+        mountpoint.mkdir(exist_ok=True)
+        command = args if raw else [*self.image.entrypoint, *args]
+        envs = [*self.image.env, *(f"{k}={v}" for k, v in (env or {}).items())]
+        log = (self.workdir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                _ENTER,
+                "enter",
+                str(mountpoint),
+                str(self.image.rootfs),
+                str(self.data(name)),
+                self.image.user,
+                self.image.workdir,
+                *envs,
+                *command,
+            ],
+            stdout=log,
+            stderr=log,
+        )
+
+    def run(self, name: str, args: list[str], *, raw: bool = False, timeout: float = 60) -> tuple[int, str]:
+        self.start(name, args, raw=raw)
+        proc = self.procs.pop(name)
+        code = proc.wait(timeout=timeout)
+        return code, self.log(name)
+
+    def stop(self, name: str, timeout: float) -> tuple[int, float]:
+        proc = self.procs.pop(name)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(
+                f"{name} did not stop within {timeout} s of SIGTERM:\n{self.log(name)[-2000:]}"
+            ) from None
+        return code, time.monotonic() - started
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+        for proc in self.procs.values():
+            proc.wait()
+        self.procs.clear()
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+
+def ctl(image: Image, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`etlrouter ctl` through `buildah run` (host network; the image's user and entrypoint)."""
+    return subprocess.run(
+        [
+            "buildah",
+            *STORAGE,
+            "run",
+            "--isolation",
+            "chroot",
+            "--network",
+            "host",
+            "-v",
+            f"{workdir}:/work:ro",
+            image.container,
+            "--",
+            *image.entrypoint,
+            "ctl",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def ready(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as r:
+            return bool(json.loads(r.read())["ready"])
+    except OSError:
+        return False
+
+
+def offsets(path: Path) -> set[int]:
+    if not path.exists():
+        return set()
+    complete = path.read_text().split("\n")[:-1]
+    return {json.loads(line)["offset"] for line in complete if line.strip()}
+
+
+def proc_uids(pid: int) -> set[int]:
+    """The real/effective/saved/fs uids of `pid` and of its descendants (the entrypoint's process)."""
+    uids: set[int] = set()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            uids.update(int(u) for u in line.split()[1:])
+    return uids
+
+
+def test_the_image_runs_as_uid_10001_on_a_read_only_root(image: Image, tmp_path: Path) -> None:
+    procs = ImageProcesses(image, tmp_path)
+    assert image.user == "10001:10001"
+    probe = (
+        "import os, pathlib\n"
+        "print('uid', os.getuid(), os.getgid(), sorted(os.getgroups()))\n"
+        "print('home', os.environ['HOME'], os.access(os.environ['HOME'], os.W_OK))\n"
+        "for p in ['/opt/etlrouter/x', '/etc/x', '/tmp/x', '/var/tmp/x', '/x']:\n"
+        "    try:\n"
+        "        pathlib.Path(p).write_text('x')\n"
+        "        print('wrote', p)\n"
+        "    except OSError as e:\n"
+        "        print('refused', p, e.strerror)\n"
+        "pathlib.Path('/var/lib/etlrouter/ok').write_text('ok')\n"
+        "print('cwd', os.getcwd())\n"
+    )
+    code, out = procs.run("probe", ["python", "-c", probe], raw=True)
+    assert code == 0, out
+    assert "uid 10001 10001 []" in out, out
+    assert "home /var/lib/etlrouter True" in out, out
+    assert "wrote" not in out, out
+    assert out.count("Read-only file system") == 5, out
+    assert "cwd /var/lib/etlrouter" in out, out
+    assert (tmp_path / "probe" / "ok").read_text() == "ok"
+    code, out = procs.run("version", ["--version"])
+    assert code == 0 and "0.1.0" in out, out
+
+
+def test_every_role_from_the_image_records_flow_and_sigterm_drains(image: Image, tmp_path: Path) -> None:
+    procs = ImageProcesses(image, tmp_path)
+    routers = ["router-0", "router-1", "router-2"]
+    grpc = {r: free_port() for r in routers}
+    http = {r: free_port() for r in routers}
+    peers = [arg for r in routers for arg in ("--peer", f"{r}=127.0.0.1:{grpc[r]}")]
+    addresses = [f"127.0.0.1:{grpc[r]}" for r in routers]
+    fast = {
+        "ETLROUTER_ROUTER__RAFT__TICK_MS": "50",
+        "ETLROUTER_ROUTER__SIDECAR_HEARTBEAT_TIMEOUT_MS": "3000",
+        "ETLROUTER_ROUTER__LEADER_GRACE_MS": "3000",
+    }
+    try:
+        for r in routers:
+            ports = ["--grpc-port", str(grpc[r]), "--http-port", str(http[r])]
+            procs.start(r, ["router", "--node-id", r, *ports, "--data-dir", f"{DATA}/raft", *peers], fast)
+        wait_until(lambda: all(ready(p) for p in http.values()), 60, "the routers elected a leader")
+        services = {"orders": free_port(), "clean": free_port(), "out": free_port()}
+        procs.start(
+            "orders",
+            [
+                "connector",
+                "generator",
+                "--name",
+                "orders",
+                "--port",
+                str(services["orders"]),
+                "--limit",
+                str(TOTAL),
+                "--seed",
+                "3",
+                "--state-file",
+                f"{DATA}/generator.state",
+            ],
+        )
+        procs.start("clean", ["connector", "filter", "--name", "clean", "--port", str(services["clean"])])
+        procs.start(
+            "out",
+            [
+                "connector",
+                "jsonl-file-sink",
+                "--name",
+                "out",
+                "--port",
+                str(services["out"]),
+                "--path",
+                f"{DATA}/out.jsonl",
+            ],
+        )
+        sidecar_http = {}
+        for service, port in services.items():
+            name = f"sc-{service}"
+            sidecar_http[name] = free_port()
+            routers_args = [arg for a in addresses for arg in ("--router", a)]
+            procs.start(
+                name,
+                [
+                    "sidecar",
+                    "--id",
+                    name,
+                    *routers_args,
+                    "--scan-ports",
+                    str(port),
+                    "--grpc-port",
+                    str(free_port()),
+                    "--http-port",
+                    str(sidecar_http[name]),
+                ],
+                SIDECAR_ENV,
+            )
+        wait_until(lambda: all(ready(p) for p in sidecar_http.values()), 60, "the sidecars registered")
+
+        # Each router, sidecar and connector runs as the image's user, not root.
+        for name, proc in procs.procs.items():
+            assert proc_uids(proc.pid) == {10001}, name
+
+        ctl_dir = procs.data("ctl")
+        (ctl_dir / "pipelines.etl").write_text(PIPELINE)
+        applied = ctl(image, ctl_dir, "--router", addresses[0], "apply", "-f", "/work/pipelines.etl")
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        sink = tmp_path / "out" / "out.jsonl"
+        wait_until(lambda: offsets(sink) == set(range(TOTAL)), 90, f"{TOTAL} records in the sink")
+        state = tmp_path / "orders" / "generator.state"
+        wait_until(
+            lambda: state.exists() and json.loads(state.read_text()).get("0") == TOTAL - 1,
+            30,
+            "the source acknowledged its last offset",
+        )
+        status = ctl(image, ctl_dir, "--router", addresses[1], "-o", "json", "cluster", "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "router-0" in status.stdout and "router-2" in status.stdout, status.stdout
+        listed = ctl(image, ctl_dir, "--router", addresses[2], "list")
+        assert listed.returncode == 0 and "image-e2e" in listed.stdout, listed.stdout + listed.stderr
+        sidecars = ctl(image, ctl_dir, "--router", addresses[0], "sidecars")
+        assert sidecars.returncode == 0 and "sc-out" in sidecars.stdout, sidecars.stdout + sidecars.stderr
+
+        # SIGTERM: sidecars drain (drain_timeout 5 s), then connectors, then routers; each exits 0 in time.
+        # The sidecars' grace is their drain timeout (5 s), plus a little for the interpreter to exit.
+        for name in ["sc-orders", "sc-clean", "sc-out", "orders", "clean", "out", *routers]:
+            code, took = procs.stop(name, timeout=15)
+            assert code == 0, f"{name} exited {code} after SIGTERM:\n{procs.log(name)[-2000:]}"
+            grace = int(SIDECAR_ENV["ETLROUTER_SIDECAR__DRAIN_TIMEOUT_MS"]) / 1000 + 3
+            assert took < grace, f"{name} took {took:.1f} s to stop after SIGTERM (grace {grace} s)"
+        for name in ["sc-orders", "sc-clean", "sc-out", *routers]:
+            assert "Traceback" not in procs.log(name), procs.log(name)[-3000:]
+    finally:
+        procs.stop_all()
