@@ -235,7 +235,10 @@ def test_a_stalled_branch_is_shed_and_its_sibling_keeps_the_source_rate(
     # batches, then its branch starves for credits and every later copy is shed after 1 s.
     result = fan_out_with_a_stalled_branch(system)
     pull_rate, fast_rate = result.pull_rate, result.fast_rate
-    assert pull_rate >= 3000, f"the source slowed to {pull_rate:.0f} records/s"
+    # A branch that held the source back would stop it once two credit windows (2 x 20,000 records) are in
+    # flight, within the first seconds: from t = 4 s on, near 0 records/s. Not a speed target (the machine
+    # may be busy): a floor far above a stalled source.
+    assert pull_rate >= 1500, f"the source slowed to {pull_rate:.0f} records/s"
     assert fast_rate >= 0.9 * pull_rate, f"the sibling wrote {fast_rate:.0f}/s of {pull_rate:.0f}/s pulled"
     assert result.shed > 0
     # The shed copies are dead-lettered by the stage that sheds them: the fan-out's parent, the source.

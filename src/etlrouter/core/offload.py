@@ -10,7 +10,8 @@ processes, so the loop only waits on a pipe:
   replaced), and `WorkTimeoutError` says so — the caller's own deadline is reported as the leader's, not as
   an unreachable cluster;
 - workers are started with `spawn` (a fork of a process with running threads and an event loop is unsafe),
-  lazily, and kept for the next job.
+  lazily, and kept for the next job; they run at a lower priority (nice 5) than the router itself, and a
+  job's deadline starts once its worker is up.
 
 The functions sent must be importable top-level functions and their arguments and results picklable.
 """
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -78,8 +80,12 @@ class _Failure:
     text: str
 
 
-def _serve(conn: multiprocessing.connection.Connection) -> None:
+def _serve(conn: multiprocessing.connection.Connection, niceness: int) -> None:
     """A worker's loop: run each (function, args, kwargs) received and send back the result or the error."""
+    # Below the router itself: on a busy node the Raft loop and the data plane get the CPU first.
+    with contextlib.suppress(OSError):
+        os.nice(niceness)
+    conn.send(("ready", None))  # started and imported: a job's deadline covers the job alone
     while True:
         try:
             job = conn.recv()
@@ -97,12 +103,22 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
 
 
 class _Worker:
-    def __init__(self, context: multiprocessing.context.SpawnContext, name: str) -> None:
+    def __init__(self, context: multiprocessing.context.SpawnContext, name: str, niceness: int) -> None:
+        """Start a worker and wait until it is ready (blocking: called in a thread)."""
         parent, child = context.Pipe()
         self.conn = parent
-        self.process: SpawnProcess = context.Process(target=_serve, args=(child,), name=name, daemon=True)
+        self.process: SpawnProcess = context.Process(
+            target=_serve, args=(child, niceness), name=name, daemon=True
+        )
         self.process.start()
         child.close()
+        try:
+            ready = self.conn.recv()
+        except (EOFError, OSError):
+            raise WorkerCrashedError(
+                f"worker {name} did not start (exit code {self.process.exitcode})"
+            ) from None
+        assert ready == ("ready", None), ready
 
     async def call(self, job: tuple[Any, ...]) -> tuple[str, Any]:
         """Send a job and wait for its reply, ("ok", result) or ("error", _Failure).
@@ -134,11 +150,14 @@ class _Worker:
 class WorkerPool:
     """`workers` processes, a bounded queue and a deadline per job; see the module docstring."""
 
-    def __init__(self, name: str, *, workers: int = 1, queue: int = 8, deadline_s: float = 10.0) -> None:
+    def __init__(
+        self, name: str, *, workers: int = 1, queue: int = 8, deadline_s: float = 10.0, niceness: int = 5
+    ) -> None:
         if workers < 1 or queue < 0 or deadline_s <= 0:
             raise ValueError("need workers >= 1, queue >= 0, deadline_s > 0")
         self.name = name
         self.deadline_s = deadline_s
+        self.niceness = niceness
         self.capacity = workers + queue
         self._context = multiprocessing.get_context("spawn")
         self._idle: list[_Worker] = []
@@ -218,7 +237,7 @@ class WorkerPool:
         self._started += 1
         name = f"etlrouter-{self.name}-{self._started}"
         # Starting an interpreter takes ~0.1-0.3 s of the parent's time in fork/exec: keep it off the loop.
-        return await asyncio.to_thread(_Worker, self._context, name)
+        return await asyncio.to_thread(_Worker, self._context, name, self.niceness)
 
     async def warm(self) -> None:
         """Start one worker ahead of the first job."""
