@@ -31,7 +31,9 @@ Phases, and what each measures:
    of the next interval, which carry the changed DAG to the sidecars that run it. Half the sidecars (every
    other block of 20, one per service) report the spec generations they hold, so their Assigns come
    without the DagSpec; the other half emulate sidecars from before that change: the row "bytes to ..."
-   compares the two within the same run.
+   compares the two within the same run;
+6. churn: `--churn` pipelines applied and deleted one after the other; the state's size (a backup snapshot)
+   and the largest fencing-token table of any sidecar, before and three intervals after.
 
 Leader CPU is utime + stime from /proc/<pid>/stat (10 ms ticks); the leader is asked at the start and end
 of every window and a window with an election is flagged. Machine-wide CPU (/proc/stat) is printed beside
@@ -175,6 +177,13 @@ class SimSidecar:
                 else:
                     self.local.pop(dag, None)
 
+    def forget(self, dags: Any) -> None:
+        """As sidecar/cluster.py does: drop the tokens of DAGs the router keeps nothing for, unless run."""
+        for dag in dags:
+            if not self.local.get(dag):
+                self.tokens.pop(dag, None)
+                self.specs.pop(dag, None)
+
     def heartbeat_request(self) -> control_pb2.SidecarHeartbeatRequest:
         running = sum(len(replicas) for replicas in self.local.values())
         request = control_pb2.SidecarHeartbeatRequest(
@@ -297,6 +306,7 @@ class Generator:
             ended = time.monotonic()
             sc.last_ok = ended
             sc.apply(reply.commands)
+            sc.forget(reply.forget_dags)
             self.samples.append(
                 Sample(
                     started,
@@ -370,6 +380,8 @@ class Generator:
             return {"latencies": self.probes}
         if op == "floor":
             return {"latencies": [await self.cluster_status() for _ in range(command["calls"])]}
+        if op == "tables":
+            return {"max_tokens": max(len(sc.tokens) for sc in self.sidecars.values())}
         if op == "silence":
             sc = self.sidecars[command["sidecar"]]
             sc.silenced = True
@@ -737,6 +749,7 @@ async def run(args: argparse.Namespace, fsync: bool) -> dict[str, Any]:
         out["burst_cpu"] = burst
         out["burst"] = await gather_stats(workers, burst_lo, burst_lo + args.interval)
         out["b_elections"] = term_after - term_before
+        out["churn"] = await churn(client, workers, args)
         _, last_term = await leader_of(client)
         out["elections"] = last_term - first_term
         out["expired_in_log"] = [
@@ -753,6 +766,49 @@ async def run(args: argparse.Namespace, fsync: bool) -> dict[str, Any]:
         await asyncio.to_thread(routers.stop)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def snapshot_bytes(client: RouterClient) -> int:
+    """The size of the replicated state: a backup snapshot from the leader (BackupService)."""
+    channel = client.channel(client.leader_address or client.addresses[0])
+    total = 0
+    async with admin_grpc.BackupServiceStub(channel).CreateSnapshot.open() as stream:
+        await stream.send_message(admin_pb2.CreateSnapshotRequest(), end=True)
+        async for chunk in stream:
+            total += len(chunk.data)
+    return total
+
+
+async def churn(
+    client: RouterClient, workers: list[WorkerProcess], args: argparse.Namespace
+) -> dict[str, Any]:
+    """6. churn: apply and delete `--churn` pipelines of their own DAG one after the other (the sidecars go
+    on heartbeating), wait three intervals, and compare the state's size and the largest fencing-token
+    table of any sidecar with before."""
+    stub = admin_grpc.PipelineAdminStub
+    before = await snapshot_bytes(client)
+    tables_before = max(
+        (await asyncio.gather(*(w.request("tables") for w in workers))), key=lambda t: t["max_tokens"]
+    )
+    for i in range(args.churn):
+        text = f"pipeline churn-{i} {{ source src-0 (batch_size = {1 + i}) | sink sink-0 }}\n"
+        await client.call(
+            stub, "ApplyPipelines", admin_pb2.ApplyPipelinesRequest(definition=text, filename="churn.etl")
+        )
+        await client.call(stub, "DeletePipeline", admin_pb2.DeletePipelineRequest(name=f"churn-{i}"))
+    peak = await snapshot_bytes(client)
+    await asyncio.sleep(3 * args.interval + 2)
+    after = await snapshot_bytes(client)
+    tables_after = max(
+        (await asyncio.gather(*(w.request("tables") for w in workers))), key=lambda t: t["max_tokens"]
+    )
+    return {
+        "before": before,
+        "peak": peak,
+        "after": after,
+        "tokens_before": tables_before,
+        "tokens_after": tables_after,
+    }
 
 
 def ms(seconds: float) -> str:
@@ -874,6 +930,15 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
             f"other work: {(loaded.machine_busy - loaded.bench_cpu) / loaded.seconds:.2f} cores",
         ),
     ]
+    c = r["churn"]
+    rows.append(
+        (
+            f"6. churn: {args.churn} pipelines applied and deleted; the state (a backup) 3 intervals on",
+            f"{c['after']} B (peak {c['peak']} B)",
+            f"before: {c['before']} B",
+            f"largest sidecar token table {c['tokens_after']} (before {c['tokens_before']})",
+        )
+    )
     print("\n| measurement | value | baseline | ratio / difference |")
     print("|---|---|---|---|")
     for row in rows:
@@ -915,6 +980,7 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=6.0, help="idle window (capped at timeout-interval-4)")
     parser.add_argument("--idle-empty", type=float, default=5.0, help="idle window before registration")
     parser.add_argument("--generators", type=int, default=2)
+    parser.add_argument("--churn", type=int, default=200, help="pipelines applied and deleted in phase 6")
     parser.add_argument("--fsync", choices=["on", "off", "both"], default="on")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (router logs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
