@@ -7,7 +7,7 @@
 #   scripts/k8s-apiserver.sh            # build if missing, print the bin directory
 #
 # Output: $ETLROUTER_K8S_CACHE/v1.20.2/bin/{kube-apiserver,kube-controller-manager}
-# (default ~/.cache/etlrouter/k8s). 8-15 minutes on 2 cores the first time (8 idle, about 15 when the
+# (default ~/.cache/etlrouter/k8s). 7-15 minutes on 2 cores the first time (7 measured idle, about 15 when the
 # machine is busy); instant after.
 set -euo pipefail
 
@@ -46,7 +46,7 @@ fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/etlrouter-k8s-build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
-echo "k8s-apiserver: building $VERSION in $WORK (about 6 minutes)" >&2
+echo "k8s-apiserver: building $VERSION in $WORK (7-15 minutes on 2 cores)" >&2
 
 # A private apt configuration with deb-src lines, so /etc/apt is left alone.
 mkdir -p "$WORK/apt/lists/partial" "$WORK/apt/cache/archives/partial" "$WORK/apt/etc"

@@ -165,7 +165,7 @@ def test_a_dead_letter_is_inspected_and_redriven_from_the_page(system: Dashboard
     poll(lambda: rows.count() == len(poison), 10, "the three dead letters listed")
     first = rows.first
     letter_id = first.get_attribute("data-letter")
-    assert "sc-filter" in first.inner_text() and "permanent" in first.inner_text()
+    assert "sc-filter" in first.inner_text() and "PERMANENT" in first.inner_text()  # the GraphQL spelling
     first.get_by_role("button", name="Inspect").click()
     letter = page.locator("#letter")
     letter.get_by_text("provenance").wait_for(timeout=TIMEOUT_MS)

@@ -99,7 +99,7 @@ function renderSidecars(sidecars) {
       s.load ? rate(s.load.recordsPerSecond) : "–",
       String(s.stages.length),
       s.lastHeartbeatAgeMs === null ? "–" : `${(s.lastHeartbeatAgeMs / 1000).toFixed(1)} s ago`,
-      s.services.map((x) => `${x.name} (${x.kind.toLowerCase()})`).join(", ") || "–",
+      s.services.map((x) => `${x.name} (${x.kind})`).join(", ") || "–",
     ]);
     tr.dataset.sidecar = s.id;
     tr.dataset.health = s.registered && !s.silent ? s.health : "UNHEALTHY";
@@ -155,7 +155,7 @@ function renderDetails() {
   const outgoing = (state.stats?.edges ?? []).filter((e) => e.from === stage.id);
   const dl = document.createElement("dl");
   const add = (k, v) => dl.append(text("dt", k), text("dd", v));
-  add("stage", `${stage.kind.toLowerCase()} ${stage.service} (${stage.id})`);
+  add("stage", `${stage.kind} ${stage.service} (${stage.id})`);
   add("pipelines", stage.pipelines.join(", "));
   add("options", stage.options.map((o) => `${o.name} = ${o.value}`).join(", ") || "–");
   add("assignments", stage.placements.map((p) => `${p.sidecarId} #${p.replica} @ ${p.address}`).join("; ") || "✖ not placed");
@@ -252,7 +252,7 @@ async function loadDeadLetters() {
     const actions = document.createElement("span");
     actions.append(inspect, " ", redrive);
     const stage = findStage(letter.stageId)?.stage;
-    const tr = row([letter.id, letter.sidecar, letter.pipeline, stage ? stage.service : letter.stageId, letter.errorClass.toLowerCase(), letter.reason, letter.error, actions]);
+    const tr = row([letter.id, letter.sidecar, letter.pipeline, stage ? stage.service : letter.stageId, letter.errorClass, letter.reason, letter.error, actions]);
     tr.dataset.letter = letter.id;
     return tr;
   }));
@@ -277,7 +277,7 @@ async function inspectLetter(sidecar, id) {
   const add = (k, v) => dl.append(text("dt", k), text("dd", v));
   add("id", letter.id);
   add("where", `pipeline ${letter.pipeline}, stage ${letter.stageId} (${letter.service}), sidecar ${letter.sidecar}`);
-  add("why", `${letter.errorClass.toLowerCase()} · ${letter.reason} · ${letter.error} (after ${letter.attempts} attempts)`);
+  add("why", `${letter.errorClass} · ${letter.reason} · ${letter.error} (after ${letter.attempts} attempts)`);
   add("failed at", new Date(letter.failedAtMs).toISOString());
   add("provenance", `source ${letter.sourceId}, partition ${letter.partition}, offset ${letter.record?.offset ?? "?"}, batch ${letter.batchId}`);
   if (letter.record) {

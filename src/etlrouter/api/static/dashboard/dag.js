@@ -93,7 +93,7 @@ export function renderDag(dag, stages, edges, onOpen, selected) {
       tabindex: 0,
       role: "button",
       "data-stage": stage.id,
-      "aria-label": `${stage.kind.toLowerCase()} ${stage.service}${shared ? `, shared by ${stage.pipelines.length} pipelines` : ""}: ${s ? `${rate(s.recordsInPerSecond)} records per second in` : "no stats yet"}${placed ? "" : ", not placed"}. Press Enter for details.`,
+      "aria-label": `${stage.kind} ${stage.service}${shared ? `, shared by ${stage.pipelines.length} pipelines` : ""}: ${s ? `${rate(s.recordsInPerSecond)} records per second in` : "no stats yet"}${placed ? "" : ", not placed"}. Press Enter for details.`,
     });
     g.append(el("rect", { width: NODE_W, height: NODE_H, rx: 8 }));
     g.append(el("text", { x: 10, y: 20, class: "stage-name" }, `${KIND_ICON[stage.kind] ?? "?"} ${stage.service}`));
