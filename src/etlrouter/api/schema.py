@@ -37,7 +37,7 @@ from etlrouter.control import Diagnostic, PipelineChange, PipelineStatus
 from etlrouter.control.model import StagePlacement, option_text, parallelism_of
 from etlrouter.core.offload import OverloadedError, WorkTimeoutError
 from etlrouter.dsl import DagStage, MergedDag
-from etlrouter.raft.node import NotLeader, UnknownOutcomeError
+from etlrouter.raft.node import NodeUnavailableError, NotLeader, UnknownOutcomeError
 from etlrouter.router import admin
 from etlrouter.router.node import RouterNode, now_ms
 from etlrouter.router.stats import EdgeStats, LiveStats, SidecarLive, StageStats
@@ -87,6 +87,8 @@ def use_case_errors() -> Iterator[None]:
         raise api_error(e.code.upper(), e.message) from None
     except OverloadedError as e:
         raise api_error("RESOURCE_EXHAUSTED", str(e), retryAfterSeconds=e.retry_after_s) from None
+    except NodeUnavailableError as e:
+        raise api_error("UNAVAILABLE", str(e)) from None
     except WorkTimeoutError as e:  # before TimeoutError: the router answered, it gave up on the work
         raise api_error("DEADLINE_EXCEEDED", f"the router stopped this request: {e}") from None
     except UnknownOutcomeError as e:

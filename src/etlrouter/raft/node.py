@@ -101,6 +101,11 @@ class ProposalDroppedError(Exception):
     """The proposal's log entry was overwritten by another leader's entry: it was definitely not applied."""
 
 
+class NodeUnavailableError(RuntimeError):
+    """The node cannot serve anything now: not started yet, or stopped after a failure (answer UNAVAILABLE:
+    a client tries another router)."""
+
+
 class NotLeader(Exception):
     """This node cannot serve the request; `leader_id`/`leader_address` say where to go (may be empty)."""
 
@@ -251,9 +256,9 @@ class RaftNode:
     @property
     def _core(self) -> RaftCore:
         if self.core is None:
-            raise RuntimeError(f"raft node {self.id!r} is not started")
+            raise NodeUnavailableError(f"raft node {self.id!r} is not started")
         if self._failure is not None:
-            raise RuntimeError(f"raft node {self.id!r} stopped after a failure: {self._failure}")
+            raise NodeUnavailableError(f"raft node {self.id!r} stopped after a failure: {self._failure}")
         return self.core
 
     def is_leader(self) -> bool:

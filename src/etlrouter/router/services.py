@@ -36,7 +36,7 @@ from etlrouter.control.state import ControlState
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.core.offload import OverloadedError, WorkTimeoutError
 from etlrouter.dsl import ExplainFormat
-from etlrouter.raft.node import NotLeader, UnknownOutcomeError
+from etlrouter.raft.node import NodeUnavailableError, NotLeader, UnknownOutcomeError
 from etlrouter.router import admin
 from etlrouter.router.admin import (
     NO_QUORUM,
@@ -135,6 +135,8 @@ async def _map_errors(handler: Callable[..., Awaitable[None]], self: Any, stream
             status_message=str(e),
             metadata={RETRY_AFTER: f"{e.retry_after_s:g}"},
         )
+    except NodeUnavailableError as e:  # starting or failed: another router can answer
+        raise GRPCError(Status.UNAVAILABLE, str(e)) from None
     except WorkTimeoutError as e:  # before TimeoutError: the leader answered, it gave up on the work
         raise GRPCError(Status.DEADLINE_EXCEEDED, f"the router stopped this request: {e}") from None
     except UnknownOutcomeError as e:
