@@ -135,4 +135,4 @@ def test_validate_and_explain_go_through_the_dsl_choke_point(monkeypatch: pytest
     asyncio.run(admin.apply_pipelines(n, ORDERS, "", dry_run=True))
     asyncio.run(admin.apply_pipelines(n, ORDERS, ""))
     # Apply and its dry run check the document in a worker before the state machine compiles it again.
-    assert seen == ["validate", "explain", "validate", "validate"]
+    assert seen == ["validate", "explain", "precheck", "precheck"]

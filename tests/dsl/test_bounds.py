@@ -92,3 +92,16 @@ def test_parse_errors_are_capped_and_counted_too() -> None:
     mixed = validate("pipeline p { source a | @ }\n" * 60 + "pipeline q { source a | }\n" * 60, "m.etl")
     assert len(mixed) == MAX_ERRORS and mixed.omitted == 20
     assert [e.line for e in mixed] == list(range(1, MAX_ERRORS + 1))
+
+
+def test_precheck_leaves_the_registry_to_the_state_machine_but_reports_it_with_other_errors() -> None:
+    """A document that only names an unregistered service passes the pre-check (its registration may be
+    in the log just ahead of the apply); one that is invalid anyway gets every problem, services included."""
+    from etlrouter.dsl import StaticRegistry, precheck
+
+    registry = StaticRegistry({"orders": "source"})
+    unknown_sink = "pipeline p { source orders | sink warehouse }\n"
+    assert list(precheck(unknown_sink, "p.etl", registry)) == []
+    broken = "pipeline p { source orders | sink warehouse (flush = maybe) }\n"
+    messages = [e.message for e in precheck(broken, "p.etl", registry)]
+    assert any("unknown sink `warehouse`" in m for m in messages) and len(messages) >= 2

@@ -102,8 +102,8 @@ def test_a_kind_clash_leaves_the_other_services_registered_until_it_clears(
     http_b = sidecar(procs, "sc-b", routers, [clashing, audit])
 
     # sc-b registers with `audit` only; it is ready and says what was left out.
-    wait_until(lambda: ("audit", "sink", "sc-b") in services(routers), 30, "audit registered behind sc-b")
-    assert ("orders", "source", "sc-a") in services(routers)
+    wait_until(lambda: ("audit", "SINK", "sc-b") in services(routers), 30, "audit registered behind sc-b")
+    assert ("orders", "SOURCE", "sc-a") in services(routers)
     assert not any(name == "orders" and sc == "sc-b" for name, _, sc in services(routers))
     wait_until(lambda: ready(http_b), 10, "sc-b ready")
     reason = json.loads(http_get(http_b, "/readyz"))["reason"]
@@ -126,8 +126,8 @@ def test_a_kind_clash_leaves_the_other_services_registered_until_it_clears(
 
     # sc-a leaves (SIGTERM: drain, deregister); sc-b's `orders` joins within a few heartbeats (500 ms).
     assert procs.stop("sc-a") == 0
-    wait_until(lambda: ("orders", "sink", "sc-b") in services(routers), 10, "sc-b's orders registered")
-    assert ("audit", "sink", "sc-b") in services(routers)
+    wait_until(lambda: ("orders", "SINK", "sc-b") in services(routers), 10, "sc-b's orders registered")
+    assert ("audit", "SINK", "sc-b") in services(routers)
     wait_until(lambda: rejected_gauge(http_b) is None, 5, "the rejected gauge cleared")
     reason = json.loads(http_get(http_b, "/readyz"))["reason"]
     assert "not registered" not in reason, reason

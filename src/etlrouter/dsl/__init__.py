@@ -16,6 +16,7 @@ from etlrouter.dsl.api import (
     dags_to_json,
     explain,
     explain_file,
+    precheck,
     validate,
     validate_file,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "optimize",
     "parse",
     "parse_with_errors",
+    "precheck",
     "stage_id",
     "validate",
     "validate_file",

@@ -34,6 +34,19 @@ def validate(text: str, filename: str = "<input>", registry: Registry | None = N
     return _compile_collecting(text, filename, registry)[1]
 
 
+def precheck(text: str, filename: str, registry: Registry) -> Diagnostics:
+    """What the control plane checks before proposing a document: the errors that make it invalid
+    whatever services are registered (none: propose it, and the state machine checks the services in log
+    order, after registrations proposed before it); when there are such errors, the full report against
+    `registry`, so the answer names every problem. Parses once (the costly part of a garbage file)."""
+    document, syntax_errors = parse_with_errors(text, filename)
+    _, semantic_errors = analyze(document, None)
+    if not syntax_errors and not semantic_errors:
+        return Diagnostics()
+    _, semantic_errors = analyze(document, registry)
+    return capped(syntax_errors, semantic_errors)
+
+
 def compile(text: str, filename: str = "<input>", registry: Registry | None = None) -> list[Pipeline]:
     """Parse, check and normalize; raise `DslErrors` with every problem found."""
     pipelines, errors = _compile_collecting(text, filename, registry)

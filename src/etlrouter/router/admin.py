@@ -13,9 +13,10 @@ What a use case raises:
 
 Every CPU-heavy piece of DSL work the admin APIs start (apply's and preview's compile check, validate,
 explain) goes through `_dsl_work`, which runs it in the node's worker processes (core/offload.py) against a
-snapshot of the registry: the event loop that sends Raft heartbeats only waits. A document that does not
-compile is answered from there, before anything is proposed, so the state machine — which compiles again on
-every node, in log order — only ever sees documents that compiled a moment ago. Beyond the pool's capacity a
+snapshot of the registry: the event loop that sends Raft heartbeats only waits. A document that is invalid
+whatever services are registered (`dsl.precheck`) is answered from there, before anything is proposed; the
+rest goes to the state machine, which checks the services in log order (a registration proposed just before
+an apply counts, as it always did) and compiles on every node. Beyond the pool's capacity a
 request gets core.offload's `OverloadedError` at once (RESOURCE_EXHAUSTED with a retry hint); a job past its
 deadline is stopped and reported as `WorkTimeoutError` (the leader gave up, not "unreachable").
 """
@@ -48,6 +49,7 @@ from etlrouter.dsl import (
     explain_dot,
     explain_mermaid,
     explain_tree,
+    precheck,
 )
 from etlrouter.dsl import explain as explain_text
 from etlrouter.dsl import validate as validate_text
@@ -185,8 +187,8 @@ async def apply_pipelines(
         await linearizable_read(node)
     else:
         node.require_leader()  # a follower redirects before doing any work
-    errors = await _dsl_work(node, validate_text, definition, filename, registry_snapshot(node))
-    if errors:  # what the state machine would answer, without a log entry or the loop's time
+    errors = await _dsl_work(node, precheck, definition, filename, registry_snapshot(node))
+    if errors:  # invalid whatever is registered: answered without a log entry or the loop's time
         return ApplyOutcome((), tuple(diagnostic_of(e) for e in errors), node.state.revision)
     if dry_run:
         result = node.state.preview(command)  # compiles again: a document that just compiled, bounded
