@@ -779,6 +779,11 @@ async def snapshot_bytes(client: RouterClient) -> int:
     return total
 
 
+async def largest_token_table(workers: list[WorkerProcess]) -> int:
+    """The most fencing tokens any simulated sidecar keeps."""
+    return max(int(t["max_tokens"]) for t in await asyncio.gather(*(w.request("tables") for w in workers)))
+
+
 async def churn(
     client: RouterClient, workers: list[WorkerProcess], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -787,9 +792,7 @@ async def churn(
     table of any sidecar with before."""
     stub = admin_grpc.PipelineAdminStub
     before = await snapshot_bytes(client)
-    tables_before = max(
-        (await asyncio.gather(*(w.request("tables") for w in workers))), key=lambda t: t["max_tokens"]
-    )
+    tables_before = await largest_token_table(workers)
     for i in range(args.churn):
         text = f"pipeline churn-{i} {{ source src-0 (batch_size = {1 + i}) | sink sink-0 }}\n"
         await client.call(
@@ -799,9 +802,7 @@ async def churn(
     peak = await snapshot_bytes(client)
     await asyncio.sleep(3 * args.interval + 2)
     after = await snapshot_bytes(client)
-    tables_after = max(
-        (await asyncio.gather(*(w.request("tables") for w in workers))), key=lambda t: t["max_tokens"]
-    )
+    tables_after = await largest_token_table(workers)
     return {
         "before": before,
         "peak": peak,
