@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, free_port, missing_dependency
+from tests.e2e.processes import jsonl_offsets, ready, wait_until
 
 IMAGE = os.environ.get("ETLROUTER_TEST_IMAGE", "")
 STORAGE = ["--storage-driver", os.environ.get("BUILDAH_STORAGE_DRIVER", "overlay")]
@@ -218,30 +218,6 @@ def ctl(image: Image, workdir: Path, *args: str) -> subprocess.CompletedProcess[
     )
 
 
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
-def ready(http_port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as r:
-            return bool(json.loads(r.read())["ready"])
-    except OSError:
-        return False
-
-
-def offsets(path: Path) -> set[int]:
-    if not path.exists():
-        return set()
-    complete = path.read_text().split("\n")[:-1]
-    return {json.loads(line)["offset"] for line in complete if line.strip()}
-
-
 def proc_uids(pid: int) -> set[int]:
     """The real/effective/saved/fs uids of `pid` and of its descendants (the entrypoint's process)."""
     uids: set[int] = set()
@@ -360,7 +336,7 @@ def test_every_role_from_the_image_records_flow_and_sigterm_drains(image: Image,
         applied = ctl(image, ctl_dir, "--router", addresses[0], "apply", "-f", "/work/pipelines.etl")
         assert applied.returncode == 0, applied.stdout + applied.stderr
         sink = tmp_path / "out" / "out.jsonl"
-        wait_until(lambda: offsets(sink) == set(range(TOTAL)), 90, f"{TOTAL} records in the sink")
+        wait_until(lambda: set(jsonl_offsets(sink)) == set(range(TOTAL)), 90, f"{TOTAL} records in the sink")
         state = tmp_path / "orders" / "generator.state"
         wait_until(
             lambda: state.exists() and json.loads(state.read_text()).get("0") == TOTAL - 1,
