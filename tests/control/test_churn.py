@@ -63,7 +63,7 @@ class SimSidecar:
         for dag_id in tokens_to_forget(forget, self.running):
             del self.applied[dag_id]
         if confirmed:  # the leader's control loop replicates these
-            driver.ok(ForgetReleased(sidecar_id=self.id, confirmed=confirmed))
+            driver.ok(ForgetReleased(confirmed={self.id: confirmed}))
 
 
 def placement_round(driver: Driver) -> None:

@@ -91,11 +91,11 @@ class RevokeStages(_Command, frozen=True, kw_only=True, tag="revoke_stages"):
 
 
 class ForgetReleased(_Command, frozen=True, kw_only=True, tag="forget_released"):
-    """A sidecar confirmed (in a heartbeat) that it applied these fencing tokens: the record of stages it
-    was told to give up at or below them is no longer needed. Keeps the state bounded under churn."""
+    """Sidecars confirmed (in heartbeats) that they applied these fencing tokens: the record of stages they
+    were told to give up at or below them is no longer needed. Keeps the state bounded under churn; one
+    entry carries every sidecar's confirmations of about a second."""
 
-    sidecar_id: str
-    confirmed: dict[str, int]  # dag id -> highest token the sidecar applied
+    confirmed: dict[str, dict[str, int]]  # sidecar id -> dag id -> highest token it applied
 
 
 class Restore(_Command, frozen=True, kw_only=True, tag="restore"):

@@ -695,21 +695,22 @@ class ControlState:
         return True
 
     def _forget_released(self, index: int, command: ForgetReleased) -> ApplyResult:
-        """Drop the release records a sidecar confirmed applying. Bookkeeping only: no reader and no
+        """Drop the release records sidecars confirmed applying. Bookkeeping only: no reader and no
         placement sees a difference (commands_for_sidecar skips confirmed releases), so the revision stays."""
-        dags = self._released.get(command.sidecar_id)
-        if dags is None:
-            return self._unchanged(index)
-        for dag_id, token in command.confirmed.items():
-            stages = dags.get(dag_id)
-            if stages is None:
+        for sidecar_id, confirmed in sorted(command.confirmed.items()):
+            dags = self._released.get(sidecar_id)
+            if dags is None:
                 continue
-            for stage_id in [stage for stage, at in stages.items() if at <= token]:
-                del stages[stage_id]
-            if not stages:
-                del dags[dag_id]
-        if not dags:
-            del self._released[command.sidecar_id]
+            for dag_id, token in confirmed.items():
+                stages = dags.get(dag_id)
+                if stages is None:
+                    continue
+                for stage_id in [stage for stage, at in stages.items() if at <= token]:
+                    del stages[stage_id]
+                if not stages:
+                    del dags[dag_id]
+            if not dags:
+                del self._released[sidecar_id]
         return self._unchanged(index)
 
     def confirmed_releases(self, sidecar_id: str, applied: Mapping[str, int]) -> dict[str, int]:

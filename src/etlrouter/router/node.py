@@ -125,8 +125,8 @@ class RouterNode:
             queue=rc.work.queue,
             deadline_s=rc.work.deadline_ms / 1000,
         )
-        # Sidecars' confirmed revocations (from heartbeats), replicated as ForgetReleased by the control
-        # loop about once a second: one log entry per sidecar that has something to forget, not per beat.
+        # Sidecars' confirmed revocations (from heartbeats), replicated as one ForgetReleased by the control
+        # loop about once a second, not one entry per heartbeat.
         self.confirmed_releases: dict[str, dict[str, int]] = {}
         self._leader_since_ms = 0
         self._leader_term = 0
@@ -259,8 +259,8 @@ class RouterNode:
 
     async def _forget_confirmed_releases(self) -> None:
         pending, self.confirmed_releases = self.confirmed_releases, {}
-        for sidecar_id, confirmed in sorted(pending.items()):
-            await self.propose(ForgetReleased(sidecar_id=sidecar_id, confirmed=confirmed))
+        if pending:  # one log entry for every sidecar's confirmations since the last round
+            await self.propose(ForgetReleased(confirmed=pending))
 
     async def _leader_duties(self, *, run_placement: bool = True) -> None:
         now = now_ms()
