@@ -137,8 +137,9 @@ class _Worker:
         return reply
 
     def kill(self) -> None:
+        # The pipe is not closed here: a thread may still be blocked reading it (closing an fd in use
+        # invites fd reuse); it sees EOF once the process is gone, and the pipe closes with this object.
         self.process.kill()
-        self.conn.close()
 
     def close(self) -> None:
         self.conn.close()  # the worker's recv() sees EOF and returns
