@@ -183,6 +183,11 @@ def connector(name: str | None, args: tuple[str, ...]) -> None:
     "--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, help="--limit deadline (s)."
 )
 @click.option("--no-view", is_flag=True, help="No live view: a summary line every few seconds instead.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Plaintext, no authentication (default: mutual TLS with a throw-away CA in the data dir).",
+)
 @click.pass_obj
 def dev(
     obj: Context,
@@ -194,6 +199,7 @@ def dev(
     rate: float | None,
     timeout: float,
     no_view: bool,
+    insecure: bool,
 ) -> None:
     try:
         config = obj.load(
@@ -218,6 +224,7 @@ def dev(
         rate=rate,
         view=not no_view,
         timeout_s=timeout,
+        insecure=insecure,
     )
     sys.exit(run_dev(options))
 

@@ -15,6 +15,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from etlrouter._proto.v1 import dataplane_grpc, dataplane_pb2, records_pb2
 from etlrouter.core.config import TransportConfig
 from etlrouter.core.grpc import open_channel
+from etlrouter.security.context import Security
+from etlrouter.security.identity import SIDECAR
 
 CALL_TIMEOUT_S = 5.0
 REDRIVE_TIMEOUT_S = 60.0
@@ -86,8 +88,9 @@ def _problem(e: BaseException) -> str:
 class SidecarAdmins:
     """Calls SidecarAdmin on sidecars by address; one short-lived channel per call keeps nothing open."""
 
-    def __init__(self, transport: TransportConfig) -> None:
+    def __init__(self, transport: TransportConfig, security: Security | None = None) -> None:
         self.transport = transport
+        self.security = security
         self._limit = asyncio.Semaphore(MAX_PARALLEL)
 
     async def call(
@@ -97,7 +100,7 @@ class SidecarAdmins:
         work: Callable[[dataplane_grpc.SidecarAdminStub], Awaitable[T]],
     ) -> T:
         async with self._limit:
-            channel = open_channel(address, self.transport)
+            channel = open_channel(address, self.transport, self.security, SIDECAR)
             try:
                 return await asyncio.wait_for(work(dataplane_grpc.SidecarAdminStub(channel)), timeout)
             finally:

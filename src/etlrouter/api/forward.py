@@ -59,7 +59,10 @@ class LeaderForwarder:
             if not addresses:
                 raise ForwardError("UNAVAILABLE", "this router knows neither a leader nor any member to ask")
             self._client = RouterClient(
-                addresses, timeout=FORWARD_TIMEOUT_S, transport_config=self.node.config.transport
+                addresses,
+                timeout=FORWARD_TIMEOUT_S,
+                transport_config=self.node.config.transport,
+                security=self.node.security,
             )
             self._members = members
         elif status.leader_address and self._client.leader_address is None:

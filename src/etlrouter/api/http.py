@@ -41,7 +41,7 @@ class GraphQLEndpoint:
         self.node = node
         self.schema: GraphQLSchema = build_schema()
         self.forwarder = LeaderForwarder(node)
-        self.admins = SidecarAdmins(node.config.transport)
+        self.admins = SidecarAdmins(node.config.transport, node.security)
         self.websockets = GraphQLWebSockets(self.schema, self.context)
 
     def context(self) -> ApiContext:

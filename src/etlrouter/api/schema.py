@@ -487,7 +487,7 @@ async def _resolve_stats(_: Any, info: GraphQLResolveInfo[Any]) -> dict[str, Any
 
 def _admins(ctx: ApiContext) -> SidecarAdmins:
     if ctx.admins is None:
-        ctx.admins = SidecarAdmins(ctx.node.config.transport)
+        ctx.admins = SidecarAdmins(ctx.node.config.transport, ctx.node.security)
     return ctx.admins
 
 

@@ -25,6 +25,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from etlrouter.core.config import TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.flow.retry import Backoff
+from etlrouter.security.context import Security
+from etlrouter.security.identity import ROUTER, Kind
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,14 @@ class RouterClient:
         timeout: float = 10.0,
         transport_config: TransportConfig | None = None,
         fail_fast_refused: bool = False,
+        security: Security | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("RouterClient needs at least one router address")
         self.addresses: list[str] = list(dict.fromkeys(addresses))
         self.timeout = timeout
         self.transport_config = transport_config
+        self.security = security
         # A command-line client gives up at once when every router refuses the connection (nothing listens
         # there: waiting for the whole timeout helps no one); long-running clients keep retrying.
         self.fail_fast_refused = fail_fast_refused
@@ -86,10 +90,12 @@ class RouterClient:
         self.client_id = uuid.uuid4().hex
         self._writes = itertools.count(1)
 
-    def channel(self, address: str) -> Channel:
-        if address not in self._channels:
-            self._channels[address] = open_channel(address, self.transport_config)
-        return self._channels[address]
+    def channel(self, address: str, expect: tuple[Kind, ...] = ROUTER) -> Channel:
+        """A channel to a router (or, for ctl's DLQ and tap commands, `expect=("sidecar",)`)."""
+        key = f"{address}|{','.join(expect)}"
+        if key not in self._channels:
+            self._channels[key] = open_channel(address, self.transport_config, self.security, expect)
+        return self._channels[key]
 
     def close(self) -> None:
         for channel in self._channels.values():

@@ -83,6 +83,40 @@ class TransportConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     connection_window_bytes: Annotated[int, msgspec.Meta(ge=65_535, le=(1 << 31) - 1)] = 16 << 20
 
 
+class TlsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Mutual TLS of every listener and channel (docs/security.md). Empty `ca` = plaintext, with a warning."""
+
+    ca: str = ""  # PEM bundle the peers' certificates must chain to
+    cert: str = ""  # this party's certificate (PEM); its URI SAN is its identity
+    key: str = ""
+    trust_domain: str = "etlrouter.local"
+    # How often the files are checked for a rotation (new connections use the new pair).
+    reload_interval_ms: PositiveMs = 5_000
+    # A connection that has not finished its TLS handshake by then is closed.
+    handshake_timeout_ms: PositiveMs = 10_000
+    # Established connections per peer identity (or per address, for token callers) on one listener.
+    max_connections_per_peer: Annotated[int, msgspec.Meta(ge=1)] = 64
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("tls.cert and tls.key must be set together")
+        if self.cert and not self.ca:
+            raise ValueError("tls.cert needs tls.ca (the CA bundle peers are verified against)")
+        if not re.fullmatch(r"[a-z0-9.-]+", self.trust_domain):
+            raise ValueError(
+                f"trust_domain {self.trust_domain!r}: lower-case letters, digits, '.' and '-' only"
+            )
+
+
+class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How people and tools authenticate besides client certificates."""
+
+    # Bearer tokens, Kubernetes static-token format (token,user,uid,"roles"); re-read when it changes.
+    tokens_file: str = ""
+    # Serve /metrics without credentials (still over TLS): for scrapers that cannot present a token.
+    metrics_open: bool = False
+
+
 class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 0  # 0 = pick a free port (tests, `etlrouter dev`)
@@ -199,6 +233,8 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class CtlConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     router: str = "127.0.0.1:7400"
+    # A bearer token (or `@FILE` to read it from a file) when no client certificate is used.
+    token: str = ""
     output: Literal["table", "json", "yaml"] = "table"
     timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
 
@@ -215,15 +251,23 @@ class DevConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     logging: LoggingConfig = LoggingConfig()
     transport: TransportConfig = TransportConfig()
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
     router: RouterConfig = RouterConfig()
     sidecar: SidecarConfig = SidecarConfig()
     operator: OperatorConfig = OperatorConfig()
     ctl: CtlConfig = CtlConfig()
     dev: DevConfig = DevConfig()
 
+    def __post_init__(self) -> None:
+        if self.auth.tokens_file and not self.tls.ca:
+            raise ValueError(
+                "auth.tokens_file needs TLS (tls.ca, tls.cert, tls.key): tokens never travel in plaintext"
+            )
+
 
 ROLE_SECTIONS = ("router", "sidecar", "operator", "ctl", "dev")
-SHARED_SECTIONS = ("logging", "transport")
+SHARED_SECTIONS = ("logging", "transport", "tls", "auth")
 
 
 def read_file(path: str | Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
@@ -10,6 +11,10 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from etlrouter.core.lifecycle import listen_error
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.security.context import Security
+
+# The process's Security, for the HTTP guard (api/auth.py) and the handlers.
+SECURITY: web.AppKey[Security] = web.AppKey("etlrouter_security", Security)
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +22,12 @@ log = logging.getLogger(__name__)
 ReadinessCheck = Callable[[], tuple[bool, str]]
 
 
-def build_app(readiness: ReadinessCheck, *, client_max_size: int = 1 << 20) -> web.Application:
+def build_app(
+    readiness: ReadinessCheck, *, client_max_size: int = 1 << 20, security: Security | None = None
+) -> web.Application:
     """An aiohttp app with the shared endpoints. Request bodies are bounded by client_max_size."""
     app = web.Application(client_max_size=client_max_size)
+    app[SECURITY] = security or Security.insecure()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -36,9 +44,16 @@ def build_app(readiness: ReadinessCheck, *, client_max_size: int = 1 << 20) -> w
 
 class HttpServer:
     def __init__(
-        self, app: web.Application, *, host: str, port: int, setting: str = "the HTTP listen address"
+        self,
+        app: web.Application,
+        *,
+        host: str,
+        port: int,
+        setting: str = "the HTTP listen address",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.setting = setting
+        self.ssl_context = ssl_context
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._host, self._requested_port = host, port
         self.port = port
@@ -49,7 +64,9 @@ class HttpServer:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._requested_port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self._host, self._requested_port, reuse_address=True, ssl_context=self.ssl_context
+        )
         try:
             await site.start()
         except OSError as error:
@@ -58,7 +75,10 @@ class HttpServer:
         sockets = getattr(server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("HTTP server listening", extra={"fields": {"address": self.address}})
+        log.info(
+            "HTTP server listening",
+            extra={"fields": {"address": self.address, "tls": "on" if self.ssl_context else "off"}},
+        )
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -26,6 +26,8 @@ from etlrouter.core.config import Config, ConfigError, CtlConfig
 from etlrouter.ctl import contexts
 from etlrouter.ctl.output import render
 from etlrouter.dsl import EXPLAIN_FORMATS, DslErrors, explain_file, validate_file
+from etlrouter.security.context import Security, SecurityError
+from etlrouter.security.identity import SIDECAR
 
 T = TypeVar("T")
 
@@ -61,10 +63,16 @@ def _global_options() -> list[click.Option]:
             help="Context of the client config file to use (default: its current-context).",
         ),
         click.Option(["-o", "--output"], type=click.Choice(["table", "json", "yaml"]), help="Output format."),
+        click.Option(["--ca"], metavar="FILE", help="CA bundle the routers' certificates chain to (tls.ca)."),
+        click.Option(["--cert"], metavar="FILE", help="Client certificate (tls.cert); roles in its O=."),
+        click.Option(["--key"], metavar="FILE", help="Key of the client certificate (tls.key)."),
+        click.Option(
+            ["--token"], metavar="TOKEN|@FILE", help="Bearer token instead of a certificate (ctl.token)."
+        ),
     ]
 
 
-_GLOBAL_NAMES = ("router_address", "context_name", "output")
+_GLOBAL_NAMES = ("router_address", "context_name", "output", "ca", "cert", "key", "token")
 
 
 def _remember(obj: Context, values: dict[str, Any]) -> None:
@@ -77,9 +85,9 @@ def _remember(obj: Context, values: dict[str, Any]) -> None:
 
 @click.group(help="Manage pipelines and inspect the router cluster.", params=_global_options())
 @click.pass_obj
-def ctl(obj: Context, router_address: str | None, context_name: str | None, output: str | None) -> None:
+def ctl(obj: Context, /, **values: str | None) -> None:
     obj.ctl_overrides = {}
-    _remember(obj, {"router_address": router_address, "context_name": context_name, "output": output})
+    _remember(obj, values)
 
 
 def file_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -193,11 +201,50 @@ def _targets(obj: Context, config: Config) -> tuple[list[str], str]:
     return [config.ctl.router], f"the default (no current context in {contexts.config_path()})"
 
 
+def _credentials(obj: Context, config: Config) -> Security:
+    """How ctl authenticates: flags win, then tls.* / ctl.token (env or config file), then the context's
+    `credentials` (what `etlrouter dev` writes)."""
+    given = obj.ctl_overrides
+    try:
+        entry = contexts.find(given.get("context_name")) or {}
+    except contexts.ContextError:
+        entry = {}
+    stored = entry.get("credentials") or {}
+
+    def pick(flag: str, configured: str) -> str:
+        return str(given.get(flag) or configured or stored.get(flag) or "")
+
+    token = pick("token", config.ctl.token)
+    if token.startswith("@"):
+        try:
+            token = Path(token[1:]).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            die(f"--token {token}: cannot read: {e.strerror}", EXIT_INVALID)
+    tls = {
+        "ca": pick("ca", config.tls.ca),
+        "cert": pick("cert", config.tls.cert),
+        "key": pick("key", config.tls.key),
+    }
+    if token and not tls["ca"]:
+        die("a token needs TLS: give --ca (the CA bundle of the cluster) too", EXIT_INVALID)
+    domain = str(stored.get("trust_domain") or config.tls.trust_domain)
+    try:
+        return Security(
+            msgspec.structs.replace(config.tls, trust_domain=domain, **tls), config.auth, client_token=token
+        )
+    except (SecurityError, ValueError) as e:
+        die(f"error: {e}", EXIT_INVALID)
+
+
 def _client(obj: Context) -> tuple[RouterClient, str, str]:
     config = _config(obj)
     addresses, source = _targets(obj, config)
     client = RouterClient(
-        addresses, timeout=config.ctl.timeout_s, transport_config=config.transport, fail_fast_refused=True
+        addresses,
+        timeout=config.ctl.timeout_s,
+        transport_config=config.transport,
+        fail_fast_refused=True,
+        security=_credentials(obj, config),
     )
     return client, config.ctl.output, source
 
@@ -580,7 +627,7 @@ def backup_restore(obj: Context, file_opt: str | None, file_arg: str | None) -> 
             for i in range(0, max(len(data), 1), 1 << 20)
         ]
         chunks[-1].crc32 = zlib.crc32(data)
-        stub = admin_grpc.BackupServiceStub(c.channel(address))
+        stub = admin_grpc.BackupServiceStub(c.channel(address, SIDECAR))
         return await stub.RestoreSnapshot(chunks, timeout=c.timeout)
 
     reply, fmt = run_call(obj, work)
@@ -645,7 +692,7 @@ def dlq_list(obj: Context, pipeline: str, stage_id: str, limit: int) -> None:
     async def work(c: RouterClient) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for sidecar_id, address in (await _sidecar_addresses(c)).items():
-            stub = dataplane_grpc.SidecarAdminStub(c.channel(address))
+            stub = dataplane_grpc.SidecarAdminStub(c.channel(address, SIDECAR))
             request = dataplane_pb2.ListDeadLettersRequest(pipeline=pipeline, stage_id=stage_id, limit=limit)
             reply = await stub.ListDeadLetters(request, timeout=c.timeout)
             rows += [_letter_row(sidecar_id, letter) for letter in reply.dead_letters]
@@ -657,7 +704,7 @@ def dlq_list(obj: Context, pipeline: str, stage_id: str, limit: int) -> None:
 
 async def _find_letter(c: RouterClient, letter_id: str) -> tuple[str, str, Any]:
     for sidecar_id, address in (await _sidecar_addresses(c)).items():
-        stub = dataplane_grpc.SidecarAdminStub(c.channel(address))
+        stub = dataplane_grpc.SidecarAdminStub(c.channel(address, SIDECAR))
         try:
             letter = await stub.GetDeadLetter(
                 dataplane_pb2.GetDeadLetterRequest(id=letter_id), timeout=c.timeout
@@ -703,7 +750,7 @@ def dlq_redrive(obj: Context, letter_ids: Sequence[str], pipeline: str, target_s
     async def work(c: RouterClient) -> tuple[int, dict[str, str]]:
         redriven, failed = 0, {}
         for address in (await _sidecar_addresses(c)).values():
-            stub = dataplane_grpc.SidecarAdminStub(c.channel(address))
+            stub = dataplane_grpc.SidecarAdminStub(c.channel(address, SIDECAR))
             request = dataplane_pb2.RedriveDeadLettersRequest(
                 ids=list(letter_ids), pipeline=pipeline, target_stage_id=target_stage
             )
@@ -755,7 +802,7 @@ def tap(obj: Context, pipeline: str, stage: str, sample_rate: float, limit: int)
         ]
         if not holders:
             raise GRPCError(Status.FAILED_PRECONDITION, f"stage {matches[0]} is not running on any sidecar")
-        stub = dataplane_grpc.SidecarAdminStub(c.channel(holders[0]))
+        stub = dataplane_grpc.SidecarAdminStub(c.channel(holders[0], SIDECAR))
         request = dataplane_pb2.TapRequest(
             dag_id=dag.id, stage_id=matches[0], sample_rate=sample_rate, limit=limit
         )

@@ -40,11 +40,15 @@ from etlrouter.dev.progress import (
     generator_config,
     source_done,
 )
+from etlrouter.dev.secure import DevPki
 from etlrouter.dev.spec import DevSpec, ServiceSpec
+from etlrouter.security.context import Security
+from etlrouter.security.identity import Kind
+from etlrouter.security.pki import CertFiles
 
 MARKER = ".etlrouter-dev"
 LOCK_FILE = ".etlrouter-dev.lock"  # flock()ed while a dev runs on the directory; holds its pid
-OWNED = ("routers", "sidecars", "services", "sinks", "logs", "dev.json")
+OWNED = ("routers", "sidecars", "services", "sinks", "logs", "pki", "dev.json")
 SIDECAR_DEADLINE_S, SERVICE_DEADLINE_S, ROUTER_DEADLINE_S = 15.0, 10.0, 10.0
 SINK_MAX_BYTES = 64 << 20  # dev's jsonl sinks rotate at 64 MiB and keep one old file: ≤ 128 MiB a sink
 DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a demo, not a disk filler)
@@ -80,16 +84,19 @@ class DevOptions:
     view: bool = True
     timeout_s: float = 120.0
     startup_timeout_s: float = 60.0
+    # Plaintext without authentication (the default is mutual TLS with a throw-away CA: dev/secure.py).
+    insecure: bool = False
 
 
 @dataclass
 class Endpoint:
     name: str
     http_port: int
+    scheme: str = "http"
 
     @property
     def metrics(self) -> str:
-        return f"http://{HOST}:{self.http_port}/metrics"
+        return f"{self.scheme}://{HOST}:{self.http_port}/metrics"
 
 
 @dataclass
@@ -110,6 +117,8 @@ class Dev:
     context_file: Path | None = None
     capped_sinks: set[str] = field(default_factory=set)
     leaders: list[str] = field(default_factory=list)  # the Raft leader as the last /metrics sample saw it
+    pki: DevPki | None = None  # None with --insecure
+    _issued: dict[str, CertFiles] = field(default_factory=dict)
     _lock_fd: int | None = None
 
     def __post_init__(self) -> None:
@@ -188,6 +197,21 @@ class Dev:
     def _python(self, *args: str) -> list[str]:
         return [sys.executable, *args]
 
+    @property
+    def scheme(self) -> str:
+        return "http" if self.pki is None else "https"
+
+    def tls_env(self, kind: Kind, name: str) -> dict[str, str]:
+        """The TLS settings of a child that acts as `kind` `name` (nothing with --insecure)."""
+        if self.pki is None:
+            return {}
+        if name not in self._issued:
+            self._issued[name] = self.pki.issue(kind, name)
+        return self.pki.env(self._issued[name])
+
+    def client_security(self) -> Security | None:
+        return self.pki.client() if self.pki else None
+
     def start_routers(self) -> None:
         n = self.options.routers
         self.router_ids = [f"router-{i}" for i in range(n)]
@@ -209,8 +233,10 @@ class Dev:
                 "--http-port", str(self.layout.router_http[i]),
                 "--data-dir", str(self.data_dir / "routers" / node), *peers,
             ]  # fmt: skip
-            self.supervisor.start(node, "router", self._python(*args), env)
-            self.endpoints.append(Endpoint(node, self.layout.router_http[i]))
+            self.supervisor.start(
+                node, "router", self._python(*args), {**env, **self.tls_env("router", node)}
+            )
+            self.endpoints.append(Endpoint(node, self.layout.router_http[i], self.scheme))
 
     @property
     def router_addresses(self) -> list[str]:
@@ -253,7 +279,13 @@ class Dev:
         for j, service in enumerate(self.options.spec.services):
             args = self.service_args(service, j)
             self.service_argv[service.name] = args
-            self.supervisor.start(service.name, "service", self._python(*args))
+            # A push source (http-ingest) pushes as its pod, with its sidecar's certificate.
+            env = (
+                self.tls_env("sidecar", f"sidecar-{service.name}")
+                if service.connector == "http_ingest"
+                else {}
+            )
+            self.supervisor.start(service.name, "service", self._python(*args), env)
 
     def start_sidecars(self) -> None:
         routers = [arg for address in self.router_addresses for arg in ("--router", address)]
@@ -271,8 +303,9 @@ class Dev:
                 "--grpc-port", str(self.layout.sidecar_grpc[j]),
                 "--http-port", str(self.layout.sidecar_http[j]),
             ]  # fmt: skip
+            env.update(self.tls_env("sidecar", sidecar_id))
             self.supervisor.start(sidecar_id, "sidecar", self._python(*args), env)
-            self.endpoints.append(Endpoint(sidecar_id, self.layout.sidecar_http[j]))
+            self.endpoints.append(Endpoint(sidecar_id, self.layout.sidecar_http[j], self.scheme))
 
     def check_children(self) -> None:
         dead = self.supervisor.dead()
@@ -300,7 +333,7 @@ class Dev:
     async def _ready(self, session: aiohttp.ClientSession, port: int) -> bool:
         try:
             async with session.get(
-                f"http://{HOST}:{port}/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                f"{self.scheme}://{HOST}:{port}/readyz", timeout=aiohttp.ClientTimeout(total=2)
             ) as r:
                 return bool((await r.json(content_type=None)).get("ready"))
         except (TimeoutError, aiohttp.ClientError, ValueError):
@@ -344,8 +377,8 @@ class Dev:
         entry = {
             "name": CONTEXT_NAME,
             "routers": self.router_addresses,
-            "http": [f"http://{HOST}:{p}" for p in self.layout.router_http],
-            "credentials": {},
+            "http": [f"{self.scheme}://{HOST}:{p}" for p in self.layout.router_http],
+            "credentials": self.pki.credentials() if self.pki else {},
             "owner": {"pid": os.getpid(), "data_dir": str(self.data_dir)},
         }
         try:
@@ -469,8 +502,8 @@ class Dev:
         lines = [
             f"etlrouter dev: {self.options.routers} routers, {len(self.options.spec.services)} services, "
             f"{len(self.options.spec.services)} sidecars on {HOST}",
-            f"dashboard    http://{HOST}:{self.layout.router_http[0]}/  (any router)",
-            f"GraphQL      http://{HOST}:{self.layout.router_http[0]}/graphql  (any router: "
+            f"dashboard    {self.scheme}://{HOST}:{self.layout.router_http[0]}/  (any router)",
+            f"GraphQL      {self.scheme}://{HOST}:{self.layout.router_http[0]}/graphql  (any router: "
             + ", ".join(str(p) for p in self.layout.router_http)
             + ")",
             f"admin API    {', '.join(self.router_addresses)}"
@@ -482,6 +515,16 @@ class Dev:
             f"data dir     {self.data_dir}",
             f"logs         {self.supervisor.log_dir}/<process>.log",
         ]
+        if self.pki is not None:
+            creds = self.pki.credentials()
+            lines += [
+                f"security     mutual TLS, throw-away CA {creds['ca']} (--insecure: plaintext)",
+                "             ctl uses the context's admin certificate; from elsewhere:",
+                f"             etlrouter ctl --ca {creds['ca']} --cert {creds['cert']} --key {creds['key']}",
+                f"             dashboard/GraphQL token (role admin): {self.pki.token}",
+            ]
+        else:
+            lines.append("security     OFF (--insecure): plaintext, no authentication")
         for name, path in self.sink_files.items():
             cap = " (rotates at 64 MiB to .1; at most 128 MiB)" if name in self.capped_sinks else ""
             lines.append(f"{'sink ' + name:<12} {path}{cap}")
@@ -585,10 +628,12 @@ class Dev:
         self.layout = make_layout(self.options.base_port, self.options.routers, len(services))
         self.check_ports()  # 2. the ports: busy ones stop us before anything changes
         self.prepare_data_dir()  # 3. only now: wipe the previous run's files
-        async with aiohttp.ClientSession() as session:
+        self.pki = None if self.options.insecure else DevPki(self.data_dir / "pki")
+        connector = aiohttp.TCPConnector(ssl=self.pki.http_context() if self.pki else False)
+        async with aiohttp.ClientSession(connector=connector) as session:
             await self.start(session)
             self.write_context()
-            client = RouterClient(self.router_addresses, timeout=20)
+            client = RouterClient(self.router_addresses, timeout=20, security=self.client_security())
             try:
                 await self.apply(client)
                 await self.refresh_topology(client)

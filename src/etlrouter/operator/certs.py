@@ -10,18 +10,16 @@ bundle keeps trusting what the replicas serve.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
-CA_VALIDITY = dt.timedelta(days=5 * 365)
-CERT_VALIDITY = dt.timedelta(days=365)
+from etlrouter.security import pki
+from etlrouter.security.pki import CA_VALIDITY, CERT_VALIDITY
+
 # Renew when less than this fraction of the lifetime is left.
 RENEW_FRACTION = 1 / 3
 
@@ -61,58 +59,6 @@ class Plan:
     reason: str
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def new_ca(now: dt.datetime, validity: dt.timedelta = CA_VALIDITY) -> tuple[bytes, bytes]:
-    """A self-signed CA: (certificate PEM, key PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = _name("etlrouter-webhook-ca")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
-
-
-def _sans(names: Sequence[str]) -> list[x509.GeneralName]:
-    out: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            out.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            out.append(x509.DNSName(name))
-    return out
-
-
 def issue_cert(
     ca_cert_pem: bytes,
     ca_key_pem: bytes,
@@ -123,26 +69,11 @@ def issue_cert(
     """A serving certificate for `names` (DNS names or IP addresses) signed by the CA."""
     if not names:
         raise ValueError("a serving certificate needs at least one name")
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError("the CA key is not an EC key")
-    key = ec.generate_private_key(ec.SECP256R1())
-    not_after = min(now + validity, ca_cert.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(names[0]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(_sans(names)), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return pki.issue_cert(ca_cert_pem, ca_key_pem, names, now, validity)
+
+
+def new_ca(now: dt.datetime) -> tuple[bytes, bytes]:
+    return pki.new_ca(now, CA_VALIDITY, common_name="etlrouter-webhook-ca")
 
 
 def _due(cert: x509.Certificate, now: dt.datetime) -> bool:

@@ -49,6 +49,7 @@ from etlrouter.raft.types import (
     NodeId,
     SnapshotMeta,
 )
+from etlrouter.security.context import Security
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class RaftNode:
         state_machine: StateMachine,
         *,
         transport_config: TransportConfig | None = None,
+        security: Security | None = None,
     ) -> None:
         self.options = options
         self.id = options.node_id
@@ -176,6 +178,7 @@ class RaftNode:
             self._on_message,
             on_snapshot_sent=self._on_snapshot_sent,
             transport_config=transport_config,
+            security=security,
             rpc_timeout_s=max(0.2, options.tick_s * options.election_ticks),
         )
         self.core: RaftCore | None = None

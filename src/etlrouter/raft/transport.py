@@ -47,6 +47,8 @@ from etlrouter.raft.types import (
     NodeId,
     SnapshotMeta,
 )
+from etlrouter.security.context import Security
+from etlrouter.security.identity import ROUTER
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ class RaftTransport:
         *,
         on_snapshot_sent: Callable[[NodeId, bool], None] = lambda peer, ok: None,
         transport_config: TransportConfig | None = None,
+        security: Security | None = None,
         queue_limit: int = 4096,
         rpc_timeout_s: float = 1.0,
         snapshot_chunk_bytes: int = 1 << 20,
@@ -160,6 +163,7 @@ class RaftTransport:
         self.deliver = deliver
         self.on_snapshot_sent = on_snapshot_sent
         self.transport_config = transport_config or TransportConfig()
+        self.security = security
         self.queue_limit = queue_limit
         self.rpc_timeout_s = rpc_timeout_s
         self.snapshot_chunk_bytes = snapshot_chunk_bytes
@@ -348,7 +352,7 @@ class _Peer:
         self.t = transport
         self.node = node
         self.address = address
-        self.channel: Channel = open_channel(address, transport.transport_config)
+        self.channel: Channel = open_channel(address, transport.transport_config, transport.security, ROUTER)
         self.stub = raft_grpc.RaftServiceStub(self.channel)
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=transport.queue_limit)
         self._stream: ClientStream[raft_pb2.RaftMessage, raft_pb2.RaftMessage] | None = None

@@ -39,6 +39,7 @@ from etlrouter.core.offload import WorkerPool
 from etlrouter.raft.node import NodeOptions, NotLeader, RaftNode
 from etlrouter.router.stats import StatsStore
 from etlrouter.router.watch import WatchHub
+from etlrouter.security.context import Security
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,11 @@ class ControlMachine:
 
 
 class RouterNode:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, security: Security | None = None) -> None:
         self.config = config
         rc = config.router
+        # Who this router is and how it checks callers; built by the role (core/runtime.py serves with it).
+        self.security = security or Security(config.tls, config.auth, kind="router", name=rc.node_id)
         self.machine = ControlMachine(self._state_changed)
         self.state = self.machine.state
         self.watch = WatchHub(self.state)
@@ -110,6 +113,7 @@ class RouterNode:
             ),
             self.machine,
             transport_config=config.transport,
+            security=self.security,
         )
         self.sidecar_liveness = Liveness(
             timeout_ms=rc.sidecar_heartbeat_timeout_ms, grace_ms=rc.leader_grace_ms, leader_since_ms=now_ms()
@@ -153,7 +157,9 @@ class RouterNode:
         """Ask the existing cluster to add this (empty) node; the leader adds it as a learner, waits until it
         has caught up, then promotes it. Retried until it succeeds: the cluster may be electing."""
         rc = self.config.router
-        client = RouterClient(list(rc.join), timeout=60, transport_config=self.config.transport)
+        client = RouterClient(
+            list(rc.join), timeout=60, transport_config=self.config.transport, security=self.security
+        )
         request = admin_pb2.AddMemberRequest(node_id=rc.node_id, address=grpc_address)
         try:
             while True:

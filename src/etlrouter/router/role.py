@@ -27,6 +27,7 @@ class RouterRole:
             transport_config=config.transport,
             grpc_services=router_services(self.node),
             readiness=self.node.ready,
+            security=self.node.security,
         )
         mount_graphql(self.runtime.app, self.node)  # /graphql: queries, mutations, subscriptions
         mount_dashboard(self.runtime.app)  # /: the dashboard, a client of /graphql only

@@ -34,6 +34,8 @@ from etlrouter.flow.credits import Credits, CreditSender
 from etlrouter.flow.gate import AsyncCreditGate
 from etlrouter.flow.retry import Backoff
 from etlrouter.sdk.records import Record, source_batch
+from etlrouter.security.context import Security, security_from_environment
+from etlrouter.security.identity import SIDECAR
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class Pusher:
         max_unacked_records: int = 100_000,
         reconnect_max_s: float = 2.0,
         transport_config: TransportConfig | None = None,
+        security: Security | None = None,
     ) -> None:
         if not source:
             raise ValueError("Pusher needs the source service name")
@@ -102,6 +105,9 @@ class Pusher:
         # 0.1 s doubling up to reconnect_max_s; no jitter: each pusher has its own sidecar, there is no herd.
         self._reconnect = Backoff(base=min(0.1, reconnect_max_s), cap=reconnect_max_s, jitter=0.0)
         self.transport_config = transport_config
+        # Pushing needs the pod's identity when the sidecar runs TLS: by default the ETLROUTER_TLS__*
+        # settings of the environment (the sidecar's certificate, shared by its pod).
+        self.security = security if security is not None else security_from_environment()
         self.next_offset = time.time_ns() // 1000 if first_offset is None else first_offset
         self.acked = -1  # highest offset acknowledged
         self.last_error = ""  # why the pusher cannot send now (no sidecar, no pipeline), "" when it can
@@ -121,7 +127,7 @@ class Pusher:
     # -- lifecycle ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._channel = open_channel(self.sidecar, self.transport_config)
+        self._channel = open_channel(self.sidecar, self.transport_config, self.security, SIDECAR)
         self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:

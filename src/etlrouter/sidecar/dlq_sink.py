@@ -21,6 +21,8 @@ from etlrouter.client.router import RouterClient
 from etlrouter.core.config import SidecarConfig, TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.core.metrics import REGISTRY
+from etlrouter.security.context import Security
+from etlrouter.security.identity import SIDECAR
 from etlrouter.sidecar.dlq import new_letter_id
 
 __all__ = [
@@ -94,13 +96,15 @@ class DlqSinkForwarder:
         *,
         timeout_s: float = 10.0,
         lookup_ttl_s: float = 10.0,
+        security: Security | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.transport_config = transport_config
+        self.security = security
         self.timeout_s = timeout_s
         self.lookup_ttl_s = lookup_ttl_s
         self.routers = RouterClient(
-            list(config.routers), timeout=timeout_s / 2, transport_config=transport_config
+            list(config.routers), timeout=timeout_s / 2, transport_config=transport_config, security=security
         )
         self._addresses: dict[str, tuple[float, list[str]]] = {}
         self._channels: dict[str, Any] = {}
@@ -163,7 +167,9 @@ class DlqSinkForwarder:
         header.source_id, header.partition, header.attempt = first.source_id, first.partition, 1
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address, self.transport_config)
+            channel = self._channels[address] = open_channel(
+                address, self.transport_config, self.security, SIDECAR
+            )
         open_frame = dataplane_pb2.EdgeOpen(dlq_sink=sink, sender_sidecar_id=self.sidecar_id)
         async with dataplane_grpc.SidecarDataPlaneStub(channel).ReceiveRecords.open() as stream:
             await stream.send_message(dataplane_pb2.DataFrame(open=open_frame))

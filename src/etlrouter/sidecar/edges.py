@@ -21,6 +21,8 @@ from etlrouter.core.grpc import open_channel
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.flow.credits import Credits, CreditSender, ReceiveBuffer
 from etlrouter.flow.gate import AsyncCreditGate
+from etlrouter.security.context import Security
+from etlrouter.security.identity import SIDECAR
 from etlrouter.sidecar.model import BatchResult
 
 CREDITS_AVAILABLE = Gauge(
@@ -151,6 +153,7 @@ class RemoteEdge(Edge):
         address: str,
         open_frame: dataplane_pb2.EdgeOpen,
         transport_config: TransportConfig,
+        security: Security | None = None,
     ) -> None:
         super().__init__(dag_id, name)
         self.address = address
@@ -158,7 +161,7 @@ class RemoteEdge(Edge):
         self.transport_config = transport_config
         # The window is the receiver's: its first grant on every new stream says how large it is.
         self.gate = AsyncCreditGate(CreditSender(Credits(1, 1)))
-        self._channel = open_channel(address, transport_config)
+        self._channel = open_channel(address, transport_config, security, SIDECAR)
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[BatchResult]] = {}

@@ -43,6 +43,7 @@ from etlrouter.core.config import SidecarConfig, TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.flow.credits import Credits
 from etlrouter.flow.retry import Backoff
+from etlrouter.security.context import Security
 from etlrouter.sidecar.dlq_sink import DlqSinkForwarder
 from etlrouter.sidecar.edges import Edge, EdgeBrokenError, LocalEdge, RemoteEdge
 from etlrouter.sidecar.model import BatchResult, BranchShedError, DeadLetterSink, LocalService
@@ -134,7 +135,12 @@ class DagRuntime:
                     fencing_token=self.token,
                 )
                 edge = RemoteEdge(
-                    self.dag_id, name, placement.data_address, open_frame, engine.transport_config
+                    self.dag_id,
+                    name,
+                    placement.data_address,
+                    open_frame,
+                    engine.transport_config,
+                    engine.security,
                 )
             edge.sidecar_id = placement.sidecar_id
             self.edges[key] = edge
@@ -208,10 +214,13 @@ class Engine:
         transport_config: TransportConfig,
         dlq: DeadLetterSink,
         tap: Callable[[str, str, records_pb2.RawRecordBatch], None] | None = None,
+        security: Security | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.config = config
         self.transport_config = transport_config
+        # Edges to other sidecars use it; the local services are reached in plaintext on loopback.
+        self.security = security
         self.dlq = dlq
         self._tap = tap
         self.services: dict[str, LocalService] = {}
@@ -225,6 +234,7 @@ class Engine:
         self.services = {s.name: s for s in services}
 
     def channel_for(self, endpoint: str) -> Channel:
+        """A channel to a local user service (same pod, loopback: plaintext, as Dapr's app channel)."""
         if endpoint not in self._channels:
             self._channels[endpoint] = open_channel(endpoint, self.transport_config)
         return self._channels[endpoint]
@@ -238,7 +248,9 @@ class Engine:
         that sink fails) into the local store. Returns only once the letters are durable somewhere."""
         if dlq_sink:
             if self._dlq_sinks is None:
-                self._dlq_sinks = DlqSinkForwarder(self.sidecar_id, self.config, self.transport_config)
+                self._dlq_sinks = DlqSinkForwarder(
+                    self.sidecar_id, self.config, self.transport_config, security=self.security
+                )
             if await self._dlq_sinks.send(dlq_sink, letters):
                 return
         await self.dlq.put(letters)
@@ -376,6 +388,23 @@ class Engine:
     def runs(self, dag_id: str, stage_id: str) -> bool:
         dag = self.dags.get(dag_id)
         return dag is not None and dag.local_runner(stage_id) is not None
+
+    def feeds(self, sender_sidecar_id: str, first: dataplane_pb2.DataFrame) -> bool:
+        """Whether `sender_sidecar_id` may open this edge (security/authz.py, rule "upstream"): dead letters
+        for a local sink come from any sidecar sending as itself; batches for a stage only from a sidecar
+        placed on a stage whose downstream is that stage, in the DAG as this sidecar knows it."""
+        if not first.HasField("open"):
+            return False
+        edge = first.open
+        if edge.dlq_sink:
+            return True
+        dag = self.dags.get(edge.dag_id)
+        if dag is None:
+            return False
+        parents = {s.id for s in dag.spec.stages if edge.stage_id in s.downstream}
+        return any(
+            p.sidecar_id == sender_sidecar_id for stage in parents for p in dag.placements.get(stage, ())
+        )
 
     async def redrive(self, dag_id: str, stage_id: str, letters: Sequence[dataplane_pb2.DeadLetter]) -> int:
         dag = self.dags.get(dag_id)

@@ -21,6 +21,7 @@ from etlrouter._proto.v1 import records_pb2
 from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.core.config import Config, parse_port_list
 from etlrouter.core.runtime import RoleRuntime
+from etlrouter.security.context import Security
 from etlrouter.sidecar.admin import SidecarAdminService, TapHub
 from etlrouter.sidecar.cluster import ClusterClient
 from etlrouter.sidecar.dataplane import DataPlaneService
@@ -48,12 +49,17 @@ class SidecarRole:
         self.config = config
         cfg = config.sidecar
         self.sidecar_id = cfg.id or socket.gethostname()
+        self.security = Security(config.tls, config.auth, kind="sidecar", name=self.sidecar_id)
         self.taps = TapHub()
         self.dlq = _LateDlq()
-        self.engine = Engine(self.sidecar_id, cfg, config.transport, self.dlq, tap=self._tap)
+        self.engine = Engine(
+            self.sidecar_id, cfg, config.transport, self.dlq, tap=self._tap, security=self.security
+        )
         self.runtime: RoleRuntime | None = None  # built in start(), once the DLQ store is open
         self._stopped = asyncio.Event()
-        self.routers = RouterClient(list(cfg.routers), timeout=10, transport_config=config.transport)
+        self.routers = RouterClient(
+            list(cfg.routers), timeout=10, transport_config=config.transport, security=self.security
+        )
         self.cluster: ClusterClient | None = None
         self.discovery = Discovery(
             self.sidecar_id,
@@ -87,6 +93,8 @@ class SidecarRole:
             transport_config=self.config.transport,
             grpc_services=[DataPlaneService(self.engine), SidecarAdminService(store, self.engine, self.taps)],
             readiness=self.ready,
+            security=self.security,
+            feeds=self.engine.feeds,
         )
         await self.runtime.grpc.start()
         data_address = self.runtime.grpc.address
