@@ -25,6 +25,10 @@ rest of the machine's busy CPU over the same time (the routers, and anything els
 machine a round with other load is not comparable). The sink records each batch's offset range, so every
 round also reports offsets never written and records written twice.
 
+--tls on|both runs the routed pipeline with mutual TLS on every part (a throw-away CA, as in
+tests/security/pki.py; "both": plaintext and mTLS rounds alternate, each against its own 3-router
+cluster, so both pay for two idle clusters alike). Target (issue): mTLS keeps >= 85% of plaintext.
+
 --profile DIR samples every process of the routed rounds with `py-spy record --format raw` (collapsed
 stacks; `pip install py-spy` into the venv). --keep keeps the logs and each sidecar's final /metrics.
 
@@ -300,8 +304,13 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
     return lower + (upper - lower) * (rank - below) / max(1e-9, count - below)
 
 
-def scrape(http_port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+def scrape(http_port: int, pki: Any = None) -> str:
+    if pki is None:
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/metrics")
+    else:
+        auth = {"Authorization": f"Bearer {pki.tokens['viewer']}"}
+        request = urllib.request.Request(f"https://127.0.0.1:{http_port}/metrics", headers=auth)
+    with urllib.request.urlopen(request, timeout=5, context=pki.https() if pki else None) as r:
         return str(r.read().decode())
 
 
@@ -315,20 +324,23 @@ def batch_seconds_buckets(metrics: str) -> list[tuple[float, float]]:
     return sorted(buckets)
 
 
-def ready(http_port: int) -> bool:
+def ready(http_port: int, pki: Any = None) -> bool:
+    scheme = "https" if pki else "http"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as r:
+        with urllib.request.urlopen(
+            f"{scheme}://127.0.0.1:{http_port}/readyz", timeout=2, context=pki.https() if pki else None
+        ) as r:
             return bool(json.loads(r.read())["ready"])
     except OSError:
         return False
 
 
-def apply(addresses: list[str], text: str) -> None:
+def apply(addresses: list[str], text: str, pki: Any = None) -> None:
     from etlrouter._proto.v1 import admin_grpc, admin_pb2
     from etlrouter.client.router import RouterClient
 
     async def go() -> None:
-        client = RouterClient(addresses, timeout=20)
+        client = RouterClient(addresses, timeout=20, security=pki.security() if pki else None)
         try:
             reply = await client.call(
                 admin_grpc.PipelineAdminStub,
@@ -343,12 +355,12 @@ def apply(addresses: list[str], text: str) -> None:
     asyncio.run(go())
 
 
-def delete_pipeline(addresses: list[str], name: str) -> None:
+def delete_pipeline(addresses: list[str], name: str, pki: Any = None) -> None:
     from etlrouter._proto.v1 import admin_grpc, admin_pb2
     from etlrouter.client.router import RouterClient
 
     async def go() -> None:
-        client = RouterClient(addresses, timeout=20)
+        client = RouterClient(addresses, timeout=20, security=pki.security() if pki else None)
         try:
             await client.call(
                 admin_grpc.PipelineAdminStub,
@@ -453,8 +465,10 @@ def run_direct(procs: Procs, base: Path, args: argparse.Namespace, n: int) -> di
     }
 
 
-def run_routed(procs: Procs, base: Path, args: argparse.Namespace, n: int, routers: Any) -> dict[str, Any]:
-    work = base / f"routed-{n}"
+def run_routed(
+    procs: Procs, base: Path, args: argparse.Namespace, n: int, routers: Any, pki: Any = None
+) -> dict[str, Any]:
+    work = base / f"routed-{n}{'-tls' if pki else ''}"
     work.mkdir()
     svc = start_services(procs, work, args, f"routed{n}")
     for port in svc["ports"].values():
@@ -470,6 +484,7 @@ def run_routed(procs: Procs, base: Path, args: argparse.Namespace, n: int, route
             "ETLROUTER_SIDECAR__SCAN_INTERVAL_MS": "500",
             "ETLROUTER_LOGGING__FORMAT": "json",
             "ETLROUTER_LOGGING__LEVEL": "warning",
+            **(pki.env("sidecar", sidecar_id) if pki else {}),
         }
         router_args = [a for address in routers.addresses for a in ("--router", address)]
         pids[sidecar_id.rsplit("-", 1)[0]] = procs.start(
@@ -480,7 +495,7 @@ def run_routed(procs: Procs, base: Path, args: argparse.Namespace, n: int, route
             ],
             env,
         )
-    wait_until(lambda: all(ready(p) for p in http.values()), 60, "sidecars registered")
+    wait_until(lambda: all(ready(p, pki) for p in http.values()), 60, "sidecars registered")
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     profilers = [
         subprocess.Popen(
@@ -494,7 +509,7 @@ def run_routed(procs: Procs, base: Path, args: argparse.Namespace, n: int, route
         for name, pid in (pids.items() if args.profile else ())
     ]
     busy0, started = machine_busy(), time.monotonic()
-    apply(routers.addresses, PIPELINE)
+    apply(routers.addresses, PIPELINE, pki)
     # Until every offset is at the sink, or nothing more arrives for 20 s.
     written, progress_at, missing = 0, time.monotonic(), args.records
     while missing and time.monotonic() - progress_at < 20:
@@ -512,10 +527,10 @@ def run_routed(procs: Procs, base: Path, args: argparse.Namespace, n: int, route
         profiler.wait(timeout=30)
     stats = read_stats(svc["stats"])
     for role, port in http.items():  # for post-mortems with --keep
-        (work / f"sc-{role}.metrics").write_text(scrape(port))
+        (work / f"sc-{role}.metrics").write_text(scrape(port, pki))
     # The source sidecar runs one stage (the source): its histogram is the end-to-end batch latency.
-    buckets = batch_seconds_buckets(scrape(http["src"]))
-    delete_pipeline(routers.addresses, "bench")
+    buckets = batch_seconds_buckets(scrape(http["src"], pki))
+    delete_pipeline(routers.addresses, "bench", pki)
     missing, duplicates = delivery_check(stats, args.records)
     return {
         "missing": missing,
@@ -541,27 +556,39 @@ def stop_round(procs: Procs) -> None:
 
 def main_bench(args: argparse.Namespace) -> None:
     from tests.integration.cluster import RouterProcesses
+    from tests.security.pki import TestPki
 
     base = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    routers = RouterProcesses(base / "routers", fsync=False)
+    pki = TestPki(base / "pki") if args.tls != "off" else None
+    clusters: dict[str, Any] = {}  # "routed" (plaintext) and/or "routed+mtls": a router cluster each
+    if args.tls in ("off", "both"):
+        clusters["routed"] = RouterProcesses(base / "routers", fsync=False)
+    if pki is not None:
+        clusters["routed+mtls"] = RouterProcesses(
+            base / "routers-tls", fsync=False, env_for=lambda node: pki.env("router", node), https=pki.https()
+        )
+    modes = [m for mode in args.modes for m in (clusters if mode == "routed" else ["direct"])]
     procs = Procs(base)
-    results: dict[str, list[dict[str, Any]]] = {"direct": [], "routed": []}
-    routers.start_all()
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    for cluster in clusters.values():
+        cluster.start_all()
     try:
-        routers.wait_ready()
+        for cluster in clusters.values():
+            cluster.wait_ready()
         for n in range(args.rounds):
-            for mode in args.modes:
+            for mode in modes:
                 if mode == "direct":
                     result = run_direct(procs, base, args, n)
                 else:
-                    result = run_routed(procs, base, args, n, routers)
+                    tls = pki if mode == "routed+mtls" else None
+                    result = run_routed(procs, base, args, n, clusters[mode], tls)
                 stop_round(procs)
                 results[mode].append(result)
                 cpu = ", ".join(f"{k} {v:.1f}" for k, v in result["cpu"].items())
                 print(
-                    f"round {n} {mode:6}: {result['rate']:9.0f} rec/s  p50 {result['p50'] * 1000:6.1f} ms  "
+                    f"round {n} {mode:11}: {result['rate']:9.0f} rec/s  p50 {result['p50'] * 1000:6.1f} ms  "
                     f"p99 {result['p99'] * 1000:6.1f} ms  ({result['records']} records written, "
                     f"{result['missing']} offsets missing, {result['duplicates']} duplicates; CPU s: {cpu}; "
                     f"other load {result['other_cores']:.2f} cores)",
@@ -569,7 +596,8 @@ def main_bench(args: argparse.Namespace) -> None:
                 )
     finally:
         procs.stop_all()
-        routers.stop_all()
+        for cluster in clusters.values():
+            cluster.stop_all()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
         else:
@@ -580,15 +608,25 @@ def main_bench(args: argparse.Namespace) -> None:
         "| pipeline | records/s (median) | p50 batch latency | p99 batch latency | CPU s per 100k records |"
     )
     print("|---|---|---|---|---|")
-    for mode in args.modes:
+    for mode in modes:
         rs = results[mode]
         rate = statistics.median(r["rate"] for r in rs)
         p50 = statistics.median(r["p50"] for r in rs) * 1000
         p99 = statistics.median(r["p99"] for r in rs) * 1000
         cpu = sum(v for r in rs for v in r["cpu"].values() if v == v) / (len(rs) * args.records / 100_000)
-        label = f"direct (driver, {args.inflight} in flight)" if mode == "direct" else "routed (3 sidecars)"
+        label = {
+            "direct": f"direct (driver, {args.inflight} in flight)",
+            "routed": "routed (3 sidecars)",
+            "routed+mtls": "routed (3 sidecars), mutual TLS",
+        }[mode]
         print(f"| {label} | {rate:,.0f} | {p50:.1f} ms | {p99:.1f} ms | {cpu:.2f} |")
-    if set(args.modes) == {"direct", "routed"}:
+    if results.get("routed") and results.get("routed+mtls"):
+        plain = statistics.median(r["rate"] for r in results["routed"])
+        secure = statistics.median(r["rate"] for r in results["routed+mtls"])
+        share = secure / plain if plain else 0.0
+        print()
+        print(f"mTLS / plaintext = {share:.0%} (target >= 85%): {'met' if share >= 0.85 else 'NOT met'}")
+    if results.get("direct") and results.get("routed"):
         direct = statistics.median(r["rate"] for r in results["direct"])
         routed = statistics.median(r["rate"] for r in results["routed"])
         ratio = routed / direct if direct else 0.0
@@ -620,6 +658,12 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=4, help="batches in flight in the direct chain")
     parser.add_argument("--modes", nargs="+", default=["direct", "routed"], choices=["direct", "routed"])
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs")
+    parser.add_argument(
+        "--tls",
+        choices=["off", "on", "both"],
+        default="off",
+        help="routed rounds with mutual TLS (both: A/B)",
+    )
     parser.add_argument(
         "--profile",
         type=Path,

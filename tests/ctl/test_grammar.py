@@ -82,7 +82,7 @@ class FakeClient:
         message_type, data = REPLIES[method]
         return json_format.ParseDict(data, message_type())
 
-    def channel(self, address: str) -> object:
+    def channel(self, address: str, expect: object = None) -> object:
         return object()
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -94,9 +95,10 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def ready(http_port: int) -> bool:
+def ready(http_port: int, https: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as r:
+        url = f"{'https' if https else 'http'}://127.0.0.1:{http_port}/readyz"
+        with urllib.request.urlopen(url, timeout=2, context=https) as r:
             return bool(json.loads(r.read())["ready"])
     except OSError:
         return False

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import free_port
@@ -21,8 +23,19 @@ ELECTION_TICKS = 10
 class RouterProcesses:
     """N router processes forming one cluster. Logs go to files under `workdir` for post-mortems."""
 
-    def __init__(self, workdir: Path, size: int = 3, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        size: int = 3,
+        *,
+        fsync: bool = True,
+        env_for: Callable[[str], dict[str, str]] | None = None,
+        https: ssl.SSLContext | None = None,
+    ) -> None:
         self.workdir = workdir
+        # Extra environment per node (TLS settings: tests/security/pki.py), and how to reach HTTPS /readyz.
+        self.env_for = env_for or (lambda node: {})
+        self.https = https
         workdir.mkdir(parents=True, exist_ok=True)
         self.ids = [f"router-{i}" for i in range(size)]
         self.grpc_ports = {node: free_port() for node in self.ids}
@@ -52,6 +65,7 @@ class RouterProcesses:
             "ETLROUTER_ROUTER__RAFT__FSYNC": "true" if self.fsync else "false",
             "ETLROUTER_ROUTER__SIDECAR_HEARTBEAT_TIMEOUT_MS": "3000",
             "ETLROUTER_ROUTER__LEADER_GRACE_MS": "3000",
+            **self.env_for(node),
         }
         if join:
             peers = [arg for address in join for arg in ("--join", address)]
@@ -90,7 +104,9 @@ class RouterProcesses:
 
     def readyz(self, node: str) -> dict[str, object] | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_ports[node]}/readyz", timeout=2) as r:
+            scheme = "https" if self.https else "http"
+            url = f"{scheme}://127.0.0.1:{self.http_ports[node]}/readyz"
+            with urllib.request.urlopen(url, timeout=2, context=self.https) as r:
                 return dict(json.loads(r.read()))
         except (OSError, urllib.error.HTTPError, ValueError):
             return None

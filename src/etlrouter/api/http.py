@@ -18,12 +18,14 @@ from ariadne import graphql
 from ariadne.format_error import format_error
 from graphql import GraphQLError, GraphQLSchema, parse
 
+from etlrouter.api.auth import denial
 from etlrouter.api.dlq import SidecarAdmins
 from etlrouter.api.forward import LeaderForwarder
 from etlrouter.api.limits import MAX_QUERY_CHARS, MAX_QUERY_TOKENS, QueryLimitsRule
 from etlrouter.api.schema import ERROR_LOG, ApiContext, build_schema
 from etlrouter.api.ws import GraphQLWebSockets
 from etlrouter.router.node import RouterNode
+from etlrouter.security.http import IDENTITY, forbidden
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class GraphQLEndpoint:
         self.schema: GraphQLSchema = build_schema()
         self.forwarder = LeaderForwarder(node)
         self.admins = SidecarAdmins(node.config.transport, node.security)
-        self.websockets = GraphQLWebSockets(self.schema, self.context)
+        self.websockets = GraphQLWebSockets(self.schema, self.context, node.security)
 
     def context(self) -> ApiContext:
         return ApiContext(node=self.node, forwarder=self.forwarder, admins=self.admins)
@@ -85,6 +87,10 @@ class GraphQLEndpoint:
             document = parse(query, max_tokens=MAX_QUERY_TOKENS)
         except GraphQLError as e:
             return web.json_response({"errors": [format_error(e)]}, status=400)
+        name = data.get("operationName")
+        why = denial(request.get(IDENTITY), document, name if isinstance(name, str) else None)
+        if why is not None:
+            return forbidden(why)
         _, result = await graphql(
             self.schema,
             data,

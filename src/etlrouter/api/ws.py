@@ -27,8 +27,13 @@ from graphql import (
     parse,
 )
 
+from etlrouter.api.auth import denial
 from etlrouter.api.limits import MAX_QUERY_CHARS, MAX_QUERY_TOKENS, QueryLimitsRule
 from etlrouter.api.schema import ERROR_LOG, ApiContext
+from etlrouter.security import authz
+from etlrouter.security.context import Security, Unauthenticated
+from etlrouter.security.http import IDENTITY
+from etlrouter.security.identity import ANONYMOUS, Identity
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ MAX_ID_CHARS = 128
 # Close codes of the protocol.
 BAD_MESSAGE = 4400
 UNAUTHORIZED = 4401
+FORBIDDEN = 4403
 SUBPROTOCOL_NOT_ACCEPTABLE = 4406
 INIT_TIMEOUT = 4408
 DUPLICATE_ID = 4409
@@ -58,9 +64,12 @@ class _Closing(Exception):
 class GraphQLWebSockets:
     """Serves graphql-transport-ws connections for one schema; `close_all` on shutdown."""
 
-    def __init__(self, schema: GraphQLSchema, context: Callable[[], ApiContext]) -> None:
+    def __init__(
+        self, schema: GraphQLSchema, context: Callable[[], ApiContext], security: Security | None = None
+    ) -> None:
         self.schema = schema
         self.context = context
+        self.security = security or Security.insecure()
         self.connections: set[web.WebSocketResponse] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -75,7 +84,7 @@ class GraphQLWebSockets:
             return ws
         self.connections.add(ws)
         try:
-            await _Connection(self, ws).run()
+            await _Connection(self, ws, request.get(IDENTITY)).run()
         finally:
             self.connections.discard(ws)
         return ws
@@ -86,9 +95,13 @@ class GraphQLWebSockets:
 
 
 class _Connection:
-    def __init__(self, server: GraphQLWebSockets, ws: web.WebSocketResponse) -> None:
+    def __init__(
+        self, server: GraphQLWebSockets, ws: web.WebSocketResponse, identity: Identity | None
+    ) -> None:
         self.server = server
         self.ws = ws
+        # None: security off. ANONYMOUS: the upgrade carried no credentials; connection_init must.
+        self.identity = identity
         self.acknowledged = False
         self.init_received = False
         self.operations: dict[str, asyncio.Task[None]] = {}
@@ -143,7 +156,9 @@ class _Connection:
         if kind == "connection_init":
             if self.init_received:
                 raise _Closing(TOO_MANY_INITS, "Too many initialisation requests")
-            self.init_received = self.acknowledged = True
+            self.init_received = True
+            self._authenticate(message.get("payload"))
+            self.acknowledged = True
             await self.send({"type": "connection_ack"})
         elif kind == "ping":
             await self.send({"type": "pong"})
@@ -158,6 +173,23 @@ class _Connection:
                 task.cancel()
         else:
             raise _Closing(BAD_MESSAGE, f"Invalid message received: unknown type {kind!r}")
+
+    def _authenticate(self, payload: Any) -> None:
+        """A browser's credentials arrive in connection_init: `{"authorization": "Bearer TOKEN"}`."""
+        if self.identity is not ANONYMOUS:
+            return
+        authorization = payload.get("authorization") if isinstance(payload, dict) else None
+        try:
+            identity = self.server.security.authenticate(
+                None, authorization if isinstance(authorization, str) else None
+            )
+        except Unauthenticated as e:
+            authz.DENIALS.report(ANONYMOUS, "GraphQL WebSocket", str(e), api="http", reason="unauthenticated")
+            raise _Closing(FORBIDDEN, f"Forbidden: {e}") from None
+        if not authz.holds(identity, authz.Permission.VIEWER):
+            authz.DENIALS.report(identity, "GraphQL WebSocket", "viewer", api="http")
+            raise _Closing(FORBIDDEN, f"Forbidden: {identity} requires 'viewer'")
+        self.identity = identity
 
     async def _subscribe(self, message: dict[str, Any]) -> None:
         if not self.acknowledged:
@@ -210,7 +242,12 @@ class _Connection:
             await self.send({"type": "error", "id": op_id, "payload": [format_error(e)]})
             return
         operation_name = payload.get("operationName")
-        operation = get_operation_ast(document, operation_name if isinstance(operation_name, str) else None)
+        name = operation_name if isinstance(operation_name, str) else None
+        why = denial(self.identity, document, name)
+        if why is not None:
+            await self._error(op_id, why, "FORBIDDEN")
+            return
+        operation = get_operation_ast(document, name)
         try:
             if operation is not None and operation.operation == OperationType.SUBSCRIPTION:
                 await self._stream(op_id, payload, document)

@@ -12,6 +12,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from etlrouter.core.lifecycle import listen_error
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.security.context import Security
+from etlrouter.security.http import make_guard
 
 # The process's Security, for the HTTP guard (api/auth.py) and the handlers.
 SECURITY: web.AppKey[Security] = web.AppKey("etlrouter_security", Security)
@@ -26,8 +27,9 @@ def build_app(
     readiness: ReadinessCheck, *, client_max_size: int = 1 << 20, security: Security | None = None
 ) -> web.Application:
     """An aiohttp app with the shared endpoints. Request bodies are bounded by client_max_size."""
-    app = web.Application(client_max_size=client_max_size)
-    app[SECURITY] = security or Security.insecure()
+    security = security or Security.insecure()
+    app = web.Application(client_max_size=client_max_size, middlewares=[make_guard(security)])
+    app[SECURITY] = security
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -265,6 +265,8 @@ def run_call(obj: Context, work: Callable[[RouterClient], Awaitable[T]]) -> tupl
         hint = f"\nhint: the addresses came from {source}"
         if e.refused:
             hint += "; nothing listens there. Is the cluster (`make run` / `etlrouter dev`) running?"
+        elif client.security is None or not client.security.enabled:
+            hint += "; if the cluster serves TLS (etlrouter dev does), give --ca with --cert/--key or --token"
         die(f"error: {e}{hint}\nanother cluster: --router HOST:PORT or --context NAME", EXIT_UNREACHABLE)
     except OSError as e:
         die(f"error: {e}", EXIT_RUNTIME)
@@ -627,7 +629,7 @@ def backup_restore(obj: Context, file_opt: str | None, file_arg: str | None) -> 
             for i in range(0, max(len(data), 1), 1 << 20)
         ]
         chunks[-1].crc32 = zlib.crc32(data)
-        stub = admin_grpc.BackupServiceStub(c.channel(address, SIDECAR))
+        stub = admin_grpc.BackupServiceStub(c.channel(address))
         return await stub.RestoreSnapshot(chunks, timeout=c.timeout)
 
     reply, fmt = run_call(obj, work)

@@ -10,8 +10,8 @@ no `ETLROUTER_*` variable is used, since those are configuration fields). The fi
     contexts:
       - name: dev
         routers: [127.0.0.1:17400, 127.0.0.1:17401, 127.0.0.1:17402]   # gRPC admin API
-        http: [http://127.0.0.1:17480, …]                             # GraphQL at /graphql, dashboard at /
-        credentials: {}       # reserved: CA, client certificate and key, or a token, once security lands
+        http: [https://127.0.0.1:17480, …]                             # GraphQL at /graphql, dashboard at /
+        credentials: {ca: …/ca.crt, cert: …/dev-admin.crt, key: …/dev-admin.key, trust_domain: …}
         owner: {pid: 4242, data_dir: /repo/.data/dev}                   # set by `etlrouter dev` only
 
 Writers take an flock on `config.lock` beside it and replace the file atomically, so a dev starting while

@@ -215,3 +215,41 @@ class DenialLog:
 
 
 DENIALS = DenialLog()
+
+
+# GraphQL: the permission of each root field (`Type.field`); any other Query or Subscription field needs
+# `viewer`, any other Mutation field `admin` (a new mutation is closed until it is listed here).
+GRAPHQL_FIELDS: dict[str, Permission] = {
+    "Query.deadLetter": Permission.TAP,  # carries the record; `deadLetters` lists without it
+    "Mutation.applyPipelines": Permission.EDITOR,
+    "Mutation.deletePipeline": Permission.EDITOR,
+    "Mutation.redriveDeadLetters": Permission.EDITOR,
+}
+_GRAPHQL_DEFAULT = {
+    "Query": Permission.VIEWER,
+    "Subscription": Permission.VIEWER,
+    "Mutation": Permission.ADMIN,
+}
+
+# The HTTP endpoints of every role. Probes and the dashboard's static page are open (they reveal nothing;
+# the page asks for a token and calls /graphql with it); /graphql needs `viewer` to be reached at all, then
+# each root field its own permission.
+HTTP_OPEN_PATHS = ("/healthz", "/readyz", "/")
+HTTP_OPEN_PREFIXES = ("/dashboard/",)
+HTTP_PATHS: dict[str, Permission] = {"/metrics": Permission.VIEWER, "/graphql": Permission.VIEWER}
+
+
+def graphql_field_permission(type_name: str, field: str) -> Permission:
+    return GRAPHQL_FIELDS.get(f"{type_name}.{field}", _GRAPHQL_DEFAULT.get(type_name, Permission.ADMIN))
+
+
+def http_path_permission(path: str) -> Permission | None:
+    """None for the open paths; unknown paths need `admin` (nothing is served unlisted)."""
+    if path in HTTP_OPEN_PATHS or path.startswith(HTTP_OPEN_PREFIXES):
+        return None
+    return HTTP_PATHS.get(path, Permission.ADMIN)
+
+
+def holds(identity: Identity, permission: Permission) -> bool:
+    """People and tools by their roles; a router holds every permission (it is the cluster)."""
+    return identity.kind == "router" or permission in permissions_of(identity)

@@ -1,6 +1,6 @@
 // The dashboard: queries over HTTP for what changes rarely (DAGs, dead letters), one `stats` subscription for
 // what is live. Everything shown comes from the public GraphQL API (docs/graphql.md).
-import { ApiError, LiveConnection, endpoint, request } from "./graphql.js";
+import { ApiError, LiveConnection, endpoint, onAuthNeeded, request, setToken } from "./graphql.js";
 import { rate, renderDag } from "./dag.js";
 
 const api = endpoint();
@@ -317,5 +317,20 @@ const live = new LiveConnection(api.ws, (status) => {
   if (status.state === "live" && status.reconnected) loadDags();
 });
 live.subscribe(STATS_SUB, {}, (data) => onStats(data.stats), (error) => showAlert(`live stats: ${error}`));
+
+// Authentication on: the API answered 401 (or closed the WebSocket with 4403); ask for a token.
+onAuthNeeded((message) => {
+  $("#login-why").textContent = message;
+  $("#login").hidden = false;
+  $("#login input[name=token]").focus();
+});
+$("#login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  setToken($("#login input[name=token]").value.trim());
+  $("#login").hidden = true;
+  showAlert("");
+  live.restart();
+  loadDags();
+});
 loadDags();
 window.etlDashboard = { state, live };

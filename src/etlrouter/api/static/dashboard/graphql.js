@@ -8,6 +8,21 @@ export function endpoint(base = document.baseURI) {
   return { http: http.href, ws: ws.href };
 }
 
+// With authentication on, the page sends a bearer token (kept for this tab only, in sessionStorage).
+const TOKEN_KEY = "etlrouter.token";
+export function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+export function setToken(value) {
+  if (value) sessionStorage.setItem(TOKEN_KEY, value);
+  else sessionStorage.removeItem(TOKEN_KEY);
+}
+let authNeeded = () => {};
+// `handler(message)` runs when the API asks for credentials (HTTP 401, WebSocket close 4403).
+export function onAuthNeeded(handler) {
+  authNeeded = handler;
+}
+
 export class ApiError extends Error {
   constructor(message, { unreachable = false, code = "" } = {}) {
     super(message);
@@ -24,7 +39,7 @@ export async function request(url, query, variables = {}, timeoutMs = 15000) {
   try {
     response = await fetch(url, {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...(token() ? { Authorization: `Bearer ${token()}` } : {}) },
       body: JSON.stringify({ query, variables }),
       signal: controller.signal,
     });
@@ -39,6 +54,7 @@ export async function request(url, query, variables = {}, timeoutMs = 15000) {
   } catch {
     throw new ApiError(`the GraphQL API at ${url} answered HTTP ${response.status} without JSON`, { unreachable: response.status >= 500 });
   }
+  if (response.status === 401) authNeeded(body.errors?.[0]?.message ?? "the API asks for a token");
   if (body.errors && body.errors.length) {
     const first = body.errors[0];
     throw new ApiError(first.message, { code: first.extensions?.code ?? "" });
@@ -88,11 +104,14 @@ export class LiveConnection {
       return;
     }
     this.socket = socket;
-    socket.onopen = () => socket.send(JSON.stringify({ type: "connection_init" }));
+    socket.onopen = () => socket.send(JSON.stringify({
+      type: "connection_init", payload: token() ? { authorization: `Bearer ${token()}` } : {},
+    }));
     socket.onmessage = (event) => this.onMessage(event.data);
     socket.onclose = (event) => {
       if (this.socket !== socket) return;
       this.socket = null;
+      if (event.code === 4403) authNeeded(event.reason || "the API asks for a token");
       const why = event.reason || (event.code === 1006 ? "connection failed or dropped" : `closed (${event.code})`);
       this.retry(why);
     };
@@ -137,5 +156,14 @@ export class LiveConnection {
   close() {
     this.closed = true;
     this.socket?.close();
+  }
+
+  // Connect again now (new credentials), whatever the backoff was waiting for.
+  restart() {
+    const old = this.socket;
+    this.socket = null;
+    old?.close();
+    this.attempt = 0;
+    this.connect();
   }
 }
