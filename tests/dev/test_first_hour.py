@@ -7,12 +7,15 @@ import hashlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, free_port
@@ -96,7 +99,21 @@ def test_ctl_finds_dev_by_its_context_and_a_second_dev_destroys_nothing(tmp_path
         assert view["view"] == "leader" and view["answered_by"] == status["leader"]
         assert all(m["reachable"] and m["match_index"] > 0 for m in view["members"]), view
 
-        # The README's curl, with the address the context gives.
+        # The README's curl, with the address and the credentials the context gives (dev is secure by
+        # default: https, its own CA, its admin certificate).
+        creds = context["credentials"]
+        assert context["http"][0].startswith("https://") and set(creds) >= {"ca", "cert", "key"}
+        tls = ssl.create_default_context(cafile=creds["ca"])
+        tls.load_cert_chain(creds["cert"], creds["key"])
+        with pytest.raises(urllib.error.HTTPError) as refused:  # without credentials: 401
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    context["http"][0] + "/graphql", data=b"{}", headers={"content-type": "application/json"}
+                ),
+                timeout=10,
+                context=ssl.create_default_context(cafile=creds["ca"]),
+            )
+        assert refused.value.code == 401
         request = urllib.request.Request(
             context["http"][0] + "/graphql",
             data=json.dumps(
@@ -104,7 +121,7 @@ def test_ctl_finds_dev_by_its_context_and_a_second_dev_destroys_nothing(tmp_path
             ).encode(),
             headers={"content-type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=10) as reply:
+        with urllib.request.urlopen(request, timeout=10, context=tls) as reply:
             answer = json.loads(reply.read())
         assert "errors" not in answer, answer
         assert sorted(p["name"] for p in answer["data"]["pipelines"]) == [
