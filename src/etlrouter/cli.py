@@ -248,8 +248,10 @@ cli.add_command(ctl)
 
 # The conformance kit and the delivery oracle (src/etlrouter/conformance/); their bodies live there.
 from etlrouter.conformance.command import conformance as _conformance  # noqa: E402
+from etlrouter.conformance.command import verify as _verify  # noqa: E402
 
 cli.add_command(_conformance)
+cli.add_command(_verify)
 
 
 def _parse_peer(spec: str) -> dict[str, str]:

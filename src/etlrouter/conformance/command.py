@@ -102,3 +102,77 @@ def conformance(
     if junit_file:
         Path(junit_file).write_bytes(junit_xml(report))
     sys.exit(report.exit_code)
+
+
+def _seconds(text: str) -> float:
+    """`60`, `60s`, `2m`, `500ms` -> seconds."""
+    from etlrouter.dsl.options import ValueProblem, parse_duration_ms
+
+    try:
+        return float(text) if text.replace(".", "", 1).isdigit() else parse_duration_ms(text) / 1000
+    except ValueProblem as e:
+        raise click.BadParameter(f"{text!r}: {e}") from None
+
+
+@click.command(
+    name="verify",
+    help="The delivery oracle: run a local cluster (as `etlrouter dev` does), an oracle source fanned out "
+    "to three branches (direct, filter, map with failing records), optionally kill -9 sidecars, services and "
+    "the Raft leader on a schedule (--chaos), and judge at the end: every acknowledged record in every "
+    "branch, intact, duplicates counted, the DLQ accounted for. Exit 0 only when nothing was lost.",
+)
+@click.option("--duration", default="60s", show_default=True, help="How long records flow (and chaos runs).")
+@click.option("--rate", type=click.FloatRange(min=1), default=500.0, show_default=True, help="Records/s.")
+@click.option("--partitions", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--seed", type=int, default=19, show_default=True, help="Oracle records and chaos schedule.")
+@click.option("--chaos", is_flag=True, help="Kill -9 a sidecar, a service or the Raft leader on a schedule.")
+@click.option("--chaos-interval", default="5s", show_default=True, help="Time between faults.")
+@click.option("--down", default="1s", show_default=True, help="How long a killed process stays down.")
+@click.option("--filter", "filter_expr", help="The filter branch's expression (reference filter).")
+@click.option("--map", "map_program", help="The map branch's program (reference map).")
+@click.option("--routers", type=click.IntRange(1, 7), default=3, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=".data/verify", show_default=True)
+@click.option(
+    "--base-port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 = free ports."
+)
+@click.option(
+    "--drain-timeout", default="120s", show_default=True, help="After --duration, for the last acks."
+)
+@click.option(
+    "--report", "report_file", type=click.Path(dir_okay=False), help="JSON report (default DATA/verify.json)."
+)
+def verify(
+    duration: str,
+    rate: float,
+    partitions: int,
+    seed: int,
+    chaos: bool,
+    chaos_interval: str,
+    down: str,
+    filter_expr: str | None,
+    map_program: str | None,
+    routers: int,
+    data_dir: str,
+    base_port: int,
+    drain_timeout: str,
+    report_file: str | None,
+) -> None:
+    from etlrouter.conformance.verify import DEFAULT_FILTER, DEFAULT_PROGRAM, VerifyOptions, run_verify
+
+    options = VerifyOptions(
+        data_dir=Path(data_dir),
+        duration_s=_seconds(duration),
+        rate=rate,
+        partitions=partitions,
+        seed=seed,
+        chaos=chaos,
+        chaos_interval_s=_seconds(chaos_interval),
+        down_s=_seconds(down),
+        filter_expr=filter_expr or DEFAULT_FILTER,
+        map_program=map_program or DEFAULT_PROGRAM,
+        routers=routers,
+        base_port=base_port,
+        drain_timeout_s=_seconds(drain_timeout),
+        report_file=Path(report_file) if report_file else None,
+    )
+    sys.exit(run_verify(options))
