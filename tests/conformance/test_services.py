@@ -165,3 +165,35 @@ def test_nothing_listening_fails_reflection_and_health(tmp_path: Path) -> None:
     done = conformance(f"127.0.0.1:{free_port()}", "--timeout", "2")
     assert done.returncode == 1
     assert "FAIL  reflection" in done.stdout and "FAIL  health" in done.stdout
+
+
+def test_records_and_options_come_from_the_command_line(reference: Reference, tmp_path: Path) -> None:
+    # Three records of the jsonl-file sink's own format, written to the sink and counted back.
+    lines = [{"key": f"k{n}", "value": json.dumps({"amount": n * 20}), "event_time_ms": n} for n in range(3)]
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    done = conformance(
+        f"127.0.0.1:{reference.ports['jsonl-file-sink']}",
+        "--records",
+        str(records),
+        *reference.args["jsonl-file-sink"],
+    )
+    assert done.returncode == 0, done.stdout
+    assert "WriteBatch of 3 records" in done.stdout and "(3 records)" in done.stdout
+    # The filter keeps amount >= 10 by its --expr; the stage option overrides it: nothing passes.
+    done = conformance(
+        f"127.0.0.1:{reference.ports['filter']}",
+        "--records",
+        str(records),
+        "--option",
+        "expr=value.amount > 1000",
+    )
+    assert done.returncode == 0, done.stdout
+    assert "(0 out, 0 errors for 3 in)" in done.stdout
+
+
+def test_verify_refuses_a_bad_duration() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "etlrouter", "verify", "--duration", "soon"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "'soon'" in done.stderr
