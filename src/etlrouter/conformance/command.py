@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +76,8 @@ def conformance(
     keys: Sequence[str],
     verify_command: str | None,
 ) -> None:
+    import asyncio  # imported late, like the rest: keeps `etlrouter --help` fast
+
     from etlrouter.conformance.checks import Options
     from etlrouter.conformance.model import format_report, junit_xml
     from etlrouter.conformance.runner import run_conformance
