@@ -97,3 +97,18 @@ def test_the_pipelines_fan_out_from_one_source() -> None:
     assert [b.name for b in branches(options)] == ["verify-direct", "verify-filtered", "verify-mapped"]
     dags = optimize(dsl.compile(text, "verify.etl"))
     assert len(dags) == 1  # the optimizer merges the three pipelines: the source fans out to three branches
+
+
+def test_a_user_branch_is_judged_on_presence(tmp_path: Path) -> None:
+    user = oracle.Branch("u", "sink-u", "user", "my-transform --port {port}")
+    expectation = oracle.expect(CONFIG, user)
+    assert len(expectation.records) == 200 and not expectation.dead
+    changed = [
+        Record(r.key, r.value.replace(b"{", b'{"seen":1,', 1), {}, r.event_time_ms, r.offset)
+        for r in list(expectation.records.values())[:-2]
+    ]
+    write_sink(tmp_path / "s.jsonl", changed)
+    failed = list(expectation.records)[-1]  # dead-lettered by the user's transform: accounted for
+    v = oracle.judge_branch(user, expectation, oracle.read_copies([tmp_path / "s.jsonl"]), {failed: 1})
+    assert (v.present, v.missing, v.corrupted, v.dead_elsewhere) == (198, 1, 0, 0)
+    assert v.missing_ids == [list(expectation.records)[-2]]

@@ -140,6 +140,11 @@ def _seconds(text: str) -> float:
     "--drain-timeout", default="120s", show_default=True, help="After --duration, for the last acks."
 )
 @click.option(
+    "--transform-command",
+    help="Your own transform as a fourth branch: the command that serves it, with {port} where it must "
+    "listen (it must keep each record's offset and the value's JSON `partition` field).",
+)
+@click.option(
     "--report", "report_file", type=click.Path(dir_okay=False), help="JSON report (default DATA/verify.json)."
 )
 def verify(
@@ -156,8 +161,13 @@ def verify(
     data_dir: str,
     base_port: int,
     drain_timeout: str,
+    transform_command: str | None,
     report_file: str | None,
 ) -> None:
+    if transform_command is not None and "{port}" not in transform_command:
+        raise click.BadParameter(
+            "the command must say where to listen: {port}", param_hint="--transform-command"
+        )
     from etlrouter.conformance.verify import DEFAULT_FILTER, DEFAULT_PROGRAM, VerifyOptions, run_verify
 
     options = VerifyOptions(
@@ -175,5 +185,6 @@ def verify(
         base_port=base_port,
         drain_timeout_s=_seconds(drain_timeout),
         report_file=Path(report_file) if report_file else None,
+        transform_command=transform_command,
     )
     sys.exit(run_verify(options))

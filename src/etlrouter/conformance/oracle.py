@@ -5,7 +5,9 @@ configuration (`make_record`), and its JSON value carries a unique id (n * parti
 partition. So the judge recomputes every record byte for byte (a stronger check than a checksum field):
 a branch's copy whose key, value or event time differs from what the path's transforms make of the
 original is *corrupted*. The transforms are the reference filter (a predicate: what it drops is not
-expected) and map (a program, applied here too; a record it fails on must be in the DLQ instead).
+expected) and map (a program, applied here too; a record it fails on must be in the DLQ instead). A user's
+own transform is judged on presence: every record must reach the sink (keeping its offset and the value's
+`partition` field, by which it is recognised) or the DLQ; what it makes of the payload is not judged.
 """
 
 from __future__ import annotations
@@ -30,8 +32,13 @@ class Branch:
 
     name: str  # the pipeline's name
     sink: str  # the sink service's name
-    transform: str | None = None  # "filter" or "map"
+    transform: str | None = None  # "filter", "map", or "user" (the user's own: judged on presence only)
     text: str = ""  # the filter's expression or the map's program
+
+    @property
+    def payloads_known(self) -> bool:
+        """Whether the judge knows what the branch's transform makes of a record (not for a user's)."""
+        return self.transform != "user"
 
 
 @dataclass
@@ -156,7 +163,8 @@ def judge_branch(
         lines = copies.by_id.get(id_)
         if lines:
             present += 1
-            corrupted += sum(1 for line in lines if not intact(record, line))
+            if branch.payloads_known:
+                corrupted += sum(1 for line in lines if not intact(record, line))
         elif dead_letters.get(id_):
             pass  # a record that failed in this branch and is accounted for in its DLQ
         else:
@@ -169,7 +177,11 @@ def judge_branch(
     missing_ids += missing_dead[: max(0, 10 - len(missing_ids))]
     duplicates = sum(len(lines) - 1 for lines in copies.by_id.values())
     unexpected = sum(1 for id_ in copies.by_id if id_ not in expectation.records)
-    elsewhere = sum(1 for id_ in dead_letters if id_ not in expectation.dead)
+    # A user's transform may fail any record (its letters then account for it); the reference ones only
+    # those the judge computed.
+    elsewhere = 0
+    if branch.payloads_known:
+        elsewhere = sum(1 for id_ in dead_letters if id_ not in expectation.dead)
     dead_duplicates = sum(n - 1 for n in dead_letters.values() if n > 1)
     return BranchVerdict(
         pipeline=branch.name,

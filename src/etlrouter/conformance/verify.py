@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shlex
 import signal
 import sys
 import time
@@ -35,9 +36,11 @@ from etlrouter.core.grpc import open_channel
 from etlrouter.dev.layout import HOST
 from etlrouter.dev.procs import Child, Supervisor
 from etlrouter.dev.runner import EXIT_FAILED, EXIT_OK, Dev, DevError, DevOptions, Interrupted
-from etlrouter.dev.spec import DevSpec, parse_services
+from etlrouter.dev.spec import DevSpec, ServiceSpec, parse_services
+from etlrouter.sidecar import discovery
 
 SOURCE = "oracle"
+USER_TRANSFORM = "user-transform"  # the service name of --transform-command's process
 DEFAULT_FILTER = "value.amount >= 250"  # drops about a quarter of the records
 DEFAULT_PROGRAM = "value.ratio = 100 / (value.id % 50)"  # fails (division by zero) on every 50th id
 SAMPLE_INTERVAL_S = 1.0
@@ -60,14 +63,19 @@ class VerifyOptions:
     base_port: int = 0
     drain_timeout_s: float = 120.0  # after the duration: how long the source may take to be acknowledged
     report_file: Path | None = None
+    # The user's own transform, a fourth branch: a command line with {port} (and {host}) to listen on.
+    transform_command: str | None = None
 
 
 def branches(options: VerifyOptions) -> list[oracle.Branch]:
-    return [
+    out = [
         oracle.Branch("verify-direct", "branch-direct"),
         oracle.Branch("verify-filtered", "branch-filtered", "filter", options.filter_expr),
         oracle.Branch("verify-mapped", "branch-mapped", "map", options.map_program),
     ]
+    if options.transform_command:
+        out.append(oracle.Branch("verify-user", "branch-user", "user", options.transform_command))
+    return out
 
 
 def _quoted(text: str) -> str:
@@ -89,6 +97,8 @@ def pipeline_text(options: VerifyOptions) -> str:
             stage = f"  | transform oracle-filter (config.expr = {_quoted(b.text)})\n"
         elif b.transform == "map":
             stage = f"  | transform oracle-map (config.program = {_quoted(b.text)})\n"
+        elif b.transform == "user":
+            stage = f"  | transform {USER_TRANSFORM}\n"
         lines.append(f"\npipeline {b.name} {{\n  source {SOURCE}\n{stage}  | sink {b.sink}\n}}")
     return "\n".join(lines) + "\n"
 
@@ -147,6 +157,40 @@ class VerifyDev(Dev):
     def restarting(self) -> RestartingSupervisor:
         assert isinstance(self.supervisor, RestartingSupervisor)
         return self.supervisor
+
+    def start_services(self) -> None:
+        """dev's services, and the user's transform from its own command line (not a reference connector)."""
+        for j, service in enumerate(self.options.spec.services):
+            if service.name == USER_TRANSFORM and self.verify.transform_command:
+                port = str(self.layout.service[j])
+                words = shlex.split(self.verify.transform_command)
+                argv = [w.replace("{port}", port).replace("{host}", HOST) for w in words]
+                self.service_argv[service.name] = argv
+            else:
+                args = self.service_args(service, j)
+                self.service_argv[service.name] = args  # as dev keeps them: without the interpreter
+                argv = self._python(*args)
+            self.supervisor.start(service.name, "service", argv)
+
+    async def apply(self, client: RouterClient) -> None:
+        """The user's transform is registered under the name it declares (or its sidecar gives it): found
+        the sidecar's way, by discovery, and put into the pipeline before it is applied."""
+        if self.verify.transform_command:
+            j = next(j for j, s in enumerate(self.options.spec.services) if s.name == USER_TRANSFORM)
+            port = self.layout.service[j]
+            probe = await discovery.probe_port(HOST, port, call_timeout_s=10)
+            why = probe.reason or probe.outcome
+            try:
+                offered = discovery.local_services(probe, HOST, f"sidecar-{USER_TRANSFORM}", {})
+            except ValueError as e:
+                offered, why = (), str(e)
+            found = [s for s in offered if s.kind == "transform"]
+            if not found:
+                raise DevError(f"--transform-command: no TransformService on port {port}: {why}")
+            spec = self.options.spec
+            text = spec.pipelines.replace(f"| transform {USER_TRANSFORM}\n", f"| transform {found[0].name}\n")
+            self.options.spec = DevSpec(text, spec.filename, spec.services)
+        await super().apply(client)
 
     def write_context(self) -> None:
         """Unlike dev, verify leaves the user's `etlrouter ctl` contexts alone (it is not for poking at)."""
@@ -340,7 +384,12 @@ class VerifyDev(Dev):
 
 def dev_options(v: VerifyOptions) -> DevOptions:
     text = pipeline_text(v)
-    spec = DevSpec(text, "verify.etl", parse_services(text, "verify.etl"))
+    services = parse_services(text, "verify.etl")
+    if v.transform_command:
+        if "{port}" not in v.transform_command:
+            raise ValueError("--transform-command must say where to listen: {port} (and {host}, 127.0.0.1)")
+        services += (ServiceSpec(USER_TRANSFORM, "user"),)  # started by VerifyDev.start_services
+    spec = DevSpec(text, "verify.etl", services)
     return DevOptions(
         spec=spec,
         data_dir=v.data_dir,
