@@ -253,6 +253,13 @@ def config_show(obj: Context, role: str | None, output: str) -> None:
 
 cli.add_command(ctl)
 
+# The conformance kit and the delivery oracle (src/etlrouter/conformance/); their bodies live there.
+from etlrouter.conformance.command import conformance as _conformance  # noqa: E402
+from etlrouter.conformance.command import verify as _verify  # noqa: E402
+
+cli.add_command(_conformance)
+cli.add_command(_verify)
+
 
 def _parse_peer(spec: str) -> dict[str, str]:
     node, sep, address = spec.partition("=")
