@@ -37,6 +37,7 @@ from etlrouter.dev.layout import HOST
 from etlrouter.dev.procs import Child, Supervisor
 from etlrouter.dev.runner import EXIT_FAILED, EXIT_OK, Dev, DevError, DevOptions, Interrupted
 from etlrouter.dev.spec import DevSpec, ServiceSpec, parse_services
+from etlrouter.security.identity import SIDECAR
 from etlrouter.sidecar import discovery
 
 SOURCE = "oracle"
@@ -268,7 +269,8 @@ class VerifyDev(Dev):
         config = self.oracle_config()
         out: dict[str, dict[oracle.Id, int]] = {}
         for port in self.layout.sidecar_grpc:
-            channel = open_channel(f"{HOST}:{port}")
+            # As dev's admin: the DLQ's records need `tap` (mutual TLS unless --insecure).
+            channel = open_channel(f"{HOST}:{port}", security=self.client_security(), expect=SIDECAR)
             stub = dataplane_grpc.SidecarAdminStub(channel)
             try:
                 token = ""
