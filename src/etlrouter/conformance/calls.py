@@ -116,9 +116,9 @@ class Session:
         host, _, port = self.address.rpartition(":")
         try:
             # The sidecar's discovery: the HTTP/2 handshake first, then reflection v1, else v1alpha.
-            await discovery._http2_handshake(host.strip("[]"), int(port), self.timeout_s)
-            return await discovery._list_services(self.channel, self.timeout_s)
-        except (discovery._Unanswered, discovery._NotHttp2, OSError) as e:
+            await discovery.http2_handshake(host.strip("[]"), int(port), self.timeout_s)
+            return await discovery.list_services(self.channel, self.timeout_s)
+        except (discovery.Unanswered, discovery.NotHttp2, OSError) as e:
             raise CallFailed("grpc.reflection.ServerReflectionInfo", type(e).__name__, str(e)) from None
 
     async def cancelled_calls(self, calls: Sequence[Callable[[], Awaitable[Any]]], after_s: float) -> None:

@@ -209,11 +209,11 @@ _TRANSIENT = frozenset(
 )
 
 
-class _Unanswered(Exception):
+class Unanswered(Exception):
     pass
 
 
-async def _list_services(channel: Channel, timeout: float) -> list[str] | None:
+async def list_services(channel: Channel, timeout: float) -> list[str] | None:
     """Service names from reflection (v1, else v1alpha); None when the server has no reflection."""
     for stub_class, request_class in _REFLECTIONS:
         method = stub_class(channel).ServerReflectionInfo
@@ -225,7 +225,7 @@ async def _list_services(channel: Channel, timeout: float) -> list[str] | None:
                     await stream.cancel()  # one answer is all we read; do not wait for the rest
         except GRPCError as e:
             if e.status in _TRANSIENT:
-                raise _Unanswered(f"reflection: {e.status.name}: {e.message}") from None
+                raise Unanswered(f"reflection: {e.status.name}: {e.message}") from None
             # UNIMPLEMENTED (or, from grpclib servers, UNKNOWN "Missing content-type header"): try the
             # other version of the reflection protocol.
             continue
@@ -243,13 +243,13 @@ async def _capabilities(channel: Channel, kind: ServiceKind, timeout: float) -> 
     except GRPCError as e:
         if e.status == Status.UNIMPLEMENTED:
             return b""
-        raise _Unanswered(f"{kind} GetCapabilities: {e.status.name}: {e.message}") from None
+        raise Unanswered(f"{kind} GetCapabilities: {e.status.name}: {e.message}") from None
     if not reply.HasField("capabilities"):
         return b""
     return bytes(reply.capabilities.SerializeToString(deterministic=True))
 
 
-class _NotHttp2(Exception):
+class NotHttp2(Exception):
     pass
 
 
@@ -258,7 +258,7 @@ _CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x
 _FRAME_SETTINGS = 0x04
 
 
-async def _http2_handshake(host: str, port: int, timeout: float) -> None:
+async def http2_handshake(host: str, port: int, timeout: float) -> None:
     """Connect and check the peer answers the HTTP/2 preface with a SETTINGS frame, as every gRPC server
     does at once: closed ports, HTTP/1 servers and silent listeners are told apart in one round trip."""
     async with asyncio.timeout(timeout):
@@ -269,9 +269,9 @@ async def _http2_handshake(host: str, port: int, timeout: float) -> None:
             try:
                 header = await reader.readexactly(9)
             except asyncio.IncompleteReadError as e:
-                raise _NotHttp2(f"not HTTP/2: the peer sent {len(e.partial)} bytes and closed") from None
+                raise NotHttp2(f"not HTTP/2: the peer sent {len(e.partial)} bytes and closed") from None
             if header[3] != _FRAME_SETTINGS:
-                raise _NotHttp2(f"not HTTP/2: the peer answered {header[:9]!r}")
+                raise NotHttp2(f"not HTTP/2: the peer answered {header[:9]!r}")
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -290,23 +290,23 @@ async def probe_port(
     by 2 * connect_timeout_s + 2 * call_timeout_s (a port that does not even answer the HTTP/2 handshake
     costs connect_timeout_s)."""
     try:
-        await _http2_handshake(host, port, connect_timeout_s)
+        await http2_handshake(host, port, connect_timeout_s)
     except TimeoutError:  # before OSError, of which it is a subclass
         return PortProbe(port, "unanswered", reason=f"no HTTP/2 handshake within {connect_timeout_s} s")
     except OSError as e:
         return PortProbe(port, "absent", reason=f"connect: {type(e).__name__}: {e}")
-    except _NotHttp2 as e:
+    except NotHttp2 as e:
         return PortProbe(port, "absent", reason=str(e))
     channel = open_channel(_endpoint(host, port), transport_config)
     try:
         async with asyncio.timeout(connect_timeout_s + 2 * call_timeout_s):
-            names = await _list_services(channel, call_timeout_s)
+            names = await list_services(channel, call_timeout_s)
             if names is None:
                 return PortProbe(port, "absent", reason="no gRPC server reflection")
             kinds = classify(names)
             caps = await asyncio.gather(*(_capabilities(channel, kind, call_timeout_s) for kind in kinds))
             return PortProbe(port, "found", tuple(Offer(k, c) for k, c in zip(kinds, caps, strict=True)))
-    except _Unanswered as e:
+    except Unanswered as e:
         return PortProbe(port, "unanswered", reason=str(e))
     except TimeoutError:
         return PortProbe(port, "unanswered", reason=f"no answer within {call_timeout_s} s")
