@@ -184,6 +184,13 @@ def test_an_edge_only_from_an_upstream_sidecar(secure_cluster: SecureCluster) ->
         with pytest.raises(GRPCError) as info:
             _open_edge(clean, pki.security("sidecar", who), frame(claims))
         assert info.value.status == Status.PERMISSION_DENIED, (who, claims)
+    # A sender acting on a newer assignment than the receiver knows is told to retry, not refused: the
+    # receiver's view of the placements may lag by a heartbeat.
+    newer = frame("sidecar-out")
+    newer.fencing_token = 1 << 62
+    with pytest.raises(GRPCError) as info:
+        _open_edge(clean, pki.security("sidecar", "sidecar-out"), newer)
+    assert info.value.status == Status.UNAVAILABLE
     # A person, even an admin, does not push records into an edge.
     with pytest.raises(GRPCError) as info:
         _open_edge(clean, pki.security(), frame("sidecar-orders"))

@@ -82,8 +82,9 @@ _malformed_log = _MalformedLog()
 
 
 # A check of a call's first request message, after the caller passed the method's rule: for
-# sidecars="upstream", whether the calling sidecar runs a stage that feeds the one it sends to.
-FeedsCheck = Callable[[str, Any], bool]
+# sidecars="upstream", whether the calling sidecar runs a stage that feeds the one it sends to (None:
+# cannot tell yet, the caller acts on a newer assignment; answered UNAVAILABLE, which it retries).
+FeedsCheck = Callable[[str, Any], bool | None]
 
 
 def _field(message: Any, path: str) -> Any:
@@ -115,8 +116,14 @@ def _checked_first_message(
                 _deny(identity, method, f"the caller's own sidecar id (the request names {claimed!r})")
         elif then == "self" and identity.name != security.name:
             _deny(identity, method, f"the identity of sidecar {security.name!r} (this pod's)")
-        if then == "upstream" and (feeds is None or not feeds(identity.name, message)):
-            _deny(identity, method, "an upstream sidecar: the caller runs no stage that feeds this one")
+        if then == "upstream":
+            verdict = feeds(identity.name, message) if feeds is not None else False
+            if verdict is None:  # this side's view of the DAG is older than the caller's: it retries
+                raise GRPCError(
+                    Status.UNAVAILABLE, f"{method}: this sidecar does not know that assignment yet"
+                )
+            if not verdict:
+                _deny(identity, method, "an upstream sidecar: the caller runs no stage that feeds this one")
         return message
 
     stream.recv_message = recv_message

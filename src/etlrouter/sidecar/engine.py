@@ -389,18 +389,20 @@ class Engine:
         dag = self.dags.get(dag_id)
         return dag is not None and dag.local_runner(stage_id) is not None
 
-    def feeds(self, sender_sidecar_id: str, first: dataplane_pb2.DataFrame) -> bool:
+    def feeds(self, sender_sidecar_id: str, first: dataplane_pb2.DataFrame) -> bool | None:
         """Whether `sender_sidecar_id` may open this edge (security/authz.py, rule "upstream"): dead letters
         for a local sink come from any sidecar sending as itself; batches for a stage only from a sidecar
-        placed on a stage whose downstream is that stage, in the DAG as this sidecar knows it."""
+        placed on a stage whose downstream is that stage, in the DAG as this sidecar knows it. None when
+        this sidecar cannot tell yet: it has not got the DAG, or the sender acts on a newer assignment (its
+        fencing token) than the one here — the sender retries, as for a stage not started yet."""
         if not first.HasField("open"):
             return False
         edge = first.open
         if edge.dlq_sink:
             return True
         dag = self.dags.get(edge.dag_id)
-        if dag is None:
-            return False
+        if dag is None or edge.fencing_token > dag.token:
+            return None
         parents = {s.id for s in dag.spec.stages if edge.stage_id in s.downstream}
         return any(
             p.sidecar_id == sender_sidecar_id for stage in parents for p in dag.placements.get(stage, ())
