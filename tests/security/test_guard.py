@@ -150,3 +150,42 @@ def test_connections_per_peer_are_capped(tmp_path: Path) -> None:
             await server.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_silent_connection_is_closed_at_the_handshake_timeout(tmp_path: Path) -> None:
+    """Neither listener keeps a connection that never finishes its TLS handshake."""
+    from aiohttp import web
+
+    from etlrouter.core.http import HttpServer
+
+    pki = TestPki(tmp_path)
+
+    async def closed_after(port: int) -> float:
+        started = asyncio.get_running_loop().time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server, nothing sent
+        finally:
+            writer.close()
+        return asyncio.get_running_loop().time() - started
+
+    async def scenario() -> None:
+        security = server_security(pki, "router", "r0", handshake_timeout_ms=500)
+        grpc = GrpcServer([Echo()], host="127.0.0.1", port=0, security=security)
+        http = HttpServer(
+            web.Application(),
+            host="127.0.0.1",
+            port=0,
+            ssl_context=security.http_server_context(),
+            handshake_timeout_s=0.5,
+        )
+        await grpc.start()
+        await http.start()
+        try:
+            for port in (grpc.port, http.port):
+                assert 0.4 <= await closed_after(port) < 5
+        finally:
+            await grpc.stop()
+            await http.stop()
+
+    asyncio.run(scenario())

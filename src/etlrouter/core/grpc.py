@@ -27,6 +27,7 @@ from etlrouter.core.config import TransportConfig, split_address
 from etlrouter.core.lifecycle import listen_error
 from etlrouter.core.metrics import MALFORMED_REQUESTS
 from etlrouter.security import authz
+from etlrouter.security.connections import PeerLimit
 from etlrouter.security.context import CALLER, Security, Unauthenticated
 from etlrouter.security.identity import ANONYMOUS, Identity, Kind
 
@@ -224,14 +225,13 @@ class GrpcServer:
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
         make_protocol = self._server._protocol_factory
 
-        self._per_peer: dict[str, int] = {}
-        cap = self.security.tls_config.max_connections_per_peer
+        self._per_peer = PeerLimit(self.security.tls_config.max_connections_per_peer)
 
         def tracked_protocol() -> H2Protocol:
             protocol = make_protocol()
             self._protocols.add(protocol)
             if self.security.enabled:
-                _limit_per_peer(protocol, self._per_peer, cap)
+                self._per_peer.watch(protocol)
             return protocol
 
         self._server._protocol_factory = tracked_protocol  # type: ignore[method-assign]
@@ -290,41 +290,6 @@ def service_names(services: Collection[Any]) -> list[str]:
         for path in svc.__mapping__():
             names.add(path.split("/")[1])
     return sorted(names)
-
-
-def _limit_per_peer(protocol: H2Protocol, counts: dict[str, int], cap: int) -> None:
-    """Close a connection beyond `cap` established ones from the same peer identity (its address when it
-    presented no certificate). With TLS, connection_made runs after the handshake: the count is of
-    authenticated connections, and h2 state is made only for those."""
-    made, lost = protocol.connection_made, protocol.connection_lost
-
-    def connection_made(tr: Any) -> None:
-        cert = tr.get_extra_info("peercert") or {}
-        uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
-        peer = uris[0] if uris else str((tr.get_extra_info("peername") or ("?",))[0])
-        counts[peer] = counts.get(peer, 0) + 1
-        protocol_peer[0] = peer
-        if counts[peer] > cap:
-            log.warning(
-                "connection refused: too many from one peer", extra={"fields": {"peer": peer, "limit": cap}}
-            )
-            made(tr)
-            tr.abort()
-            return
-        made(tr)
-
-    def connection_lost(exc: Exception | None) -> None:
-        peer = protocol_peer[0]
-        if peer is not None:
-            counts[peer] -= 1
-            if counts[peer] <= 0:
-                del counts[peer]
-            protocol_peer[0] = None
-        lost(exc)
-
-    protocol_peer: list[str | None] = [None]
-    protocol.connection_made = connection_made  # type: ignore[method-assign,assignment]
-    protocol.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
 
 class _VerifyingChannel(Channel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Callable
@@ -53,9 +54,12 @@ class HttpServer:
         port: int,
         setting: str = "the HTTP listen address",
         ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = 10.0,
     ) -> None:
         self.setting = setting
         self.ssl_context = ssl_context
+        self.handshake_timeout_s = handshake_timeout_s
+        self._tls_server: asyncio.AbstractServer | None = None
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._host, self._requested_port = host, port
         self.port = port
@@ -66,14 +70,26 @@ class HttpServer:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self._host, self._requested_port, reuse_address=True, ssl_context=self.ssl_context
-        )
         try:
-            await site.start()
+            if self.ssl_context is None:
+                site = web.TCPSite(self._runner, self._host, self._requested_port, reuse_address=True)
+                await site.start()
+                server = site._server
+            else:
+                # HTTPS gets the gRPC listener's handshake timeout, which TCPSite cannot set. The runner's
+                # low-level server is the protocol factory (aiohttp documents it for create_server).
+                factory = self._runner.server
+                assert factory is not None
+                self._tls_server = server = await asyncio.get_running_loop().create_server(
+                    factory,
+                    self._host,
+                    self._requested_port,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.handshake_timeout_s,
+                    reuse_address=True,
+                )
         except OSError as error:
             raise listen_error(self.address, self.setting, error) from None
-        server = site._server
         sockets = getattr(server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
@@ -83,4 +99,6 @@ class HttpServer:
         )
 
     async def stop(self) -> None:
+        if self._tls_server is not None:
+            self._tls_server.close()
         await self._runner.cleanup()

@@ -65,6 +65,7 @@ class RoleRuntime:
             port=http_listen.port,
             setting=listen_setting(role, "http"),
             ssl_context=self.security.http_server_context(),
+            handshake_timeout_s=self.security.tls_config.handshake_timeout_ms / 1000,
         )
         self._done = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
