@@ -279,7 +279,7 @@ class WorkloadReconciler:
         except SpecError as e:
             return verdict_failed("InvalidSpec", str(e), retry=False), {}
         try:
-            router = await resolve_router(self.ctx.api, meta["namespace"], obj.get("spec") or {})
+            router, security = await resolve_router(self.ctx, meta["namespace"], obj.get("spec") or {})
         except TargetError as e:
             return verdict_failed(e.reason, e.message, retry=e.retry), {}
         for res in (DEPLOYMENTS, SERVICES):
@@ -302,7 +302,7 @@ class WorkloadReconciler:
         )
         await kube.apply(self.ctx.api, desired_service(obj, self.plural, spec))
         ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
-        client = self.ctx.router_client(router)
+        client = self.ctx.router_client(router, security)
         try:
             # From the leader: sidecar health is what the leader heard in heartbeats, not replicated.
             sidecars = await client.call(
