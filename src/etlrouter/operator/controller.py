@@ -28,6 +28,7 @@ from etlrouter.client.router import RouterClient
 from etlrouter.core.config import Config
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.flow.retry import Backoff
+from etlrouter.operator.inject import SidecarTls
 from etlrouter.operator.kube import (
     KINDS,
     PLURAL_KINDS,
@@ -96,6 +97,9 @@ class OperatorContext:
     router_client: Callable[[str, Security | None], RouterClient] = field(default=default_router_client)
     # The operator's client certificates for the routers of TLS clusters (shared by the controllers).
     credentials: OperatorCredentials = field(default_factory=OperatorCredentials)
+    # (namespace, cluster) -> the TLS settings a sidecar of that cluster is injected with; set by the
+    # role once the webhook (which also serves the issuer) runs.
+    sidecar_tls: Callable[[str, str], SidecarTls] | None = None
 
 
 def controller_owner(obj: dict[str, Any]) -> tuple[str, str] | None:

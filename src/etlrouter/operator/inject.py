@@ -47,6 +47,7 @@ class SidecarTls:
     issuer_url: str
     issuer_ca: str  # PEM: the issuer's (the webhook's) CA bundle
     trust_domain: str
+    cluster: str = ""  # "NAMESPACE/NAME" of the EtlRouterCluster, written into CLUSTER_ANNOTATION
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,14 @@ def inject_sidecar(pod: Mapping[str, Any], spec: SidecarSpec) -> JsonPatch:
     else:
         patch += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in missing]
     annotations = (pod.get("metadata") or {}).get("annotations")
+    added = {INJECTED_ANNOTATION: "true"}
+    if spec.tls is not None and spec.tls.cluster and CLUSTER_ANNOTATION not in (annotations or {}):
+        added[CLUSTER_ANNOTATION] = spec.tls.cluster  # the issuer finds the pod's cluster by it
     if annotations is None:
-        patch.append({"op": "add", "path": "/metadata/annotations", "value": {INJECTED_ANNOTATION: "true"}})
+        patch.append({"op": "add", "path": "/metadata/annotations", "value": added})
     else:
-        path = f"/metadata/annotations/{_escape(INJECTED_ANNOTATION)}"
-        patch.append({"op": "add", "path": path, "value": "true"})
+        for key, value in added.items():
+            patch.append({"op": "add", "path": f"/metadata/annotations/{_escape(key)}", "value": value})
     return patch
 
 

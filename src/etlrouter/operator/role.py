@@ -77,6 +77,7 @@ class OperatorRole:
         await self.runtime.start()
         self.webhook = WebhookServer(self.ctx, url=settings.webhook_url or None)
         await self.webhook.start()
+        self.ctx.sidecar_tls = self.webhook.sidecar_tls  # workload pods get what injected pods get
         self.elector = LeaderElector(
             api,
             namespace=settings.lease_namespace or operator_namespace("default"),

@@ -394,9 +394,15 @@ class WebhookServer:
             return urlunsplit((parts.scheme, parts.netloc, ISSUE_PATH, "", ""))
         return f"https://{self.settings.webhook_service}.{self.namespace}.svc{ISSUE_PATH}"
 
-    def sidecar_tls(self, trust_domain: str) -> SidecarTls:
+    def sidecar_tls(self, namespace: str, cluster: str) -> SidecarTls:
+        """What a sidecar of that TLS cluster is injected with (the workload controller uses it too)."""
         assert self.bundle is not None
-        return SidecarTls(self.issuer_url, self.bundle.ca_bundle.decode(), trust_domain)
+        return SidecarTls(
+            self.issuer_url,
+            self.bundle.ca_bundle.decode(),
+            cluster_tls.trust_domain(cluster, namespace),
+            f"{namespace}/{cluster}",
+        )
 
     async def _tls_of(self, review: AdmissionRequest) -> SidecarTls | InjectionError | None:
         """The sidecar's TLS settings: those of its EtlRouterCluster when that runs TLS; None for a router
@@ -413,7 +419,7 @@ class WebhookServer:
             return InjectionError(f"cannot read EtlRouterCluster {key[0]}/{key[1]}: {e}")
         if cluster is None or not cluster_tls_enabled(cluster):
             return None
-        return self.sidecar_tls(cluster_tls.trust_domain(key[1], key[0]))
+        return self.sidecar_tls(*key)
 
     # --- HTTP -------------------------------------------------------------------------------------
 
