@@ -850,7 +850,12 @@ class ClusterReconciler:
                 }
                 for m in members
             ]
-            new_status["leader"] = leader or ""
+            # During an election there is no leader: the key goes (a merge patch's null removes it; the
+            # apiserver refuses "" for this string field).
+            if leader:
+                new_status["leader"] = leader
+            elif "leader" in status:
+                new_status["leader"] = None
         await self._write_status(cr, new_status)
         return Result(requeue_after=requeue)
 

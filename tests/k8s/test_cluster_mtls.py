@@ -1,0 +1,203 @@
+"""A 3-router cluster comes up with mutual TLS from what the operator wrote.
+
+There is no kubelet here, so the test plays its part: it takes the StatefulSet's container (command,
+env), the ConfigMap and the routers' Secret the operator wrote, materializes the Secret and ConfigMap as
+files, resolves `$(POD_NAME)` as the kubelet does, and runs the container's start script as three real
+`etlrouter router` processes. The routers elect a leader over mutual TLS, and the operator (its own
+`user/etlrouter-operator` certificate) reads the membership from them; a plaintext client gets nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from etlrouter._proto.v1 import admin_grpc, admin_pb2
+from etlrouter.client.router import ClusterUnreachableError, RouterClient
+from etlrouter.core.config import Config
+from etlrouter.operator.cluster import MEMBER_ADDRESSES, ClusterReconciler
+from etlrouter.operator.controller import OperatorContext
+from tests.conftest import free_port
+from tests.k8s.conftest import Kube
+
+BASE = "/apis/etlrouter.io/v1alpha1"
+NAME = "trio"
+CONFIG_DIR, TLS_DIR = "/etc/etlrouter", "/etc/etlrouter-tls"
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """The kubelet's `$(VAR)` expansion of env values and args (only variables defined before)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+class Pods:
+    """The StatefulSet's pods, as processes."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def materialize(self, kube: Kube, namespace: str) -> tuple[Path, Path]:
+        config_map = kube.http.get(f"/api/v1/namespaces/{namespace}/configmaps/{NAME}-config")
+        secret = kube.http.get(f"/api/v1/namespaces/{namespace}/secrets/{NAME}-router-tls")
+        config_dir, tls_dir = self.workdir / "config", self.workdir / "tls"
+        config_dir.mkdir()
+        tls_dir.mkdir(mode=0o700)
+        for key, value in config_map["data"].items():
+            (config_dir / key).write_text(value.replace(CONFIG_DIR + "/", f"{config_dir}/"))
+        for key, value in secret["data"].items():
+            path = tls_dir / key
+            path.write_bytes(base64.b64decode(value))
+            path.chmod(0o440)  # the volume's defaultMode
+        # `etlrouter` on PATH is this checkout's (the image's entry point).
+        bin_dir = self.workdir / "bin"
+        bin_dir.mkdir()
+        shim = bin_dir / "etlrouter"
+        shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m etlrouter "$@"\n')
+        shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+        return config_dir, tls_dir
+
+    def start(
+        self,
+        container: dict[str, Any],
+        config_map: dict[str, Any],
+        ordinal: int,
+        ports: tuple[int, int],
+        dirs: tuple[Path, Path],
+    ) -> None:
+        config_dir, tls_dir = dirs
+        env: dict[str, str] = {}
+        for var in container["env"]:
+            if var["name"] == "POD_NAME":
+                env["POD_NAME"] = f"{NAME}-{ordinal}"
+            elif "valueFrom" in var:
+                ref = var["valueFrom"]["configMapKeyRef"]
+                env[var["name"]] = config_map["data"][ref["key"]]
+            else:
+                env[var["name"]] = expand(var["value"], env).replace(TLS_DIR, str(tls_dir))
+        grpc, http = ports
+        env.update(
+            {
+                # What the pod's network namespace would give it: its own ports, its own volume.
+                "ETLROUTER_ROUTER__GRPC__HOST": "127.0.0.1",
+                "ETLROUTER_ROUTER__GRPC__PORT": str(grpc),
+                "ETLROUTER_ROUTER__HTTP__HOST": "127.0.0.1",
+                "ETLROUTER_ROUTER__HTTP__PORT": str(http),
+                "ETLROUTER_ROUTER__DATA_DIR": str(self.workdir / f"data-{ordinal}"),
+                "ETLROUTER_ROUTER__RAFT__TICK_MS": "50",
+                "ETLROUTER_ROUTER__RAFT__ELECTION_TICKS": "10",
+                "ETLROUTER_ROUTER__RAFT__FSYNC": "false",
+            }
+        )
+        command = [expand(c, env).replace(CONFIG_DIR + "/", f"{config_dir}/") for c in container["command"]]
+        log = (self.workdir / f"{NAME}-{ordinal}.log").open("ab")
+        self.procs.append(
+            subprocess.Popen(
+                command,
+                env={**os.environ, **env, "PATH": f"{self.workdir / 'bin'}:{os.environ['PATH']}"},
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+            for p in sorted(self.workdir.glob("*.log"))
+        )
+
+
+@pytest.fixture
+def pods(tmp_path: Path) -> Iterator[Pods]:
+    p = Pods(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+async def reconciler(kube: Kube, crds: list[str], namespace: str) -> AsyncIterator[ClusterReconciler]:
+    api = await kube.api_client()
+    ctx = OperatorContext(api=api, config=Config(), namespace=namespace)
+    try:
+        yield ClusterReconciler(ctx)
+    finally:
+        ctx.credentials.close()
+        await api.close()
+
+
+async def test_a_three_router_cluster_comes_up_with_mutual_tls(
+    kube: Kube, namespace: str, reconciler: ClusterReconciler, pods: Pods
+) -> None:
+    ports = [(free_port(), free_port()) for _ in range(3)]
+    addresses = ",".join(f"127.0.0.1:{grpc}" for grpc, _ in ports)
+    cr = {
+        "apiVersion": "etlrouter.io/v1alpha1",
+        "kind": "EtlRouterCluster",
+        # The test hook: the routers' addresses on loopback instead of the pods' DNS names.
+        "metadata": {"name": NAME, "annotations": {MEMBER_ADDRESSES: addresses}},
+        "spec": {"replicas": 3},  # TLS by default
+    }
+    status, body = kube.http.request("POST", f"{BASE}/namespaces/{namespace}/etlrouterclusters", cr)
+    assert status == 201, body
+    await reconciler.reconcile((namespace, NAME))
+
+    sts = kube.http.get(f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{NAME}")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    config_map = kube.http.get(f"/api/v1/namespaces/{namespace}/configmaps/{NAME}-config")
+    dirs = pods.materialize(kube, namespace)
+    for ordinal in range(3):
+        pods.start(container, config_map, ordinal, ports[ordinal], dirs)
+
+    # The operator reads membership from the routers over mutual TLS, with its own certificate.
+    deadline = time.monotonic() + 60
+    st: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        await reconciler.reconcile((namespace, NAME))
+        cr_now = kube.http.get(f"{BASE}/namespaces/{namespace}/etlrouterclusters/{NAME}")
+        st = cr_now.get("status") or {}
+        if st.get("leader") and len(st.get("members") or []) == 3:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        raise AssertionError(f"no leader over mTLS after 60 s; status {st}\n{pods.logs()}")
+    assert {m["id"] for m in st["members"]} == {f"{NAME}-{i}" for i in range(3)}
+    assert sum(m["role"] == "leader" for m in st["members"]) == 1
+    assert all(p.poll() is None for p in pods.procs), pods.logs()
+    for ordinal in range(3):
+        log = (pods.workdir / f"{NAME}-{ordinal}.log").read_text(errors="replace")
+        assert "listens in plaintext" not in log
+
+    # Without a certificate nothing answers: the routers end the plaintext connection.
+    plain = RouterClient(addresses.split(","), timeout=3, fail_fast_refused=True)
+    try:
+        with pytest.raises(ClusterUnreachableError, match="cannot reach the router cluster"):
+            await plain.call(
+                admin_grpc.PipelineAdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest()
+            )
+    finally:
+        plain.close()
