@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import signal
+import ssl
 import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +134,16 @@ class Pods:
         )
 
 
+def probe(port: int) -> tuple[int, dict[str, Any]]:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", timeout=5, context=context) as r:
+            return r.status, dict(json.loads(r.read()))
+    except urllib.error.HTTPError as e:
+        return e.code, dict(json.loads(e.read()))
+
+
 @pytest.fixture
 def pods(tmp_path: Path) -> Iterator[Pods]:
     p = Pods(tmp_path)
@@ -191,6 +205,11 @@ async def test_a_three_router_cluster_comes_up_with_mutual_tls(
     for ordinal in range(3):
         log = (pods.workdir / f"{NAME}-{ordinal}.log").read_text(errors="replace")
         assert "listens in plaintext" not in log
+
+    # The kubelet's probes: HTTPS without a client certificate (and without verifying the server).
+    for _, http in ports:
+        status_code, ready = await asyncio.to_thread(probe, http)
+        assert status_code == 200 and ready["ready"] is True, ready
 
     # Without a certificate nothing answers: the routers end the plaintext connection.
     plain = RouterClient(addresses.split(","), timeout=3, fail_fast_refused=True)
