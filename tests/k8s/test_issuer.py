@@ -150,7 +150,7 @@ async def setup(kube: Kube, crds: list[str], namespace: str, tmp_path: Path) -> 
         await api.close()
 
 
-def annotations(router: str) -> dict[str, str]:
+def wants_sidecar(router: str) -> dict[str, str]:
     return {"etlrouter.io/inject": "true", "etlrouter.io/router": router, "etlrouter.io/ports": "50051"}
 
 
@@ -181,7 +181,7 @@ async def until(what: str, check: Callable[[], _T | None], timeout: float = 20.0
 
 async def test_an_injected_pod_gets_its_sidecar_certificate_and_renews_it(setup: Setup) -> None:
     ns = setup.namespace
-    pod = await setup.pod("web", annotations(f"main-client.{ns}.svc:7400"))
+    pod = await setup.pod("web", wants_sidecar(f"main-client.{ns}.svc:7400"))
     # The webhook injected the issuer's settings and the projected, audience-bound token.
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     source = volumes[TOKEN_VOLUME]["projected"]["sources"][0]["serviceAccountToken"]
@@ -233,7 +233,7 @@ async def test_an_injected_pod_gets_its_sidecar_certificate_and_renews_it(setup:
 
 async def test_the_issuer_refuses_other_tokens_and_pods(setup: Setup) -> None:
     ns = setup.namespace
-    web = await setup.pod("web", annotations(f"main-client.{ns}.svc:7400"))
+    web = await setup.pod("web", wants_sidecar(f"main-client.{ns}.svc:7400"))
     good = setup.sidecar_tls(web, setup.token(web))
 
     def client(token: Path | str, sidecar_id: str = "web") -> IssuerClient:
@@ -263,7 +263,7 @@ async def test_the_issuer_refuses_other_tokens_and_pods(setup: Setup) -> None:
     text = await refused(client(setup.token(plain), sidecar_id="plain"))
     assert "(403)" in text and "has no injected etlrouter sidecar" in text
     # An injected pod of a cluster without TLS: injected in plaintext, and refused a certificate.
-    other = await setup.pod("other", annotations(f"plain-client.{ns}.svc:7400"))
+    other = await setup.pod("other", wants_sidecar(f"plain-client.{ns}.svc:7400"))
     sidecar = next(c for c in other["spec"]["containers"] if c["name"] == SIDECAR_NAME)
     assert not any(e["name"].startswith("ETLROUTER_TLS__") for e in sidecar["env"])
     text = await refused(client(setup.token(other), sidecar_id="other"))

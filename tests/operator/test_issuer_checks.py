@@ -48,12 +48,16 @@ def refusal(fn: Any, *args: Any) -> Refused:
     return info.value
 
 
-def review(authenticated: bool = True, username: str = "system:serviceaccount:team:app", **extra: Any) -> Any:
-    extras = {
+def review(
+    authenticated: bool = True,
+    username: str = "system:serviceaccount:team:app",
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    extras: dict[str, Any] = {
         "authentication.kubernetes.io/pod-name": ["web-7d9f-x2"],
         "authentication.kubernetes.io/pod-uid": ["uid-1"],
     }
-    extras.update(extra)
+    extras.update(extra or {})
     user = {"username": username, "extra": {k: v for k, v in extras.items() if v is not None}}
     return {
         "status": {"authenticated": authenticated, "user": user, "error": "" if authenticated else "expired"}
@@ -96,7 +100,7 @@ def test_only_a_valid_pod_bound_service_account_token_names_a_pod() -> None:
     assert pod_of_review(review()) == WHO
     assert "expired" in refusal(pod_of_review, review(False)).message
     assert "not a ServiceAccount's" in refusal(pod_of_review, review(username="alice")).message
-    unbound = review(**{"authentication.kubernetes.io/pod-name": None})
+    unbound = review(extra={"authentication.kubernetes.io/pod-name": None})
     assert "not bound to a pod" in refusal(pod_of_review, unbound).message
     assert refusal(pod_of_review, {}).status == 401
 
