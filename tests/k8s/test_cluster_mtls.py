@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
 import os
 import re
@@ -30,13 +31,19 @@ import pytest
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import ClusterUnreachableError, RouterClient
-from etlrouter.core.config import Config
+from etlrouter.core.config import Config, ListenConfig, OperatorConfig
+from etlrouter.operator import tls_secrets
 from etlrouter.operator.cluster import MEMBER_ADDRESSES, ClusterReconciler
 from etlrouter.operator.controller import OperatorContext
+from etlrouter.operator.inject import DATA_HOME, ISSUER_AUDIENCE, SIDECAR_NAME, TOKEN_FILE
+from etlrouter.operator.webhook import WebhookServer
+from etlrouter.security.context import _peer_cert_dict
+from etlrouter.security.identity import from_peer_cert
 from tests.conftest import free_port
 from tests.k8s.conftest import Kube
 
 BASE = "/apis/etlrouter.io/v1alpha1"
+MWC = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
 NAME = "trio"
 CONFIG_DIR, TLS_DIR = "/etc/etlrouter", "/etc/etlrouter-tls"
 
@@ -117,6 +124,14 @@ class Pods:
             )
         )
 
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            argv, env={**os.environ, **env}, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+        )
+        self.procs.append(proc)
+        return proc
+
     def stop(self) -> None:
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
@@ -164,9 +179,11 @@ async def reconciler(kube: Kube, crds: list[str], namespace: str) -> AsyncIterat
         await api.close()
 
 
-async def test_a_three_router_cluster_comes_up_with_mutual_tls(
+async def bring_up(
     kube: Kube, namespace: str, reconciler: ClusterReconciler, pods: Pods
-) -> None:
+) -> tuple[list[tuple[int, int]], str, dict[str, Any]]:
+    """The cluster's routers from the operator's objects; (their ports, addresses, the cluster's status
+    once the operator sees a leader)."""
     ports = [(free_port(), free_port()) for _ in range(3)]
     addresses = ",".join(f"127.0.0.1:{grpc}" for grpc, _ in ports)
     cr = {
@@ -195,10 +212,15 @@ async def test_a_three_router_cluster_comes_up_with_mutual_tls(
         cr_now = kube.http.get(f"{BASE}/namespaces/{namespace}/etlrouterclusters/{NAME}")
         st = cr_now.get("status") or {}
         if st.get("leader") and len(st.get("members") or []) == 3:
-            break
+            return ports, addresses, st
         await asyncio.sleep(0.5)
-    else:
-        raise AssertionError(f"no leader over mTLS after 60 s; status {st}\n{pods.logs()}")
+    raise AssertionError(f"no leader over mTLS after 60 s; status {st}\n{pods.logs()}")
+
+
+async def test_a_three_router_cluster_comes_up_with_mutual_tls(
+    kube: Kube, namespace: str, reconciler: ClusterReconciler, pods: Pods
+) -> None:
+    ports, addresses, st = await bring_up(kube, namespace, reconciler, pods)
     assert {m["id"] for m in st["members"]} == {f"{NAME}-{i}" for i in range(3)}
     assert sum(m["role"] == "leader" for m in st["members"]) == 1
     assert all(p.poll() is None for p in pods.procs), pods.logs()
@@ -220,3 +242,134 @@ async def test_a_three_router_cluster_comes_up_with_mutual_tls(
             )
     finally:
         plain.close()
+
+
+async def test_an_injected_pods_sidecar_gets_its_certificate_and_registers_over_mutual_tls(
+    kube: Kube, namespace: str, reconciler: ClusterReconciler, pods: Pods
+) -> None:
+    _, addresses, _ = await bring_up(kube, namespace, reconciler, pods)
+    status, body = kube.http.request(
+        "PATCH",
+        f"/api/v1/namespaces/{namespace}",
+        {"metadata": {"labels": {"etlrouter.io/test": namespace}}},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 200, body
+    port = free_port()
+    config = Config(operator=OperatorConfig(webhook=ListenConfig(host="127.0.0.1", port=port)))
+    webhook = WebhookServer(
+        OperatorContext(api=reconciler.ctx.api, config=config, namespace=namespace),
+        url=f"https://127.0.0.1:{port}/inject",
+        namespace=namespace,
+        namespace_selector={"matchLabels": {"etlrouter.io/test": namespace}},
+        configuration_name=f"etlrouter-inject-{namespace}",
+    )
+    await webhook.start()
+    try:
+        status, body = kube.http.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts",
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "app"}},
+        )
+        assert status == 201, body
+        # generateName: the pod's name (the sidecar's id) exists only after admission.
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": "web-",
+                "annotations": {
+                    "etlrouter.io/inject": "true",
+                    "etlrouter.io/router": f"{NAME}-client.{namespace}.svc:7400",
+                    "etlrouter.io/ports": "50051",
+                },
+            },
+            "spec": {"serviceAccountName": "app", "containers": [{"name": "app", "image": "svc:1"}]},
+        }
+        # From a thread: the apiserver calls the webhook, which serves in this event loop.
+        status, pod = await asyncio.to_thread(
+            kube.http.request, "POST", f"/api/v1/namespaces/{namespace}/pods", manifest
+        )
+        assert status == 201, pod
+        pod_name = pod["metadata"]["name"]
+        # The kubelet's part: the projected token, the pod's IP, its own ports, kube-dns.
+        status, answer = kube.http.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/app/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {
+                    "audiences": [ISSUER_AUDIENCE],
+                    "expirationSeconds": 600,
+                    "boundObjectRef": {
+                        "kind": "Pod",
+                        "apiVersion": "v1",
+                        "name": pod_name,
+                        "uid": pod["metadata"]["uid"],
+                    },
+                },
+            },
+        )
+        assert status == 201, answer
+        token = pods.workdir / "token"
+        token.write_text(answer["status"]["token"])
+        data_home = pods.workdir / "sidecar-home"
+        container = next(c for c in pod["spec"]["containers"] if c["name"] == SIDECAR_NAME)
+        env: dict[str, str] = {}
+        for var in container["env"]:
+            field = (var.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
+            if field == "metadata.name":
+                env[var["name"]] = pod_name
+            elif field == "status.podIP":
+                env[var["name"]] = "127.0.0.1"
+            else:
+                value = expand(var["value"], env).replace(TOKEN_FILE, str(token))
+                env[var["name"]] = value.replace(DATA_HOME, str(data_home))
+        args = [expand(a, env) for a in container["args"]]
+        routers = [i + 1 for i, a in enumerate(args) if a == "--router"]
+        assert [args[i] for i in routers] == [f"{NAME}-client.{namespace}.svc:7400"]
+        at = routers[0] - 1
+        args[at : at + 2] = [arg for address in addresses.split(",") for arg in ("--router", address)]
+        http_port = free_port()
+        args[args.index("--grpc-port") + 1] = str(free_port())
+        args[args.index("--http-port") + 1] = str(http_port)
+        sidecar_proc = pods.spawn(
+            "sidecar",
+            [sys.executable, "-m", "etlrouter", "--log-format", "json", *args],
+            {**env, "HOME": str(data_home), "ETLROUTER_SIDECAR__HEARTBEAT_INTERVAL_MS": "500"},
+        )
+
+        # Registered with the routers: over mutual TLS, as the identity the issuer gave it.
+        deadline = time.monotonic() + 60
+        ready: dict[str, Any] = {}
+        while time.monotonic() < deadline and sidecar_proc.poll() is None:
+            try:
+                _, ready = await asyncio.to_thread(probe, http_port)
+            except (OSError, ValueError):
+                ready = {}
+            if ready.get("ready"):
+                break
+            await asyncio.sleep(0.3)
+        else:
+            raise AssertionError(f"sidecar not ready: {ready}\n{pods.logs()}")
+        cert = data_home / "sidecar" / "tls" / "tls.crt"
+        identity = from_peer_cert(_peer_cert_dict(cert.read_bytes()), f"{NAME}.{namespace}.etlrouter")
+        assert identity is not None
+        assert identity.uri == f"spiffe://{NAME}.{namespace}.etlrouter/ns/{namespace}/sidecar/{pod_name}"
+        cr = kube.http.get(f"{BASE}/namespaces/{namespace}/etlrouterclusters/{NAME}")
+        ca = await tls_secrets.load_ca(reconciler.ctx.api, cr, None)
+        assert ca is not None
+        client = reconciler.ctx.router_client(
+            addresses, reconciler.ctx.credentials.security(cr, ca, dt.datetime.now(dt.UTC))
+        )
+        try:
+            listed = await client.call(
+                admin_grpc.PipelineAdminStub, "ListSidecars", admin_pb2.ListSidecarsRequest()
+            )
+        finally:
+            client.close()
+        assert pod_name in [s.sidecar_id for s in listed.sidecars]
+    finally:
+        await webhook.stop()
+        kube.http.request("DELETE", f"{MWC}/etlrouter-inject-{namespace}")
