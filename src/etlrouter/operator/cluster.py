@@ -630,6 +630,7 @@ class ClusterReconciler:
         api = self.ctx.api
         cr = await kube.get_object(api, PLURAL, namespace, name)
         if cr is None or cr["metadata"].get("deletionTimestamp"):
+            self.credentials.forget(namespace, name)
             return Result()  # owned objects carry ownerReferences: the garbage collector deletes them
         spec = parse_spec(cr)
         generation = int(cr["metadata"].get("generation", 0))

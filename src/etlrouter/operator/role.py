@@ -114,5 +114,6 @@ class OperatorRole:
         if self.webhook is not None:
             await self.webhook.stop()
         if self.ctx is not None:
+            self.ctx.credentials.close()  # the operator's client keys for TLS clusters
             await self.ctx.api.close()
         await self.runtime.stop()
