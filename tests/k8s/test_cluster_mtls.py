@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -37,7 +38,7 @@ from etlrouter.operator.cluster import MEMBER_ADDRESSES, ClusterReconciler
 from etlrouter.operator.controller import OperatorContext
 from etlrouter.operator.inject import DATA_HOME, ISSUER_AUDIENCE, SIDECAR_NAME, TOKEN_FILE
 from etlrouter.operator.webhook import WebhookServer
-from etlrouter.security.context import _peer_cert_dict
+from etlrouter.security.context import Security, _peer_cert_dict
 from etlrouter.security.identity import from_peer_cert
 from tests.conftest import free_port
 from tests.k8s.conftest import Kube
@@ -68,10 +69,7 @@ class Pods:
         tls_dir.mkdir(mode=0o700)
         for key, value in config_map["data"].items():
             (config_dir / key).write_text(value.replace(CONFIG_DIR + "/", f"{config_dir}/"))
-        for key, value in secret["data"].items():
-            path = tls_dir / key
-            path.write_bytes(base64.b64decode(value))
-            path.chmod(0o440)  # the volume's defaultMode
+        self.project_secret(tls_dir, secret)
         # `etlrouter` on PATH is this checkout's (the image's entry point).
         bin_dir = self.workdir / "bin"
         bin_dir.mkdir()
@@ -79,6 +77,23 @@ class Pods:
         shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m etlrouter "$@"\n')
         shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
         return config_dir, tls_dir
+
+    def project_secret(self, tls_dir: Path, secret: dict[str, Any]) -> None:
+        """A Secret volume as the kubelet writes it: the files in a fresh timestamped directory, `..data`
+        a symlink to it swapped in one rename, each key a symlink through `..data`; so an update
+        changes every file at once."""
+        version = tls_dir / f"..{time.monotonic_ns()}"
+        version.mkdir()
+        for key, value in secret["data"].items():
+            path = version / key
+            path.write_bytes(base64.b64decode(value))
+            path.chmod(0o440)  # the volume's defaultMode
+            link = tls_dir / key
+            if not link.is_symlink():
+                link.symlink_to(Path("..data") / key)
+        swap = tls_dir / "..data_tmp"
+        swap.symlink_to(version.name)
+        swap.rename(tls_dir / "..data")
 
     def start(
         self,
@@ -159,6 +174,37 @@ def probe(port: int) -> tuple[int, dict[str, Any]]:
         return e.code, dict(json.loads(e.read()))
 
 
+async def operator_security(kube: Kube, namespace: str, reconciler: ClusterReconciler) -> Security:
+    """The operator's own credentials for the cluster (what its reconciles use)."""
+    cr = kube.http.get(f"{BASE}/namespaces/{namespace}/etlrouterclusters/{NAME}")
+    ca = await tls_secrets.load_ca(reconciler.ctx.api, cr, None)
+    assert ca is not None
+    return reconciler.ctx.credentials.security(cr, ca, dt.datetime.now(dt.UTC))
+
+
+async def cluster_status(addresses: str, reconciler: ClusterReconciler, security: Security) -> Any:
+    client = reconciler.ctx.router_client(addresses, security)
+    try:
+        return await client.call(
+            admin_grpc.PipelineAdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest()
+        )
+    finally:
+        client.close()
+
+
+def server_certificate(port: int, security: Security) -> bytes:
+    """The certificate a router presents to a new connection (DER)."""
+    context = security.client_context()
+    assert context is not None
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
 @pytest.fixture
 def pods(tmp_path: Path) -> Iterator[Pods]:
     p = Pods(tmp_path)
@@ -227,6 +273,40 @@ async def test_a_three_router_cluster_comes_up_with_mutual_tls(
     for ordinal in range(3):
         log = (pods.workdir / f"{NAME}-{ordinal}.log").read_text(errors="replace")
         assert "listens in plaintext" not in log
+
+    # Rotation without downtime: the routers' pairs are issued again (removed from the Secret here, which
+    # takes the renewal's path), the kubelet swaps the volume's files, every router loads the new pair
+    # for new connections, and no election happens.
+    security = await operator_security(kube, namespace, reconciler)
+    before = await cluster_status(addresses, reconciler, security)
+    secret_path = f"/api/v1/namespaces/{namespace}/secrets/{NAME}-router-tls"
+    old = kube.http.get(secret_path)["data"]
+    removed = {f"{NAME}-{i}.{ext}": None for i in range(3) for ext in ("crt", "key")}
+    status, body = kube.http.request(
+        "PATCH", secret_path, {"data": removed}, content_type="application/merge-patch+json"
+    )
+    assert status == 200, body
+    await reconciler.reconcile((namespace, NAME))
+    secret = kube.http.get(secret_path)
+    assert all(secret["data"][key] != old[key] for key in removed)
+    assert secret["data"]["ca.crt"] == old["ca.crt"]
+    pods.project_secret(pods.workdir / "tls", secret)
+
+    def reloaded() -> bool:
+        return all(
+            "TLS certificate reloaded" in (pods.workdir / f"{NAME}-{i}.log").read_text(errors="replace")
+            for i in range(3)
+        )
+
+    deadline = time.monotonic() + 30  # tls.reload_interval_ms is 5 s
+    while not reloaded():
+        assert time.monotonic() < deadline, f"the routers did not reload their pairs\n{pods.logs()}"
+        await asyncio.sleep(0.2)
+    new_cert = base64.b64decode(secret["data"][f"{NAME}-0.crt"])
+    presented = await asyncio.to_thread(server_certificate, ports[0][0], security)
+    assert presented == ssl.PEM_cert_to_DER_cert(new_cert.decode())
+    after = await cluster_status(addresses, reconciler, security)
+    assert (after.term, after.leader_id) == (before.term, before.leader_id)
 
     # The kubelet's probes: HTTPS without a client certificate (and without verifying the server).
     for _, http in ports:
