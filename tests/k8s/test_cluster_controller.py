@@ -201,7 +201,8 @@ async def test_scale_3_to_5_to_3_changes_raft_membership_and_moves_leadership_fi
             "apiVersion": "etlrouter.io/v1alpha1",
             "kind": "EtlRouterCluster",
             "metadata": {"name": "router", "annotations": {MEMBER_ADDRESSES: ",".join(routers.addresses)}},
-            "spec": {"replicas": 3},
+            # These routers serve plaintext (RouterProcesses): opt out of the default mutual TLS.
+            "spec": {"replicas": 3, "tls": {"enabled": False}},
         }
         path = f"{BASE}/namespaces/{namespace}/etlrouterclusters/router"
         assert kube.http.request("POST", f"{BASE}/namespaces/{namespace}/etlrouterclusters", cr)[0] == 201

@@ -147,7 +147,8 @@ async def test_image_change_restarts_members_one_at_a_time_moving_leadership_fir
             "apiVersion": "etlrouter.io/v1alpha1",
             "kind": "EtlRouterCluster",
             "metadata": {"name": NAME, "annotations": {MEMBER_ADDRESSES: ",".join(routers.addresses)}},
-            "spec": {"replicas": 3, "image": "etlrouter:v1"},
+            # These routers serve plaintext (RouterProcesses): opt out of the default mutual TLS.
+            "spec": {"replicas": 3, "image": "etlrouter:v1", "tls": {"enabled": False}},
         }
         path = f"{BASE}/namespaces/{namespace}/etlrouterclusters/{NAME}"
         sts_path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{NAME}"

@@ -59,7 +59,7 @@ def test_cluster_defaults_are_filled_in(kube: Kube, crds: list[str], namespace: 
         "replicas": 3,
         "image": f"etlrouter:{__version__}",
         "storage": {"size": "1Gi"},
-        "tls": {"enabled": False},
+        "tls": {"enabled": True},  # secure by default
         "ports": {"grpc": 7400, "http": 7480, "raft": 7450},
     }
 

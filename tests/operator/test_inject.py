@@ -9,9 +9,13 @@ import pytest
 from etlrouter.operator.inject import (
     DATA_VOLUME,
     INJECTED_ANNOTATION,
+    ISSUER_AUDIENCE,
     SIDECAR_NAME,
+    TOKEN_FILE,
+    TOKEN_VOLUME,
     InjectionError,
     SidecarSpec,
+    SidecarTls,
     apply_patch,
     has_sidecar,
     inject_sidecar,
@@ -109,3 +113,36 @@ def test_bad_annotations_name_the_annotation(annotations: dict[str, str], needle
 def test_apply_patch_refuses_other_operations() -> None:
     with pytest.raises(ValueError, match="only `add`"):
         apply_patch({}, [{"op": "remove", "path": "/a"}])
+
+
+TLS = SidecarTls(
+    issuer_url="https://etlrouter-webhook.etlrouter-system.svc/v1/sidecar-certificate",
+    issuer_ca="-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n",
+    trust_domain="main.prod.etlrouter",
+)
+
+
+def test_a_tls_cluster_sidecar_gets_the_issuer_settings_and_a_bound_token() -> None:
+    spec = SidecarSpec(
+        image="etlrouter:test", routers=("main-client.prod.svc:7400",), scan_ports="50051", tls=TLS
+    )
+    original = pod({"etlrouter.io/inject": "true"}, volumes=[{"name": "mine", "emptyDir": {}}])
+    patched = apply_patch(original, inject_sidecar(original, spec))
+    sidecar = patched["spec"]["containers"][1]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["ETLROUTER_TLS__ISSUER_URL"] == TLS.issuer_url
+    assert env["ETLROUTER_TLS__ISSUER_CA"] == TLS.issuer_ca
+    assert env["ETLROUTER_TLS__ISSUER_TOKEN_FILE"] == TOKEN_FILE
+    assert env["ETLROUTER_TLS__TRUST_DOMAIN"] == "main.prod.etlrouter"
+    assert {"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/etlrouter.io", "readOnly": True} in sidecar[
+        "volumeMounts"
+    ]
+    assert [v["name"] for v in patched["spec"]["volumes"]] == ["mine", DATA_VOLUME, TOKEN_VOLUME]
+    token = patched["spec"]["volumes"][2]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token == {"audience": ISSUER_AUDIENCE, "expirationSeconds": 3600, "path": "token"}
+    assert sidecar["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    # Without TLS: none of it.
+    plain = apply_patch(original, inject_sidecar(original, SPEC))
+    assert not any(e["name"].startswith("ETLROUTER_TLS__") for e in plain["spec"]["containers"][1]["env"])
+    assert [v["name"] for v in plain["spec"]["volumes"]] == ["mine", DATA_VOLUME]
+    assert plain["spec"]["containers"][1]["readinessProbe"]["httpGet"]["scheme"] == "HTTP"

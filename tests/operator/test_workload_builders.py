@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from etlrouter._proto.v1 import admin_pb2, control_pb2
-from etlrouter.operator.inject import SIDECAR_NAME, SidecarSpec, sidecar_container
+from etlrouter.operator.inject import SIDECAR_NAME, TOKEN_VOLUME, SidecarSpec, SidecarTls, sidecar_container
 from etlrouter.operator.workloads import (
     CONFIG_ENV,
     SpecError,
@@ -131,3 +131,18 @@ def test_verdicts() -> None:
     down = workload_verdict(spec, 2, None, "cannot reach the router cluster")
     assert down.degraded[:2] == ("True", "RouterUnreachable")
     assert workload_verdict(parse_spec({**OBJ["spec"], "replicas": 0}), 0, []).ready[0] == "True"
+
+
+def test_a_tls_clusters_workload_pods_carry_the_issuer_settings_and_name_their_cluster() -> None:
+    tls = SidecarTls("https://issuer/v1/sidecar-certificate", "PEM", "main.ns.etlrouter", "ns/main")
+    deployment = desired_deployment(
+        OBJ, "etlsinks", parse_spec(OBJ["spec"]), "main-client.ns.svc:7400", "etlrouter:9", tls=tls
+    )
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["annotations"]["etlrouter.io/cluster"] == "ns/main"
+    sidecar = template["spec"]["containers"][1]
+    expected = SidecarSpec(
+        image="etlrouter:9", routers=("main-client.ns.svc:7400",), scan_ports="50051", tls=tls
+    )
+    assert sidecar == sidecar_container(expected)
+    assert any(v["name"] == TOKEN_VOLUME for v in template["spec"]["volumes"])

@@ -96,10 +96,17 @@ class TlsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     handshake_timeout_ms: PositiveMs = 10_000
     # Established connections per peer identity (or per address, for token callers) on one listener.
     max_connections_per_peer: Annotated[int, msgspec.Meta(ge=1)] = 64
+    # Kubernetes sidecars (docs/security-operator.md): get cert/key/CA from the operator's issuer at start
+    # (a CSR plus the pod's projected ServiceAccount token) and renew them; they replace ca/cert/key.
+    issuer_url: str = ""
+    issuer_ca: str = ""  # the issuer's CA: a PEM file, or the PEM text itself (the webhook injects it)
+    issuer_token_file: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):
             raise ValueError("tls.cert and tls.key must be set together")
+        if self.issuer_url and not (self.issuer_ca and self.issuer_token_file):
+            raise ValueError("tls.issuer_url needs tls.issuer_ca and tls.issuer_token_file")
         if self.cert and not self.ca:
             raise ValueError("tls.cert needs tls.ca (the CA bundle peers are verified against)")
         if not re.fullmatch(r"[a-z0-9.-]+", self.trust_domain):

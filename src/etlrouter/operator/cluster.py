@@ -16,6 +16,9 @@ StatefulSet's `rollingUpdate.partition`. A template change is applied with the p
 pod may be replaced yet); then, one member per step and only while every other member is Ready and caught
 up in Raft, the partition drops onto the highest ordinal still on the old revision — after leadership was
 moved off that member if it leads. Partition 0 again when every pod runs the new revision.
+Certificates (mutual TLS unless spec.tls.enabled is false; docs/security-operator.md): the CA and the
+routers' pairs are settled before the StatefulSet is applied (cluster_tls.py decides, tls_secrets.py writes),
+and the routers are called with the operator's own `user/etlrouter-operator` certificate.
 """
 
 from __future__ import annotations
@@ -24,19 +27,22 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import yaml
 
 from etlrouter import __version__
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
-from etlrouter.operator import kube
+from etlrouter.client.router import RouterClient
+from etlrouter.operator import cluster_tls, kube, tls_secrets
+from etlrouter.operator.cluster_tls import ClusterCA
 from etlrouter.operator.condition import set_condition
 from etlrouter.operator.controller import ObjectKey, OperatorContext, Result
 from etlrouter.operator.kube import Resource
+from etlrouter.security.context import Security
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,7 @@ class ClusterSpec:
     storage_class: str | None
     resources: dict[str, Any]
     tls_enabled: bool
-    tls_secret: str | None
+    tls_secret: str | None  # the CA Secret (ca.crt, ca.key): yours, or made by the operator
     grpc_port: int
     http_port: int
 
@@ -107,7 +113,8 @@ def parse_spec(cr: dict[str, Any]) -> ClusterSpec:
         storage_size=str(storage.get("size") or "1Gi"),
         storage_class=storage.get("storageClassName"),
         resources=dict(spec.get("resources") or DEFAULT_RESOURCES),
-        tls_enabled=bool(tls.get("enabled", False)),
+        # Secure by default: no spec.tls (or no `enabled`) means mutual TLS with an operator-made CA.
+        tls_enabled=bool(tls.get("enabled", True)),
         tls_secret=tls.get("secretName"),
         grpc_port=int(ports.get("grpc", 7400)),
         http_port=int(ports.get("http", 7480)),
@@ -250,29 +257,47 @@ def desired_objects(
         {"name": "config", "configMap": {"name": f"{name}-config"}},
         {"name": "home", "emptyDir": {}},
     ]
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {
+            "name": "BOOTSTRAP_PEERS",
+            "valueFrom": {"configMapKeyRef": {"name": f"{name}-config", "key": BOOTSTRAP_KEY}},
+        },
+        {"name": "CLIENT_ENDPOINT", "value": client_endpoint(name, namespace, spec.grpc_port)},
+    ]
+    scheme = "HTTP"
     if spec.tls_enabled:
-        secret = spec.tls_secret or f"{name}-tls"
-        mounts.append({"name": "tls", "mountPath": "/etc/etlrouter/tls", "readOnly": True})
-        volumes.append({"name": "tls", "secret": {"secretName": secret}})
+        # One Secret holds every router's pair; each pod picks its own by name ($(POD_NAME) is expanded
+        # by the kubelet, POD_NAME being defined above).
+        mounts.append({"name": "tls", "mountPath": cluster_tls.TLS_DIR, "readOnly": True})
+        volumes.append(
+            {
+                "name": "tls",
+                "secret": {"secretName": cluster_tls.router_secret_name(name), "defaultMode": 0o440},
+            }
+        )
+        env += [
+            {"name": "ETLROUTER_TLS__CA", "value": f"{cluster_tls.TLS_DIR}/{cluster_tls.BUNDLE}"},
+            {"name": "ETLROUTER_TLS__CERT", "value": f"{cluster_tls.TLS_DIR}/$(POD_NAME).crt"},
+            {"name": "ETLROUTER_TLS__KEY", "value": f"{cluster_tls.TLS_DIR}/$(POD_NAME).key"},
+            {"name": "ETLROUTER_TLS__TRUST_DOMAIN", "value": cluster_tls.trust_domain(name, namespace)},
+        ]
+        scheme = "HTTPS"  # the routers' HTTP port serves HTTPS too; probes need no client certificate
     container: dict[str, Any] = {
         "name": "router",
         "image": spec.image,
         "command": ["sh", "/etc/etlrouter/start.sh"],
-        "env": [
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {
-                "name": "BOOTSTRAP_PEERS",
-                "valueFrom": {"configMapKeyRef": {"name": f"{name}-config", "key": BOOTSTRAP_KEY}},
-            },
-            {"name": "CLIENT_ENDPOINT", "value": client_endpoint(name, namespace, spec.grpc_port)},
-        ],
+        "env": env,
         "ports": [
             {"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"},
             {"name": "http", "containerPort": spec.http_port, "protocol": "TCP"},
         ],
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http", "scheme": scheme},
+            "periodSeconds": 5,
+        },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
+            "httpGet": {"path": "/healthz", "port": "http", "scheme": scheme},
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
@@ -576,9 +601,25 @@ class ClusterReconciler:
         Resource("apps/v1", "statefulsets"),
     )
 
-    def __init__(self, ctx: OperatorContext) -> None:
+    def __init__(
+        self,
+        ctx: OperatorContext,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        router_validity: timedelta = cluster_tls.ROUTER_VALIDITY,
+    ) -> None:
         self.ctx = ctx
         self._pdb_api_version: str | None = None
+        # The clock decides certificate renewal (tests move it forward instead of waiting for expiry).
+        self.clock = clock
+        self.router_validity = router_validity
+        self.credentials = ctx.credentials
+        # The operator's client credentials per TLS cluster, for this reconcile's calls to its routers.
+        self._security: dict[ObjectKey, Security] = {}
+
+    def _client(self, cr: dict[str, Any], address: str) -> RouterClient:
+        meta = cr["metadata"]
+        return self.ctx.router_client(address, self._security.get((meta["namespace"], meta["name"])))
 
     async def pdb_api_version(self) -> str:
         """policy/v1 from Kubernetes 1.21 on; 1.20 only serves policy/v1beta1."""
@@ -592,12 +633,13 @@ class ClusterReconciler:
         api = self.ctx.api
         cr = await kube.get_object(api, PLURAL, namespace, name)
         if cr is None or cr["metadata"].get("deletionTimestamp"):
+            self.credentials.forget(namespace, name)
             return Result()  # owned objects carry ownerReferences: the garbage collector deletes them
         spec = parse_spec(cr)
         generation = int(cr["metadata"].get("generation", 0))
         status = dict(cr.get("status") or {})
         conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
-        now = datetime.now(UTC)
+        now = self.clock()
         try:
             desired_addresses = member_addresses(cr, spec.replicas)
         except SpecError as e:
@@ -609,14 +651,26 @@ class ClusterReconciler:
             return Result()
         desired = {member_id(name, i): a for i, a in enumerate(desired_addresses)}
 
+        ca: ClusterCA | None = None
+        self._security.pop(key, None)
         if spec.tls_enabled:
-            await kube.record_event(
-                api,
-                cr,
-                "Warning",
-                "TLSNotSupported",
-                "spec.tls: the secret is mounted at /etc/etlrouter/tls; this router build serves plaintext",
-            )
+            try:
+                ca, done = await tls_secrets.ensure_ca(api, cr, spec.tls_secret, now)
+            except tls_secrets.CertificateError as e:
+                await kube.record_event(api, cr, "Warning", "CertificatesFailed", str(e))
+                conditions = set_condition(
+                    conditions, "CertificatesReady", "False", "InvalidCA", str(e), generation, now
+                )
+                conditions = set_condition(conditions, "Ready", "False", "InvalidCA", str(e), generation, now)
+                await self._write_status(
+                    cr, {**status, "conditions": conditions, "observedGeneration": generation}
+                )
+                return Result(requeue_after=30.0)
+            if done:
+                await kube.record_event(api, cr, "Normal", "CertificateAuthority", done)
+            self._security[key] = self.credentials.security(cr, ca, now)
+        else:
+            self.credentials.forget(namespace, name)
         sts = await kube.get(api, Resource("apps/v1", "statefulsets"), namespace, name)
         # What the routers say (None while no router answers). Pods that are not ready cannot answer: do
         # not wait for them (the test hook's routers run outside pods, so always ask them).
@@ -647,6 +701,40 @@ class ClusterReconciler:
                     "StorageImmutable",
                     f"spec.storage cannot change after creation (kept {_claim_size(claim)}, asked {wanted})",
                 )
+        renew_in: float | None = None
+        if ca is not None:
+            # Every router the StatefulSet may run has its pair before the StatefulSet is applied.
+            node_ids = [member_id(name, i) for i in range(sts_replicas)]
+            data, done = await tls_secrets.ensure_router_certs(
+                api, cr, ca, node_ids, now, self.router_validity
+            )
+            if done:
+                await kube.record_event(api, cr, "Normal", "CertificatesIssued", done)
+            ca_expires = cluster_tls.expires_at(ca.cert)
+            times = cluster_tls.earliest(data, node_ids)
+            assert times is not None
+            expires, renew = times
+            renew_in = max((renew - now).total_seconds(), 1.0)
+            conditions = set_condition(
+                conditions,
+                "CertificatesReady",
+                "True",
+                "Issued",
+                f"{len(node_ids)} router certificates, the first expires at {expires.isoformat()} and is "
+                f"renewed from {renew.isoformat()}; CA expires at {ca_expires.isoformat()}",
+                generation,
+                now,
+            )
+        else:
+            conditions = set_condition(
+                conditions,
+                "CertificatesReady",
+                "False",
+                "TLSDisabled",
+                "spec.tls.enabled is false: the routers serve plaintext without authentication",
+                generation,
+                now,
+            )
         objects = desired_objects(
             cr,
             bootstrap_peers=bootstrap,
@@ -748,6 +836,8 @@ class ClusterReconciler:
                 conditions, "Progressing", "True", ROLLING_RESTART, rollout.reason, generation, now
             )
             requeue = min(requeue or 30.0, 1.0 if rollout.action == "wait" else 0.2)
+        if renew_in is not None:
+            requeue = min(requeue or renew_in, renew_in)
         new_status = {
             **status,
             "conditions": conditions,
@@ -764,7 +854,12 @@ class ClusterReconciler:
                 }
                 for m in members
             ]
-            new_status["leader"] = leader or ""
+            # During an election there is no leader: the key goes (a merge patch's null removes it; the
+            # apiserver refuses "" for this string field).
+            if leader:
+                new_status["leader"] = leader
+            elif "leader" in status:
+                new_status["leader"] = None
         await self._write_status(cr, new_status)
         return Result(requeue_after=requeue)
 
@@ -782,18 +877,18 @@ class ClusterReconciler:
     async def _members(self, cr: dict[str, Any], spec: ClusterSpec) -> tuple[list[Member] | None, str, int]:
         """Membership, leader and commit index — from the leader when it answers: any router answers
         GetClusterStatus, but only the leader knows match indexes and who is reachable."""
-        status = await self._cluster_status(self._router_address(cr, spec), any_node=False)
+        status = await self._cluster_status(cr, self._router_address(cr, spec), any_node=False)
         if status is None:
             return None, "", 0
         if status.leader_id and status.node_id != status.leader_id and status.leader_address:
-            at_leader = await self._cluster_status(status.leader_address, any_node=True)
+            at_leader = await self._cluster_status(cr, status.leader_address, any_node=True)
             if at_leader is not None and at_leader.node_id == at_leader.leader_id:
                 status = at_leader
         return members_of(status), str(status.leader_id), int(status.commit_index)
 
-    async def _cluster_status(self, address: str, *, any_node: bool) -> Any:
+    async def _cluster_status(self, cr: dict[str, Any], address: str, *, any_node: bool) -> Any:
         """GetClusterStatus at `address` (several, comma-separated, unless any_node); None: no answer."""
-        client = self.ctx.router_client(address)
+        client = self._client(cr, address)
         try:
             return await client.call(
                 admin_grpc.PipelineAdminStub,
@@ -854,14 +949,14 @@ class ClusterReconciler:
             members=members,
         )
         if members is not None and rollout_in_progress(view) and not view.template_changed:
-            view = replace(view, reports=await self._reports(desired))
+            view = replace(view, reports=await self._reports(cr, desired))
         return plan_rollout(view)
 
-    async def _reports(self, addresses: dict[str, str]) -> dict[str, MemberReport | None]:
+    async def _reports(self, cr: dict[str, Any], addresses: dict[str, str]) -> dict[str, MemberReport | None]:
         """Each member's own view (leader, applied index), asked at its own address; None: no answer."""
 
         async def ask(address: str) -> MemberReport | None:
-            status = await self._cluster_status(address, any_node=True)
+            status = await self._cluster_status(cr, address, any_node=True)
             return None if status is None else MemberReport(str(status.leader_id), int(status.applied_index))
 
         answers = await asyncio.gather(*(ask(a) for a in addresses.values()))
@@ -877,7 +972,7 @@ class ClusterReconciler:
     ) -> tuple[list[Member] | None, str]:
         """Carry out one membership change through the router admin API; records an Event (`event`:
         its reason and message instead of the step's)."""
-        client = self.ctx.router_client(self._router_address(cr, spec))
+        client = self._client(cr, self._router_address(cr, spec))
         try:
             if step.action == "add":
                 request: Any = admin_pb2.AddMemberRequest(node_id=step.node_id, address=step.address)

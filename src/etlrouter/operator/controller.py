@@ -28,6 +28,7 @@ from etlrouter.client.router import RouterClient
 from etlrouter.core.config import Config
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.flow.retry import Backoff
+from etlrouter.operator.inject import SidecarTls
 from etlrouter.operator.kube import (
     KINDS,
     PLURAL_KINDS,
@@ -38,6 +39,8 @@ from etlrouter.operator.kube import (
     list_objects,
     watch_lines,
 )
+from etlrouter.operator.tls_secrets import OperatorCredentials
+from etlrouter.security.context import Security
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +83,10 @@ class Reconciler(Protocol):
     async def reconcile(self, key: ObjectKey) -> Result: ...
 
 
-def default_router_client(address: str) -> RouterClient:
-    """A client of the router cluster at `address` ("host:port", or several joined by commas)."""
-    return RouterClient([a.strip() for a in address.split(",") if a.strip()], timeout=10.0)
+def default_router_client(address: str, security: Security | None = None) -> RouterClient:
+    """A client of the router cluster at `address` ("host:port", or several joined by commas); `security`:
+    the operator's credentials for a cluster that runs mutual TLS."""
+    return RouterClient([a.strip() for a in address.split(",") if a.strip()], timeout=10.0, security=security)
 
 
 @dataclass
@@ -90,7 +94,12 @@ class OperatorContext:
     api: ApiClient
     config: Config
     namespace: str = ""  # "" = all namespaces
-    router_client: Callable[[str], RouterClient] = field(default=default_router_client)
+    router_client: Callable[[str, Security | None], RouterClient] = field(default=default_router_client)
+    # The operator's client certificates for the routers of TLS clusters (shared by the controllers).
+    credentials: OperatorCredentials = field(default_factory=OperatorCredentials)
+    # (namespace, cluster) -> the TLS settings a sidecar of that cluster is injected with; set by the
+    # role once the webhook (which also serves the issuer) runs.
+    sidecar_tls: Callable[[str, str], SidecarTls] | None = None
 
 
 def controller_owner(obj: dict[str, Any]) -> tuple[str, str] | None:

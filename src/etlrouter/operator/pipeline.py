@@ -30,9 +30,10 @@ from etlrouter import dsl
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.core.config import split_address
-from etlrouter.operator import kube
+from etlrouter.operator import kube, tls_secrets
 from etlrouter.operator.condition import set_condition
 from etlrouter.operator.controller import ObjectKey, OperatorContext, Result
+from etlrouter.security.context import Security
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,32 @@ def endpoint_of(cluster_obj: dict[str, Any] | None, namespace: str, name: str) -
     return endpoint
 
 
-async def resolve_router(api: kube.ApiClient, namespace: str, spec: dict[str, Any]) -> str:
-    """The router address of a pipeline or workload spec (shared by both controllers)."""
+async def resolve_router(
+    ctx: OperatorContext, namespace: str, spec: dict[str, Any]
+) -> tuple[str, Security | None]:
+    """The router address of a pipeline or workload spec (shared by both controllers), and the operator's
+    credentials when it is an EtlRouterCluster running mutual TLS (a `spec.router` is called as before)."""
     how, value = target_of(spec)
     if how == "router":
-        return value
-    cluster = await kube.get_object(api, "etlrouterclusters", namespace, value)
-    return endpoint_of(cluster, namespace, value)
+        return value, None
+    cluster = await kube.get_object(ctx.api, "etlrouterclusters", namespace, value)
+    address = endpoint_of(cluster, namespace, value)
+    assert cluster is not None
+    if not cluster_tls_enabled(cluster):
+        return address, None
+    cluster.setdefault("apiVersion", kube.API_VERSION)
+    cluster.setdefault("kind", "EtlRouterCluster")
+    ca = await tls_secrets.load_ca(
+        ctx.api, cluster, ((cluster.get("spec") or {}).get("tls") or {}).get("secretName")
+    )
+    if ca is None:
+        raise TargetError("ClusterNotReady", f"waiting for EtlRouterCluster {value}'s CA", retry=True)
+    return address, ctx.credentials.security(cluster, ca, dt.datetime.now(dt.UTC))
+
+
+def cluster_tls_enabled(cluster: dict[str, Any]) -> bool:
+    """As cluster.parse_spec reads it: on unless `spec.tls.enabled` is false."""
+    return bool(((cluster.get("spec") or {}).get("tls") or {}).get("enabled", True))
 
 
 # --- the pure rules --------------------------------------------------------------------------------------
@@ -324,10 +344,10 @@ class PipelineReconciler:
             return verdict_invalid_dsl(errors), {}
         names = pipeline_names(text, filename)
         try:
-            address = await resolve_router(self.ctx.api, namespace, spec)
+            address, security = await resolve_router(self.ctx, namespace, spec)
         except TargetError as e:
             return verdict_failed(e.reason, e.message, retry=e.retry), {}
-        client = self.ctx.router_client(address)
+        client = self.ctx.router_client(address, security)
         try:
             if spec.get("suspend"):
                 await self._delete_at_router(client, owned)
@@ -466,8 +486,9 @@ class PipelineReconciler:
         owned = list((obj.get("status") or {}).get("pipelines") or [])
         spec = obj.get("spec") or {}
         address: str | None = None
+        security: Security | None = None
         try:
-            address = await resolve_router(self.ctx.api, meta["namespace"], spec)
+            address, security = await resolve_router(self.ctx, meta["namespace"], spec)
         except TargetError as e:
             # No cluster to clean up at (deleted, never ready, or no valid address): nothing runs there.
             log.info(
@@ -476,7 +497,7 @@ class PipelineReconciler:
                 extra={"fields": {"namespace": meta["namespace"], "name": meta["name"]}},
             )
         if address is not None and owned:
-            client = self.ctx.router_client(address)
+            client = self.ctx.router_client(address, security)
             try:
                 await self._delete_at_router(client, owned)
             except ClusterUnreachableError as e:

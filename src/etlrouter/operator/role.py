@@ -77,6 +77,7 @@ class OperatorRole:
         await self.runtime.start()
         self.webhook = WebhookServer(self.ctx, url=settings.webhook_url or None)
         await self.webhook.start()
+        self.ctx.sidecar_tls = self.webhook.sidecar_tls  # workload pods get what injected pods get
         self.elector = LeaderElector(
             api,
             namespace=settings.lease_namespace or operator_namespace("default"),
@@ -113,5 +114,6 @@ class OperatorRole:
         if self.webhook is not None:
             await self.webhook.stop()
         if self.ctx is not None:
+            self.ctx.credentials.close()  # the operator's client keys for TLS clusters
             await self.ctx.api.close()
         await self.runtime.stop()

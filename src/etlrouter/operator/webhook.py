@@ -19,23 +19,28 @@ import os
 import ssl
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from prometheus_client import Counter
 
 from etlrouter.core.metrics import REGISTRY
-from etlrouter.operator import certs, kube
+from etlrouter.operator import certs, cluster_tls, kube
 from etlrouter.operator.controller import OperatorContext
 from etlrouter.operator.inject import (
     InjectionError,
+    SidecarTls,
+    cluster_of,
     has_sidecar,
     inject_sidecar,
     sidecar_spec_from_annotations,
     wants_injection,
 )
+from etlrouter.operator.issuer import ISSUE_PATH, Issuer
+from etlrouter.operator.pipeline import cluster_tls_enabled
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +124,26 @@ def _answer(request: AdmissionRequest, response: dict[str, Any]) -> dict[str, An
     }
 
 
-def admit(request: AdmissionRequest, *, image: str, failure_policy: str) -> tuple[dict[str, Any], str]:
-    """The AdmissionReview answer for `request`, and an outcome label for the metrics."""
+def needs_sidecar(request: AdmissionRequest) -> bool:
+    pod = request.object
+    return (
+        request.kind == "Pod"
+        and request.operation == "CREATE"
+        and wants_injection(pod)
+        and not has_sidecar(pod)
+    )
+
+
+def admit(
+    request: AdmissionRequest,
+    *,
+    image: str,
+    failure_policy: str,
+    tls: SidecarTls | InjectionError | None = None,
+) -> tuple[dict[str, Any], str]:
+    """The AdmissionReview answer for `request`, and an outcome label for the metrics. `tls`: the
+    sidecar's TLS settings when its cluster runs TLS (the server looks the cluster up), or why they
+    could not be found."""
     pod = request.object
     if request.kind != "Pod" or request.operation != "CREATE" or not wants_injection(pod):
         return _answer(request, {"allowed": True}), "skipped"
@@ -128,7 +151,9 @@ def admit(request: AdmissionRequest, *, image: str, failure_policy: str) -> tupl
         return _answer(request, {"allowed": True}), "already-injected"
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     try:
-        spec = sidecar_spec_from_annotations(annotations, image=image)
+        if isinstance(tls, InjectionError):
+            raise tls
+        spec = replace(sidecar_spec_from_annotations(annotations, image=image), tls=tls)
     except InjectionError as e:
         message = f"etlrouter sidecar injection: {e}"
         if failure_policy == "Fail":
@@ -226,8 +251,11 @@ class WebhookServer:
         namespace_selector: Mapping[str, Any] | None = None,
         configuration_name: str = CONFIGURATION_NAME,
         cert_check_interval_s: float = CERT_CHECK_INTERVAL_S,
+        sidecar_validity: dt.timedelta = cluster_tls.SIDECAR_VALIDITY,
     ) -> None:
         self.ctx = ctx
+        # Same server, same certificate: sidecars reach the issuer where the apiserver reaches the webhook.
+        self.issuer = Issuer(ctx.api, validity=sidecar_validity)
         self.settings = ctx.config.operator
         self.url = url
         self.namespace = namespace or operator_namespace(ctx.namespace or "default")
@@ -252,6 +280,7 @@ class WebhookServer:
         await self.refresh_certificates()
         app = web.Application(client_max_size=MAX_REVIEW_BYTES)
         app.router.add_post(INJECT_PATH, self._handle)
+        app.router.add_post(ISSUE_PATH, self.issuer.handle)
         app.router.add_get("/healthz", self._healthz)
         listen = self.settings.webhook
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -357,6 +386,41 @@ class WebhookServer:
             except Exception:
                 log.exception("webhook certificate check failed; retrying at the next interval")
 
+    @property
+    def issuer_url(self) -> str:
+        """Where sidecars ask for their certificate: the webhook's URL or Service, at ISSUE_PATH."""
+        if self.url:
+            parts = urlsplit(self.url)
+            return urlunsplit((parts.scheme, parts.netloc, ISSUE_PATH, "", ""))
+        return f"https://{self.settings.webhook_service}.{self.namespace}.svc{ISSUE_PATH}"
+
+    def sidecar_tls(self, namespace: str, cluster: str) -> SidecarTls:
+        """What a sidecar of that TLS cluster is injected with (the workload controller uses it too)."""
+        assert self.bundle is not None
+        return SidecarTls(
+            self.issuer_url,
+            self.bundle.ca_bundle.decode(),
+            cluster_tls.trust_domain(cluster, namespace),
+            f"{namespace}/{cluster}",
+        )
+
+    async def _tls_of(self, review: AdmissionRequest) -> SidecarTls | InjectionError | None:
+        """The sidecar's TLS settings: those of its EtlRouterCluster when that runs TLS; None for a router
+        outside any cluster (or a cluster that opted out), which the sidecar reaches in plaintext."""
+        if not needs_sidecar(review):
+            return None
+        annotations = (review.object.get("metadata") or {}).get("annotations") or {}
+        key = cluster_of(review.namespace, annotations)
+        if key is None:
+            return None
+        try:
+            cluster = await kube.get_object(self.ctx.api, "etlrouterclusters", *key)
+        except kube.KubeError as e:
+            return InjectionError(f"cannot read EtlRouterCluster {key[0]}/{key[1]}: {e}")
+        if cluster is None or not cluster_tls_enabled(cluster):
+            return None
+        return self.sidecar_tls(*key)
+
     # --- HTTP -------------------------------------------------------------------------------------
 
     async def _healthz(self, _: web.Request) -> web.Response:
@@ -381,7 +445,10 @@ class WebhookServer:
             log.warning("malformed AdmissionReview", extra={"fields": {"error": str(e)}})
             return web.json_response({"error": f"malformed AdmissionReview: {e}"}, status=400)
         answer, outcome = admit(
-            review, image=self.settings.sidecar_image, failure_policy=self.settings.failure_policy
+            review,
+            image=self.settings.sidecar_image,
+            failure_policy=self.settings.failure_policy,
+            tls=await self._tls_of(review),
         )
         ADMISSIONS.labels(outcome).inc()
         meta = review.object.get("metadata") or {}

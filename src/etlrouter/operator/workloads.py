@@ -23,6 +23,7 @@ from etlrouter.operator.inject import (
     SIDECAR_GRPC_PORT,
     SIDECAR_HTTP_PORT,
     SidecarSpec,
+    SidecarTls,
     apply_patch,
     inject_sidecar,
 )
@@ -117,7 +118,12 @@ def selector_of(plural: str, name: str) -> dict[str, str]:
 
 
 def desired_deployment(
-    obj: dict[str, Any], plural: str, spec: WorkloadSpec, router: str, sidecar_image: str
+    obj: dict[str, Any],
+    plural: str,
+    spec: WorkloadSpec,
+    router: str,
+    sidecar_image: str,
+    tls: SidecarTls | None = None,
 ) -> dict[str, Any]:
     meta = obj["metadata"]
     name, namespace = meta["name"], meta["namespace"]
@@ -140,7 +146,7 @@ def desired_deployment(
         "spec": {"containers": [container]},
     }
     routers = tuple(a.strip() for a in router.split(",") if a.strip())
-    sidecar = SidecarSpec(image=sidecar_image, routers=routers, scan_ports=str(spec.port))
+    sidecar = SidecarSpec(image=sidecar_image, routers=routers, scan_ports=str(spec.port), tls=tls)
     template = apply_patch(template, inject_sidecar(template, sidecar))
     return {
         "apiVersion": "apps/v1",
@@ -279,9 +285,16 @@ class WorkloadReconciler:
         except SpecError as e:
             return verdict_failed("InvalidSpec", str(e), retry=False), {}
         try:
-            router = await resolve_router(self.ctx.api, meta["namespace"], obj.get("spec") or {})
+            router, security = await resolve_router(self.ctx, meta["namespace"], obj.get("spec") or {})
         except TargetError as e:
             return verdict_failed(e.reason, e.message, retry=e.retry), {}
+        sidecar_tls: SidecarTls | None = None
+        if security is not None:  # a TLS cluster: the sidecars get their certificates from the issuer
+            if self.ctx.sidecar_tls is None:
+                return verdict_failed(
+                    "IssuerNotReady", "waiting for the certificate issuer to start", retry=True
+                ), {}
+            sidecar_tls = self.ctx.sidecar_tls(meta["namespace"], str((obj.get("spec") or {})["cluster"]))
         for res in (DEPLOYMENTS, SERVICES):
             # Never take over a same-named object something else controls (e.g. an EtlSink of this name).
             existing = await kube.get(self.ctx.api, res, meta["namespace"], meta["name"])
@@ -298,11 +311,13 @@ class WorkloadReconciler:
                 return verdict_failed("NameConflict", message, retry=True), {}
         deployment = await kube.apply(
             self.ctx.api,
-            desired_deployment(obj, self.plural, spec, router, self.ctx.config.operator.sidecar_image),
+            desired_deployment(
+                obj, self.plural, spec, router, self.ctx.config.operator.sidecar_image, tls=sidecar_tls
+            ),
         )
         await kube.apply(self.ctx.api, desired_service(obj, self.plural, spec))
         ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
-        client = self.ctx.router_client(router)
+        client = self.ctx.router_client(router, security)
         try:
             # From the leader: sidecar health is what the leader heard in heartbeats, not replicated.
             sidecars = await client.call(

@@ -21,6 +21,7 @@ from etlrouter._proto.v1 import records_pb2
 from etlrouter.client.router import ClusterUnreachableError, RouterClient
 from etlrouter.core.config import Config, parse_port_list
 from etlrouter.core.runtime import RoleRuntime
+from etlrouter.security import issuer_client
 from etlrouter.security.context import Security
 from etlrouter.sidecar.admin import SidecarAdminService, TapHub
 from etlrouter.sidecar.cluster import ClusterClient
@@ -49,6 +50,8 @@ class SidecarRole:
         self.config = config
         cfg = config.sidecar
         self.sidecar_id = cfg.id or socket.gethostname()
+        # tls.issuer_url (Kubernetes): the certificate comes from the operator's issuer, renewed by a thread.
+        self.config = config = issuer_client.prepare(config, self.sidecar_id)
         self.security = Security(config.tls, config.auth, kind="sidecar", name=self.sidecar_id)
         self.taps = TapHub()
         self.dlq = _LateDlq()
