@@ -96,7 +96,7 @@ class TlsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     handshake_timeout_ms: PositiveMs = 10_000
     # Established connections per peer identity (or per address, for token callers) on one listener.
     max_connections_per_peer: Annotated[int, msgspec.Meta(ge=1)] = 64
-    # Kubernetes sidecars (docs/security-operator.md): get cert/key/CA from the operator's issuer at start
+    # Kubernetes sidecars (docs/security.md): get cert/key/CA from the operator's issuer at start
     # (a CSR plus the pod's projected ServiceAccount token) and renew them; they replace ca/cert/key.
     issuer_url: str = ""
     issuer_ca: str = ""  # the issuer's CA: a PEM file, or the PEM text itself (the webhook injects it)

@@ -16,7 +16,7 @@ StatefulSet's `rollingUpdate.partition`. A template change is applied with the p
 pod may be replaced yet); then, one member per step and only while every other member is Ready and caught
 up in Raft, the partition drops onto the highest ordinal still on the old revision — after leadership was
 moved off that member if it leads. Partition 0 again when every pod runs the new revision.
-Certificates (mutual TLS unless spec.tls.enabled is false; docs/security-operator.md): the CA and the
+Certificates (mutual TLS unless spec.tls.enabled is false; docs/security.md): the CA and the
 routers' pairs are settled before the StatefulSet is applied (cluster_tls.py decides, tls_secrets.py writes),
 and the routers are called with the operator's own `user/etlrouter-operator` certificate.
 """

@@ -4,7 +4,7 @@ Pure (no I/O, the clock is an argument): `plan_ca` and `plan_routers` look at wh
 say what to do, `carry_out_ca` / `carry_out_routers` make the keys. The reconciler (cluster.py) reads
 and writes the Secrets; the issuer (issuer.py) signs sidecar certificates with the same CA.
 
-The scheme (docs/security-operator.md):
+The scheme (docs/security.md):
 - trust domain `<cluster>.<namespace>.etlrouter`: one CA per cluster, so one trust domain per cluster;
 - a router: `spiffe://TD/ns/<namespace>/router/<node id>` (node id = pod name `<cluster>-<ordinal>`);
 - a sidecar: `spiffe://TD/ns/<pod namespace>/sidecar/<pod name>`;

@@ -26,7 +26,7 @@ SIDECAR_GRPC_PORT = 7500
 SIDECAR_HTTP_PORT = 7580
 DATA_HOME = "/var/lib/etlrouter"  # the image's HOME and data directory
 DATA_DIR = f"{DATA_HOME}/sidecar"
-# The projected ServiceAccount token the sidecar shows the certificate issuer (docs/security-operator.md).
+# The projected ServiceAccount token the sidecar shows the certificate issuer (docs/security.md).
 TOKEN_VOLUME = "etlrouter-token"
 TOKEN_DIR = "/var/run/secrets/etlrouter.io"
 TOKEN_FILE = f"{TOKEN_DIR}/token"

@@ -198,6 +198,7 @@ class DenialLog:
             return
         if len(self._last) > 10_000:  # bounded: a storm of distinct identities cannot grow it forever
             self._last.clear()
+            self._suppressed.clear()
         self._last[key] = now
         log.warning(
             "request %s",

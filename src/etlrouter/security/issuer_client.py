@@ -1,4 +1,4 @@
-"""A Kubernetes sidecar's certificate from the operator's issuer (docs/security-operator.md).
+"""A Kubernetes sidecar's certificate from the operator's issuer (docs/security.md).
 
 With `tls.issuer_url` set, the sidecar makes a key at start, sends a CSR with its pod's projected
 ServiceAccount token, and writes the certificate, key and CA bundle it gets into `<data_dir>/tls/`; the
