@@ -23,12 +23,8 @@ def test_the_dashboard_asks_for_a_token_and_works_with_one(
         assert "Live" not in page.locator("#connection").inner_text()
         page.fill("#login input[name=token]", secure_cluster.pki.tokens["viewer"])
         page.click("#login button[type=submit]")
-        page.wait_for_function(
-            "document.querySelector('#connection').textContent.includes('Live')", timeout=20_000
-        )
-        page.wait_for_function(
-            "document.querySelector('#dags').textContent.includes('clean')", timeout=20_000
-        )
+        page.get_by_text("● Live").wait_for(timeout=20_000)
+        page.locator("#dags").get_by_text("clean").first.wait_for(timeout=20_000)
         assert login.is_hidden()
         # A viewer cannot redrive: the mutation's 403 names the permission (shown, not swallowed).
         answer = page.evaluate(
