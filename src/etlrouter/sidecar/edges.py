@@ -16,6 +16,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client import Counter, Gauge
 
 from etlrouter._proto.v1 import dataplane_pb2, records_pb2
+from etlrouter.core import tracing
 from etlrouter.core.config import TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.core.metrics import REGISTRY
@@ -92,6 +93,9 @@ class Edge:
             waited = now - started
             if waited > 0.001:
                 STARVED.labels(self.dag_id, self.name).inc(waited)
+                tracing.add_event(
+                    "credits.waited", {"etlrouter.edge": self.name, "etlrouter.waited_s": waited}
+                )
 
     def starved_seconds(self, now: float) -> float:
         """Starved time so far, the ongoing wait included: a stalled child shows at once, not when it ends."""
