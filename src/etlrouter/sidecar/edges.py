@@ -39,6 +39,14 @@ STARVED = Counter(
     registry=REGISTRY,
 )
 
+STARVED_FOR = Gauge(
+    "etlrouter_edge_starved_for_seconds",
+    "How long senders on an edge have been waiting for credits without a break (0 = not waiting): a stalled"
+    " child shows here at once, while etlrouter_edge_starved_seconds_total grows only as waits end.",
+    ["dag", "edge"],
+    registry=REGISTRY,
+)
+
 
 class EdgeBrokenError(Exception):
     """The edge cannot deliver right now (stream broke, target gone); the sender retries."""
@@ -58,6 +66,8 @@ class Edge:
         self._wait_started = 0.0
         self._sent_at: dict[int, float] = {}  # unanswered batches: token -> when sent (monotonic)
         self._tokens = itertools.count()
+        # Computed at scrape time: nothing on the hot path.
+        STARVED_FOR.labels(dag_id, name).set_function(lambda: self.starved_for(time.monotonic()))
 
     async def deliver(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
         raise NotImplementedError
@@ -97,12 +107,22 @@ class Edge:
                     "credits.waited", {"etlrouter.edge": self.name, "etlrouter.waited_s": waited}
                 )
 
+    def starved_for(self, now: float) -> float:
+        """Seconds the current wait for credits has lasted (0 when no sender waits)."""
+        return now - self._wait_started if self._waiters else 0.0
+
     def starved_seconds(self, now: float) -> float:
         """Starved time so far, the ongoing wait included: a stalled child shows at once, not when it ends."""
         return self._starved_s + (now - self._wait_started if self._waiters else 0.0)
 
     async def close(self) -> None:
-        return None
+        forget_edge(self)
+
+
+def forget_edge(edge: Edge) -> None:
+    """Drop a closed edge's series (a replica that moved would otherwise keep reporting)."""
+    with contextlib.suppress(KeyError):
+        STARVED_FOR.remove(edge.dag_id, edge.name)
 
 
 class LocalEdge(Edge):
@@ -274,3 +294,4 @@ class RemoteEdge(Edge):
             with contextlib.suppress(Exception):
                 await stream.cancel()
         self._channel.close()
+        forget_edge(self)
