@@ -4,6 +4,7 @@ own spans, the DLQ write, and a redrive linked back to the batch its letters cam
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -13,9 +14,11 @@ pytest.importorskip("opentelemetry.sdk", reason="the tracing extra (pip install 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from prometheus_client.openmetrics.exposition import generate_latest
 
 from etlrouter.core import tracing
 from etlrouter.core.config import TracingConfig
+from etlrouter.core.metrics import REGISTRY
 from etlrouter.sdk import serving
 from tests.sidecar.test_engine import (
     KINDS,
@@ -112,6 +115,16 @@ async def test_a_batch_is_one_trace_through_every_hop(exporter: InMemorySpanExpo
         write = only([s for s in kids(sink_hop, trace) if s.kind == SpanKind.CLIENT], "WriteBatch")
         assert write.name == "etlrouter.v1.SinkService/WriteBatch"
         assert only(kids(write, trace), "sink server span").kind == SpanKind.SERVER
+    # The batch latency histogram's exemplars name sampled batches' traces (OpenMetrics exposition).
+    exposition = generate_latest(REGISTRY).decode()
+    traces = {f"{r.context.trace_id:032x}" for r in roots if r.context is not None}
+    exemplars = re.findall(
+        r'^etlrouter_batch_seconds_bucket\{dag="dag-1",le="[^"]+",stage="src"\} \S+ '
+        r'# \{trace_id="([0-9a-f]{32})"\}',
+        exposition,
+        re.M,
+    )
+    assert exemplars and set(exemplars) <= traces
     # The letter remembers where it was written: a redrive links back to it.
     letter = only(list(a.dlq.letters), "letter")
     assert dlq.context is not None
