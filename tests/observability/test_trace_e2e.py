@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.e2e.processes import Processes, connector, jsonl_offsets, ready, sidecar, wait_until
+from tests.e2e.test_dlq_ctl import ctl
 from tests.e2e.test_interop import sink_lines
 from tests.e2e.test_pipeline import apply
 from tests.integration.cluster import RouterProcesses
@@ -157,3 +158,58 @@ def test_a_batch_is_one_trace_across_every_hop_and_both_branches(
     assert len({s.trace_id for s in roots}) == len(roots)
     for name in ("sc-src", "sc-mid", "sc-sink"):
         assert "Traceback" not in procs.log(name), procs.log(name)[-3000:]
+
+
+def test_a_redriven_dead_letter_starts_a_trace_linked_to_its_original_batch(
+    system: tuple[RouterProcesses, Processes, Path], receiver: Receiver
+) -> None:
+    routers, procs, tmp = system
+    total, poison = 300, {0, 100, 200}  # the guard divides by zero on these offsets: permanent errors
+    state, out = tmp / "generator.state", tmp / "out.jsonl"
+    src = connector(
+        procs, "orders", "generator", "--limit", str(total), "--rate", "400", "--state-file", str(state)
+    )
+    mid = connector(procs, "guard", "filter", "--expr", "1 / (offset % 100) > 0")
+    sink = connector(procs, "out", "jsonl_file_sink", "--path", str(out))
+    http = [
+        sidecar(procs, "sc-src", routers, [src]),
+        sidecar(procs, "sc-mid", routers, [mid]),
+        sidecar(procs, "sc-sink", routers, [sink]),
+    ]
+    wait_until(lambda: all(ready(p) for p in http), 30, "sidecars registered")
+    apply(routers, "pipeline guarded { source orders (batch_size = 50) | transform guard | sink out }\n")
+    wait_until(
+        lambda: len(set(jsonl_offsets(out))) == total - len(poison), 60, "the good records in the sink"
+    )
+
+    def dlq_writes() -> list[Span]:
+        return [s for s in receiver.spans() if s.name == "dlq write"]
+
+    wait_until(lambda: len(dlq_writes()) == len(poison), 30, "the DLQ writes' spans")
+    procs.kill("guard")  # the fix: the transform comes back with a safe expression, same port
+    procs.start(
+        "guard",
+        ["-m", "etlrouter.connectors.filter", "--name", "guard", "--port", str(mid), "--expr", "true"],
+    )
+    wait_until(
+        lambda: ctl(routers, "dlq", "redrive", "--pipeline", "guarded").returncode == 0, 30, "a redrive"
+    )
+    wait_until(lambda: set(jsonl_offsets(out)) == set(range(total)), 30, "the redriven records in the sink")
+
+    def redrives() -> list[Span]:
+        return [s for s in receiver.spans() if s.name == "redrive guard"]
+
+    wait_until(redrives, 30, "the redrive's span")
+    writes = {(s.trace_id, s.span_id): s for s in dlq_writes()}
+    for redrive in redrives():
+        assert not redrive.parent_id and redrive.trace_id not in {t for t, _ in writes}  # a new trace...
+        assert redrive.links and set(redrive.links) <= set(writes)  # ...linked to the original DLQ writes
+    linked = {link for r in redrives() for link in r.links}
+    assert linked == set(writes)  # every letter's original batch
+    # The redriven records travel in the redrive's trace, through the fixed transform down to the sink.
+    redrive_trace = redrives()[0].trace_id
+
+    def names() -> set[str]:
+        return {s.name for s in by_trace(receiver.spans())[redrive_trace]}
+
+    wait_until(lambda: {"process guard", "process out"} <= names(), 30, "the redriven batch's hops")
