@@ -22,10 +22,12 @@ from etlrouter.core.metrics import REGISTRY
 from etlrouter.sdk import serving
 from tests.sidecar.test_engine import (
     KINDS,
+    LOOKUP,
     SINK,
     SOURCE,
     TRANSFORM,
     CountingSource,
+    Directory,
     Poison,
     RecordingSink,
     assign,
@@ -181,3 +183,31 @@ async def test_with_tracing_off_a_batch_carries_no_trace_context() -> None:
         assert (
             runner.receive == runner.handle and runner.to_branch == a.engine.dags["dag-1"].deliver_to_branch
         )
+
+
+async def test_a_lookup_call_is_a_client_span_the_lookup_service_continues(
+    exporter: InMemorySpanExporter,
+) -> None:
+    source, sink = CountingSource(30), RecordingSink("left")
+    kinds = {**KINDS, "directory": "lookup"}
+    async with (
+        serving(source) as s1,
+        serving(Directory()) as s2,
+        serving(sink) as s3,
+        sidecar("A", {"numbers": s1.address, "directory": s2.address, "left": s3.address}, kinds) as a,
+    ):
+        spec = dag(
+            [
+                ("src", SOURCE, "numbers", ["look"], 0),
+                ("look", LOOKUP, "directory", ["l"], 0),
+                ("l", SINK, "left", [], 0),
+            ]
+        )
+        await a.engine.assign(1, assign(spec, {"src": a, "look": a, "l": a}, a))
+        await until(lambda: source.acked == 29)
+    spans = list(exporter.get_finished_spans())
+    hop = only([s for s in spans if s.name == "process directory"], "lookup hop")
+    call = only([s for s in kids(hop, spans) if s.kind == SpanKind.CLIENT], "BatchLookup")
+    assert call.name == "etlrouter.v1.LookupService/BatchLookup"
+    served = only(kids(call, spans), "the lookup service's span")
+    assert served.kind == SpanKind.SERVER and served.name == "etlrouter.v1.LookupService/BatchLookup"

@@ -28,7 +28,7 @@ from typing import TypeVar
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client import Counter, Gauge
 
-from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2, services_grpc, services_pb2
+from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2, services_pb2
 from etlrouter.core import tracing
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.dsl.options import parse_duration_ms
@@ -439,8 +439,7 @@ class LookupRunner(StageRunner):
             (r.headers[key_name].encode() if key_name and key_name in r.headers else r.key) for r in records
         ]
         lookup = services_pb2.BatchLookupRequest(keys=keys)
-        stub = services_grpc.LookupServiceStub(self.host.channel_for(self.service.endpoint))
-        reply = await self.call_or_dead_letter("BatchLookup", lambda: stub.BatchLookup(lookup), batch)
+        reply = await self.call_or_dead_letter("BatchLookup", lambda: self.client.lookup(lookup), batch)
         if isinstance(reply, BatchResult):
             return reply
         for record, result in zip(records, reply.results, strict=False):

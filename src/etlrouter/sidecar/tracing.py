@@ -175,6 +175,12 @@ class TracedServiceClient(ServiceClient):
         self.flush = TracedMethod(
             channel, "/etlrouter.v1.SinkService/Flush", services_pb2.FlushRequest, services_pb2.FlushResponse
         )
+        self.lookup = TracedMethod(
+            channel,
+            "/etlrouter.v1.LookupService/BatchLookup",
+            services_pb2.BatchLookupRequest,
+            services_pb2.BatchLookupResponse,
+        )
 
 
 # -- the runner hooks --------------------------------------------------------------------------------------
