@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite uses: real PostgreSQL and Redis servers for the connector tests (the test
-# fixtures start and stop their own instances; nothing runs as a system service), and Chromium for the
-# dashboard's browser tests. Idempotent.
+# fixtures start and stop their own instances; nothing runs as a system service), Chromium for the
+# dashboard's browser tests, and Prometheus (with promtool) for the monitoring tests. Idempotent.
 set -euo pipefail
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
@@ -11,6 +11,7 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)  # tests/partition: network na
 command -v iptables >/dev/null 2>&1 || need+=(iptables)  # tests/partition: the faults (DROP, loss)
 command -v buildah >/dev/null 2>&1 || need+=(buildah)  # the image (make image; tests/image), no daemon
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)  # a local stand-in for the image's base
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # tests/observability: a real server, promtool
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "note: ${need[*]} not installed and cannot be installed here (needs root and apt-get);" \

@@ -83,7 +83,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_effective_config_for_one_role() -> None:
     data = effective(load_config(None, environ={}), "sidecar")
-    assert set(data) == {"logging", "transport", "tls", "auth", "sidecar"}
+    assert set(data) == {"logging", "tracing", "transport", "tls", "auth", "sidecar"}
     with pytest.raises(ConfigError, match="unknown role"):
         effective(load_config(None, environ={}), "nope")
 

@@ -22,13 +22,22 @@ _DATA_DIRS = {
 
 def run_role(role: str, config: Config) -> int:
     """Run a long-lived role until SIGTERM/SIGINT; returns the process exit code."""
+    from etlrouter.core import tracing
+
     try:
         for directory, setting in _DATA_DIRS.get(role, lambda c: [])(config):
             check_data_dir(directory, setting)
+        try:
+            instances = {"sidecar": config.sidecar.id or os.uname().nodename, "router": config.router.node_id}
+            tracing.setup_from(config.tracing, role, instances.get(role, ""))
+        except (ValueError, tracing.TracingUnavailableError) as error:
+            raise StartupError(str(error)) from None
         run_loop(lambda: _serve_role(role, config))
     except StartupError as error:
         print(f"etlrouter {role}: {error}", file=sys.stderr)
         return EXIT_STARTUP_ERROR
+    finally:
+        tracing.shutdown_tracing()  # exports the spans still buffered
     return 0
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from etlrouter._proto.v1 import records_pb2
-from etlrouter.connectors.http_ingest import IngestConfig, IngestError, parse_body
+from etlrouter.connectors.http_ingest import IngestConfig, IngestError, parse_body, with_trace_context
+from etlrouter.sdk.records import source_batch
 from etlrouter.sidecar.push import batch_problem
 
 NOW = 1_700_000_000_000
@@ -56,3 +57,16 @@ def test_the_sidecar_refuses_pushed_batches_that_cannot_be_routed() -> None:
     assert "cannot hold 4 records" in batch_problem(batch, 4)
     batch.header.last_offset = 9
     assert "below first_offset" in batch_problem(batch, 3)
+
+
+def test_a_request_with_trace_context_hands_it_to_its_records_and_their_batch() -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    records = parse_body(b'{"a": 1}\n{"a": 2}\n', IngestConfig(), NOW)
+    traced = with_trace_context(records, {"traceparent": traceparent, "tracestate": "k=v", "x-other": "1"})
+    assert [r.headers for r in traced] == [{"traceparent": traceparent, "tracestate": "k=v"}] * 2
+    for i, r in enumerate(traced):
+        r.offset = i
+    header = source_batch(traced, 0).header
+    assert (header.traceparent, header.tracestate) == (traceparent, "k=v")  # the batch continues it
+    untraced = with_trace_context(parse_body(b'{"a": 1}\n', IngestConfig(), NOW), {"x-other": "1"})
+    assert untraced[0].headers == {}

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
@@ -130,6 +130,19 @@ class IngestSource(PushSource):
     capabilities = Capabilities(name="http-ingest", version=VERSION, push=True, labels={"format": "json"})
 
 
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def with_trace_context(records: list[Record], request_headers: Mapping[str, str]) -> list[Record]:
+    """A request sent with W3C trace context hands it to its records (as record headers), so the batch
+    they form continues the caller's trace (sdk/records.py, docs/observability.md)."""
+    context = {name: request_headers[name] for name in TRACE_HEADERS if request_headers.get(name)}
+    if "traceparent" in context:
+        for record in records:
+            record.headers = {**record.headers, **context}
+    return records
+
+
 def _json(status: int, body: dict[str, Any], retry_after: int | None = None) -> web.Response:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return web.Response(
@@ -222,6 +235,7 @@ class HttpIngest:
             return _json(status, {"error": str(e)})
         if not records:
             return _json(400, {"error": "the body holds no records"})
+        records = with_trace_context(records, request.headers)
         pusher = self.pusher
         if not pusher.ready:
             why = pusher.last_error or "connecting to the sidecar"

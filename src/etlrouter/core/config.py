@@ -70,6 +70,19 @@ class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     format: Literal["auto", "text", "json"] = "auto"
 
 
+class TracingConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """OpenTelemetry tracing (docs/observability.md). Each key, when empty, falls back to its standard
+    OTEL_* environment variable; with no endpoint from either, tracing is off."""
+
+    endpoint: str = ""  # OTLP gRPC collector, e.g. http://otel-collector:4317 (OTEL_EXPORTER_OTLP_ENDPOINT)
+    # Plaintext to the collector; None = as the endpoint's scheme says (OTEL_EXPORTER_OTLP_INSECURE).
+    insecure: bool | None = None
+    sampler: str = ""  # OTEL_TRACES_SAMPLER: parentbased_traceidratio, always_on, ...
+    sampler_arg: str = ""  # OTEL_TRACES_SAMPLER_ARG: the ratio for *traceidratio
+    service_name: str = ""  # OTEL_SERVICE_NAME; default etlrouter-<role>
+    resource_attributes: dict[str, str] = {}  # merged over OTEL_RESOURCE_ATTRIBUTES
+
+
 class TransportConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """gRPC/HTTP2 settings shared by every role (see docs/adr/0002-transport-tuning.md)."""
 
@@ -257,6 +270,7 @@ class DevConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig = TracingConfig()
     transport: TransportConfig = TransportConfig()
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
@@ -274,7 +288,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 ROLE_SECTIONS = ("router", "sidecar", "operator", "ctl", "dev")
-SHARED_SECTIONS = ("logging", "transport", "tls", "auth")
+SHARED_SECTIONS = ("logging", "tracing", "transport", "tls", "auth")
 
 
 def read_file(path: str | Path) -> dict[str, Any]:

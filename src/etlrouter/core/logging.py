@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from etlrouter.core import tracing
+
 _json = msgspec.json.Encoder()
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "fields"}
 
@@ -38,6 +40,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        # A line logged while a span is current names it, so a log line leads to its trace.
+        ids = tracing.current_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
         for key, value in _fields(record).items():
             entry[key if key not in entry else f"field_{key}"] = value  # never shadow the base keys
         if record.exc_info:

@@ -18,6 +18,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from etlrouter._proto.v1 import records_pb2, services_grpc, services_pb2
+from etlrouter.core import tracing
 from etlrouter.sdk.errors import (
     OptionsError,
     PermanentError,
@@ -97,7 +98,14 @@ def _gated(handler: _Handler) -> _Handler:
     @functools.wraps(handler)
     async def gated(self: Any, stream: Stream[Any, Any]) -> None:
         with self.gate.call(name):
-            await handler(self, stream)
+            if tracing.TRACER is None:
+                await handler(self, stream)
+                return
+            from etlrouter.sdk.tracing import server_span
+
+            # The sidecar's traceparent (gRPC metadata): the user's own spans join the batch's trace.
+            with server_span(self, name, stream.metadata or {}):
+                await handler(self, stream)
 
     return cast(_Handler, gated)
 

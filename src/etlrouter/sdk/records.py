@@ -83,6 +83,12 @@ def source_batch(records: Sequence[Record], partition: int) -> records_pb2.Recor
     if records:
         header.first_offset = records[0].offset
         header.last_offset = records[-1].offset
+        # Records that arrived with a W3C trace context (a Kafka header, an HTTP request's): the batch
+        # continues the first one's trace (docs/observability.md).
+        first_headers = records[0].headers
+        if "traceparent" in first_headers:
+            header.traceparent = first_headers["traceparent"]
+            header.tracestate = first_headers.get("tracestate", "")
     return records_pb2.RecordBatch(header=header, records=record_list)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from etlrouter.core.config import TransportConfig
+from etlrouter.core.config import TracingConfig, TransportConfig
 from etlrouter.core.grpc import GrpcServer
 from etlrouter.core.lifecycle import run_loop, serve
 from etlrouter.core.logging import setup_logging
@@ -125,12 +126,19 @@ def run(
     """Blocking entry point for a `main`: set up logging, serve until SIGTERM/SIGINT, drain, stop."""
     name = services[0].capabilities.name if services else ""
     setup_logging(name or "service", log_level, log_format)
-    run_loop(
-        lambda: serve_async(
-            *services,
-            host=host,
-            port=port,
-            drain_deadline_s=drain_deadline_s,
-            transport_config=transport_config,
+    from etlrouter.core import tracing
+
+    # The standard OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT, ...); the service's name by default.
+    tracing.setup_tracing(tracing.resolve(TracingConfig(), os.environ, "service", name))
+    try:
+        run_loop(
+            lambda: serve_async(
+                *services,
+                host=host,
+                port=port,
+                drain_deadline_s=drain_deadline_s,
+                transport_config=transport_config,
+            )
         )
-    )
+    finally:
+        tracing.shutdown_tracing()

@@ -16,6 +16,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client import Counter, Gauge
 
 from etlrouter._proto.v1 import dataplane_pb2, records_pb2
+from etlrouter.core import tracing
 from etlrouter.core.config import TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.core.metrics import REGISTRY
@@ -34,6 +35,14 @@ CREDITS_AVAILABLE = Gauge(
 STARVED = Counter(
     "etlrouter_edge_starved_seconds_total",
     "Time a sender waited for credits on an edge.",
+    ["dag", "edge"],
+    registry=REGISTRY,
+)
+
+STARVED_FOR = Gauge(
+    "etlrouter_edge_starved_for_seconds",
+    "How long senders on an edge have been waiting for credits without a break (0 = not waiting): a stalled"
+    " child shows here at once, while etlrouter_edge_starved_seconds_total grows only as waits end.",
     ["dag", "edge"],
     registry=REGISTRY,
 )
@@ -57,6 +66,8 @@ class Edge:
         self._wait_started = 0.0
         self._sent_at: dict[int, float] = {}  # unanswered batches: token -> when sent (monotonic)
         self._tokens = itertools.count()
+        # Computed at scrape time: nothing on the hot path.
+        STARVED_FOR.labels(dag_id, name).set_function(lambda: self.starved_for(time.monotonic()))
 
     async def deliver(self, batch: records_pb2.RawRecordBatch) -> BatchResult:
         raise NotImplementedError
@@ -92,13 +103,26 @@ class Edge:
             waited = now - started
             if waited > 0.001:
                 STARVED.labels(self.dag_id, self.name).inc(waited)
+                tracing.add_event(
+                    "credits.waited", {"etlrouter.edge": self.name, "etlrouter.waited_s": waited}
+                )
+
+    def starved_for(self, now: float) -> float:
+        """Seconds the current wait for credits has lasted (0 when no sender waits)."""
+        return now - self._wait_started if self._waiters else 0.0
 
     def starved_seconds(self, now: float) -> float:
         """Starved time so far, the ongoing wait included: a stalled child shows at once, not when it ends."""
         return self._starved_s + (now - self._wait_started if self._waiters else 0.0)
 
     async def close(self) -> None:
-        return None
+        forget_edge(self)
+
+
+def forget_edge(edge: Edge) -> None:
+    """Drop a closed edge's series (a replica that moved would otherwise keep reporting)."""
+    with contextlib.suppress(KeyError):
+        STARVED_FOR.remove(edge.dag_id, edge.name)
 
 
 class LocalEdge(Edge):
@@ -270,3 +294,4 @@ class RemoteEdge(Edge):
             with contextlib.suppress(Exception):
                 await stream.cancel()
         self._channel.close()
+        forget_edge(self)

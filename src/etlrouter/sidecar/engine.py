@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from grpclib.client import Channel
 
 from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2
+from etlrouter.core import tracing
 from etlrouter.core.config import SidecarConfig, TransportConfig
 from etlrouter.core.grpc import open_channel
 from etlrouter.flow.credits import Credits
@@ -179,6 +180,7 @@ class DagRuntime:
                 return result
             attempt += 1
             ERRORS.labels(self.dag_id, from_stage, "delivery_retry").inc()
+            tracing.add_event("delivery.retry", {"etlrouter.attempt": attempt, "error": result.error})
             await asyncio.sleep(BRANCH_RETRY.delay(attempt, rng))
 
 
@@ -375,7 +377,7 @@ class Engine:
             return BatchResult.retry(f"stage {stage_id} of {dag_id} does not run on {self.sidecar_id}")
         runner.note_watermark(sender, batch)
         try:
-            return await runner.handle(batch)
+            return await runner.receive(batch)
         except UndecodableBatchError as e:  # garbage records: a retry would fail the same way, forever
             log.warning(
                 "stage %s: dead-lettering an undecodable batch from %s: %s", stage_id, sender or "?", e
@@ -423,11 +425,21 @@ class Engine:
         batch.header.record_count = len(letters)
         batch.header.byte_size = len(batch.records)
         batch.header.attempt = 1
-        if runner is not None:
-            result = await runner.handle(batch)
-        else:
+
+        async def send(batch: records_pb2.RawRecordBatch) -> BatchResult:
+            if runner is not None:
+                return await runner.receive(batch)
             assert parent is not None
-            result = await parent.deliver_to_branch(stage_id, batch, may_shed=False)
+            return await parent.deliver_to_branch(stage_id, batch, may_shed=False)
+
+        if tracing.TRACER is not None:
+            from etlrouter.sidecar import tracing as traced
+
+            attributes = {"etlrouter.dag": dag_id, "etlrouter.stage": stage_id}
+            service = dag.stages[stage_id].service
+            result = await traced.traced_redrive(attributes, stage_id, service, letters, batch, send)
+        else:
+            result = await send(batch)
         if not result.done:
             raise RuntimeError(f"redrive into {stage_id} did not complete: {result.error}")
         return len(letters)

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client import Counter, Gauge, Histogram
 
 from etlrouter._proto.v1 import control_pb2, records_pb2, services_pb2
+from etlrouter.core import tracing
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.flow.ledger import Ack, AckLedger, Outcome, SourcePartition
 from etlrouter.flow.watermarks import SourceWatermarks
@@ -85,6 +87,14 @@ class SourceRunner(StageRunner):
         # (sidecar/push.py): no pull loop, and acks go to the push streams' listeners, not Acknowledge.
         self.push_mode = is_push_source(self.service)
         self.ack_listeners: set[Callable[[], None]] = set()
+        # A batch's delivery: traced (its root span, sidecar/tracing.py) only when tracing is on.
+        self.start_delivery: Callable[[records_pb2.RawRecordBatch, bool], Coroutine[Any, Any, None]] = (
+            self._deliver
+        )
+        if tracing.TRACER is not None:
+            from etlrouter.sidecar import tracing as traced
+
+            self.start_delivery = traced.traced_source_delivery(self)
 
     @property
     def stopping(self) -> bool:
@@ -195,7 +205,7 @@ class SourceRunner(StageRunner):
         )
         self._queue_acks(acks)
         INFLIGHT.labels(*self.labels).set(self.ledger.pending_batches())
-        task = asyncio.ensure_future(self._deliver(batch, slot_held))
+        task = asyncio.ensure_future(self.start_delivery(batch, slot_held))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
         return task
@@ -221,7 +231,14 @@ class SourceRunner(StageRunner):
         self._last_offset[partition] = header.last_offset
         return True
 
-    async def _deliver(self, batch: records_pb2.RawRecordBatch, slot_held: bool = True) -> None:
+    async def _deliver(
+        self,
+        batch: records_pb2.RawRecordBatch,
+        slot_held: bool = True,
+        exemplar: dict[str, str] | None = None,
+    ) -> None:
+        """Deliver to every branch, then acknowledge; `exemplar` (a sampled batch's trace id) goes with its
+        latency observation."""
         if not slot_held:
             await self.inflight.acquire()
         started = time.monotonic()
@@ -233,7 +250,7 @@ class SourceRunner(StageRunner):
 
         try:
             await self.forward(batch, branch_done)
-            BATCH_SECONDS.labels(*self.labels).observe(time.monotonic() - started)
+            BATCH_SECONDS.labels(*self.labels).observe(time.monotonic() - started, exemplar)
             await self._send_acks()
         finally:
             INFLIGHT.labels(*self.labels).set(self.ledger.pending_batches())

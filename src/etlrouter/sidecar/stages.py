@@ -28,7 +28,8 @@ from typing import TypeVar
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client import Counter, Gauge
 
-from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2, services_grpc, services_pb2
+from etlrouter._proto.v1 import control_pb2, dataplane_pb2, records_pb2, services_pb2
+from etlrouter.core import tracing
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.dsl.options import parse_duration_ms
 from etlrouter.flow.retry import Backoff, GiveUp, RetryPolicy, classify_grpc_status
@@ -179,6 +180,17 @@ class StageRunner:
         self.service = service
         self.options = StageOptions.parse(dict(stage.options))
         self.client = ServiceClient(host.channel_for(service.endpoint))
+        # The hooks a batch goes through; tracing (sidecar/tracing.py) swaps them for traced ones here, once,
+        # so that with tracing off a batch runs no tracing code at all.
+        self.receive: Callable[[records_pb2.RawRecordBatch], Awaitable[BatchResult]] = self.handle
+        self.to_branch: Callable[..., Awaitable[BatchResult]] = host.deliver_to_branch
+        self.put_dead_letters: Callable[[Sequence[dataplane_pb2.DeadLetter], str], Awaitable[None]] = (
+            host.put_dead_letters
+        )
+        if tracing.TRACER is not None:
+            from etlrouter.sidecar import tracing as traced
+
+            traced.instrument(self)
         self.stats = StageStats()
         self.input_watermarks: WatermarkValve[str] = WatermarkValve()
         self.labels = (host.dag_id, stage.id)
@@ -330,7 +342,7 @@ class StageRunner:
             dlq_sink = (
                 self.options.dlq if stage is self.stage else StageOptions.parse(dict(stage.options)).dlq
             )
-            await self.host.put_dead_letters(letters, dlq_sink)
+            await self.put_dead_letters(letters, dlq_sink)
             DEAD_LETTERED.labels(*self.labels, reason).inc(len(letters))
             self.stats.dead_lettered += len(letters)
         return len(letters)
@@ -365,7 +377,7 @@ class StageRunner:
         to the DLQ, filed under the branch's stage so a redrive sends it down that branch only. A redrive
         passes `may_shed=False`: the operator asked for these records to go down this branch, so they wait."""
         try:
-            return await self.host.deliver_to_branch(self.stage.id, child, batch, self.rng, may_shed)
+            return await self.to_branch(self.stage.id, child, batch, self.rng, may_shed)
         except BranchShedError as e:
             # If the branch still writes its copy later: a duplicate, not a loss.
             DISCARDED.labels(self.host.dag_id, child, "shed", "true").inc(batch.header.record_count)
@@ -427,8 +439,7 @@ class LookupRunner(StageRunner):
             (r.headers[key_name].encode() if key_name and key_name in r.headers else r.key) for r in records
         ]
         lookup = services_pb2.BatchLookupRequest(keys=keys)
-        stub = services_grpc.LookupServiceStub(self.host.channel_for(self.service.endpoint))
-        reply = await self.call_or_dead_letter("BatchLookup", lambda: stub.BatchLookup(lookup), batch)
+        reply = await self.call_or_dead_letter("BatchLookup", lambda: self.client.lookup(lookup), batch)
         if isinstance(reply, BatchResult):
             return reply
         for record, result in zip(records, reply.results, strict=False):

@@ -45,6 +45,12 @@ class ServiceClient:
         self.flush = UnaryUnaryMethod(
             channel, "/etlrouter.v1.SinkService/Flush", services_pb2.FlushRequest, services_pb2.FlushResponse
         )
+        self.lookup = UnaryUnaryMethod(
+            channel,
+            "/etlrouter.v1.LookupService/BatchLookup",
+            services_pb2.BatchLookupRequest,
+            services_pb2.BatchLookupResponse,
+        )
 
 
 def count_records(records: bytes) -> int:

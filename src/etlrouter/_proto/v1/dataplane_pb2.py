@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from etlrouter._proto.v1 import records_pb2 as etlrouter_dot_v1_dot_records__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65tlrouter/v1/dataplane.proto\x12\x0c\x65tlrouter.v1\x1a\x1a\x65tlrouter/v1/records.proto\"\x87\x01\n\x08\x45\x64geOpen\x12\x0e\n\x06\x64\x61g_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\x15\n\rfrom_stage_id\x18\x03 \x01(\t\x12\x19\n\x11sender_sidecar_id\x18\x04 \x01(\t\x12\x15\n\rfencing_token\x18\x05 \x01(\x04\x12\x10\n\x08\x64lq_sink\x18\x06 \x01(\t\"|\n\tDataFrame\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.etlrouter.v1.EdgeOpenH\x00\x12-\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.etlrouter.v1.RawRecordBatchH\x00\x12\x0f\n\x05\x63lose\x18\x03 \x01(\x08H\x00\x42\x07\n\x05\x66rame\"q\n\x0c\x42\x61tchOutcome\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.etlrouter.v1.BatchStatus\x12\x15\n\rdead_lettered\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"x\n\x0c\x43ontrolFrame\x12$\n\x05grant\x18\x01 \x01(\x0b\x32\x15.etlrouter.v1.Credits\x12,\n\x08outcomes\x18\x02 \x03(\x0b\x32\x1a.etlrouter.v1.BatchOutcome\x12\x14\n\x0cwatermark_ms\x18\x03 \x01(\x03\"h\n\tPushFrame\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.etlrouter.v1.PushOpenH\x00\x12*\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x19.etlrouter.v1.RecordBatchH\x00\x42\x07\n\x05\x66rame\"\x1a\n\x08PushOpen\x12\x0e\n\x06source\x18\x01 \x01(\t\"\x9b\x01\n\tPushReply\x12$\n\x05grant\x18\x01 \x01(\x0b\x32\x15.etlrouter.v1.Credits\x12#\n\x04\x61\x63ks\x18\x02 \x03(\x0b\x32\x15.etlrouter.v1.PushAck\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pted_batch_ids\x18\x04 \x03(\t\x12\x18\n\x10refused_batch_id\x18\x05 \x01(\t\"n\n\x0cRawPushFrame\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.etlrouter.v1.PushOpenH\x00\x12-\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.etlrouter.v1.RawRecordBatchH\x00\x42\x07\n\x05\x66rame\"2\n\x07PushAck\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x14\n\x0cup_to_offset\x18\x02 \x01(\x04\"\xb1\x02\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x61g_id\x18\x03 \x01(\t\x12\x10\n\x08stage_id\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12-\n\x0b\x65rror_class\x18\x06 \x01(\x0e\x32\x18.etlrouter.v1.ErrorClass\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x14\n\x0c\x66\x61iled_at_ms\x18\t \x01(\x03\x12\x11\n\tsource_id\x18\n \x01(\t\x12\x11\n\tpartition\x18\x0b \x01(\r\x12\x10\n\x08\x62\x61tch_id\x18\x0c \x01(\t\x12$\n\x06record\x18\r \x01(\x0b\x32\x14.etlrouter.v1.Record\x12\x0e\n\x06reason\x18\x0e \x01(\t\"\x8e\x01\n\x16ListDeadLettersRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12-\n\x0b\x65rror_class\x18\x03 \x01(\x0e\x32\x18.etlrouter.v1.ErrorClass\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"q\n\x17ListDeadLettersResponse\x12.\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x18.etlrouter.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x04\"\"\n\x14GetDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"e\n\x19RedriveDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x10\n\x08stage_id\x18\x03 \x01(\t\x12\x17\n\x0ftarget_stage_id\x18\x04 \x01(\t\"\xa3\x01\n\x1aRedriveDeadLettersResponse\x12\x10\n\x08redriven\x18\x01 \x01(\r\x12\x44\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32\x34.etlrouter.v1.RedriveDeadLettersResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\nTapRequest\x12\x0e\n\x06\x64\x61g_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x01\x12\r\n\x05limit\x18\x04 \x01(\r\"S\n\x08TapEvent\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.etlrouter.v1.Record\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04*Z\n\x0b\x42\x61tchStatus\x12\x1c\n\x18\x42\x41TCH_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42\x41TCH_STATUS_DONE\x10\x01\x12\x16\n\x12\x42\x41TCH_STATUS_RETRY\x10\x02\x32\xa2\x01\n\x10SidecarDataPlane\x12I\n\x0eReceiveRecords\x12\x17.etlrouter.v1.DataFrame\x1a\x1a.etlrouter.v1.ControlFrame(\x01\x30\x01\x12\x43\n\x0bPushRecords\x12\x17.etlrouter.v1.PushFrame\x1a\x17.etlrouter.v1.PushReply(\x01\x30\x01\x32\xe1\x02\n\x0cSidecarAdmin\x12^\n\x0fListDeadLetters\x12$.etlrouter.v1.ListDeadLettersRequest\x1a%.etlrouter.v1.ListDeadLettersResponse\x12M\n\rGetDeadLetter\x12\".etlrouter.v1.GetDeadLetterRequest\x1a\x18.etlrouter.v1.DeadLetter\x12g\n\x12RedriveDeadLetters\x12\'.etlrouter.v1.RedriveDeadLettersRequest\x1a(.etlrouter.v1.RedriveDeadLettersResponse\x12\x39\n\x03Tap\x12\x18.etlrouter.v1.TapRequest\x1a\x16.etlrouter.v1.TapEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65tlrouter/v1/dataplane.proto\x12\x0c\x65tlrouter.v1\x1a\x1a\x65tlrouter/v1/records.proto\"\x87\x01\n\x08\x45\x64geOpen\x12\x0e\n\x06\x64\x61g_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\x15\n\rfrom_stage_id\x18\x03 \x01(\t\x12\x19\n\x11sender_sidecar_id\x18\x04 \x01(\t\x12\x15\n\rfencing_token\x18\x05 \x01(\x04\x12\x10\n\x08\x64lq_sink\x18\x06 \x01(\t\"|\n\tDataFrame\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.etlrouter.v1.EdgeOpenH\x00\x12-\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.etlrouter.v1.RawRecordBatchH\x00\x12\x0f\n\x05\x63lose\x18\x03 \x01(\x08H\x00\x42\x07\n\x05\x66rame\"q\n\x0c\x42\x61tchOutcome\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.etlrouter.v1.BatchStatus\x12\x15\n\rdead_lettered\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"x\n\x0c\x43ontrolFrame\x12$\n\x05grant\x18\x01 \x01(\x0b\x32\x15.etlrouter.v1.Credits\x12,\n\x08outcomes\x18\x02 \x03(\x0b\x32\x1a.etlrouter.v1.BatchOutcome\x12\x14\n\x0cwatermark_ms\x18\x03 \x01(\x03\"h\n\tPushFrame\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.etlrouter.v1.PushOpenH\x00\x12*\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x19.etlrouter.v1.RecordBatchH\x00\x42\x07\n\x05\x66rame\"\x1a\n\x08PushOpen\x12\x0e\n\x06source\x18\x01 \x01(\t\"\x9b\x01\n\tPushReply\x12$\n\x05grant\x18\x01 \x01(\x0b\x32\x15.etlrouter.v1.Credits\x12#\n\x04\x61\x63ks\x18\x02 \x03(\x0b\x32\x15.etlrouter.v1.PushAck\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pted_batch_ids\x18\x04 \x03(\t\x12\x18\n\x10refused_batch_id\x18\x05 \x01(\t\"n\n\x0cRawPushFrame\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.etlrouter.v1.PushOpenH\x00\x12-\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.etlrouter.v1.RawRecordBatchH\x00\x42\x07\n\x05\x66rame\"2\n\x07PushAck\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x14\n\x0cup_to_offset\x18\x02 \x01(\x04\"\xc6\x02\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x61g_id\x18\x03 \x01(\t\x12\x10\n\x08stage_id\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12-\n\x0b\x65rror_class\x18\x06 \x01(\x0e\x32\x18.etlrouter.v1.ErrorClass\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x14\n\x0c\x66\x61iled_at_ms\x18\t \x01(\x03\x12\x11\n\tsource_id\x18\n \x01(\t\x12\x11\n\tpartition\x18\x0b \x01(\r\x12\x10\n\x08\x62\x61tch_id\x18\x0c \x01(\t\x12$\n\x06record\x18\r \x01(\x0b\x32\x14.etlrouter.v1.Record\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12\x13\n\x0btraceparent\x18\x0f \x01(\t\"\x8e\x01\n\x16ListDeadLettersRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12-\n\x0b\x65rror_class\x18\x03 \x01(\x0e\x32\x18.etlrouter.v1.ErrorClass\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"q\n\x17ListDeadLettersResponse\x12.\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x18.etlrouter.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x04\"\"\n\x14GetDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"e\n\x19RedriveDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x10\n\x08stage_id\x18\x03 \x01(\t\x12\x17\n\x0ftarget_stage_id\x18\x04 \x01(\t\"\xa3\x01\n\x1aRedriveDeadLettersResponse\x12\x10\n\x08redriven\x18\x01 \x01(\r\x12\x44\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32\x34.etlrouter.v1.RedriveDeadLettersResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\nTapRequest\x12\x0e\n\x06\x64\x61g_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x01\x12\r\n\x05limit\x18\x04 \x01(\r\"S\n\x08TapEvent\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.etlrouter.v1.Record\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04*Z\n\x0b\x42\x61tchStatus\x12\x1c\n\x18\x42\x41TCH_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42\x41TCH_STATUS_DONE\x10\x01\x12\x16\n\x12\x42\x41TCH_STATUS_RETRY\x10\x02\x32\xa2\x01\n\x10SidecarDataPlane\x12I\n\x0eReceiveRecords\x12\x17.etlrouter.v1.DataFrame\x1a\x1a.etlrouter.v1.ControlFrame(\x01\x30\x01\x12\x43\n\x0bPushRecords\x12\x17.etlrouter.v1.PushFrame\x1a\x17.etlrouter.v1.PushReply(\x01\x30\x01\x32\xe1\x02\n\x0cSidecarAdmin\x12^\n\x0fListDeadLetters\x12$.etlrouter.v1.ListDeadLettersRequest\x1a%.etlrouter.v1.ListDeadLettersResponse\x12M\n\rGetDeadLetter\x12\".etlrouter.v1.GetDeadLetterRequest\x1a\x18.etlrouter.v1.DeadLetter\x12g\n\x12RedriveDeadLetters\x12\'.etlrouter.v1.RedriveDeadLettersRequest\x1a(.etlrouter.v1.RedriveDeadLettersResponse\x12\x39\n\x03Tap\x12\x18.etlrouter.v1.TapRequest\x1a\x16.etlrouter.v1.TapEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REDRIVEDEADLETTERSRESPONSE_FAILEDENTRY']._loaded_options = None
   _globals['_REDRIVEDEADLETTERSRESPONSE_FAILEDENTRY']._serialized_options = b'8\001'
-  _globals['_BATCHSTATUS']._serialized_start=2073
-  _globals['_BATCHSTATUS']._serialized_end=2163
+  _globals['_BATCHSTATUS']._serialized_start=2094
+  _globals['_BATCHSTATUS']._serialized_end=2184
   _globals['_EDGEOPEN']._serialized_start=75
   _globals['_EDGEOPEN']._serialized_end=210
   _globals['_DATAFRAME']._serialized_start=212
@@ -56,25 +56,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHACK']._serialized_start=979
   _globals['_PUSHACK']._serialized_end=1029
   _globals['_DEADLETTER']._serialized_start=1032
-  _globals['_DEADLETTER']._serialized_end=1337
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1340
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1482
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1484
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1597
-  _globals['_GETDEADLETTERREQUEST']._serialized_start=1599
-  _globals['_GETDEADLETTERREQUEST']._serialized_end=1633
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=1635
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=1736
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=1739
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=1902
-  _globals['_REDRIVEDEADLETTERSRESPONSE_FAILEDENTRY']._serialized_start=1857
-  _globals['_REDRIVEDEADLETTERSRESPONSE_FAILEDENTRY']._serialized_end=1902
-  _globals['_TAPREQUEST']._serialized_start=1904
-  _globals['_TAPREQUEST']._serialized_end=1986
-  _globals['_TAPEVENT']._serialized_start=1988
-  _globals['_TAPEVENT']._serialized_end=2071
-  _globals['_SIDECARDATAPLANE']._serialized_start=2166
-  _globals['_SIDECARDATAPLANE']._serialized_end=2328
-  _globals['_SIDECARADMIN']._serialized_start=2331
-  _globals['_SIDECARADMIN']._serialized_end=2684
+  _globals['_DEADLETTER']._serialized_end=1358
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1361
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1503
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1505
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1618
+  _globals['_GETDEADLETTERREQUEST']._serialized_start=1620
+  _globals['_GETDEADLETTERREQUEST']._serialized_end=1654
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=1656
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=1757
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=1760
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=1923
+  _globals['_REDRIVEDEADLETTERSRESPONSE_FAILEDENTRY']._serialized_start=1878
+  _globals['_REDRIVEDEADLETTERSRESPONSE_FAILEDENTRY']._serialized_end=1923
+  _globals['_TAPREQUEST']._serialized_start=1925
+  _globals['_TAPREQUEST']._serialized_end=2007
+  _globals['_TAPEVENT']._serialized_start=2009
+  _globals['_TAPEVENT']._serialized_end=2092
+  _globals['_SIDECARDATAPLANE']._serialized_start=2187
+  _globals['_SIDECARDATAPLANE']._serialized_end=2349
+  _globals['_SIDECARADMIN']._serialized_start=2352
+  _globals['_SIDECARADMIN']._serialized_end=2705
 # @@protoc_insertion_point(module_scope)

@@ -111,7 +111,7 @@ class PushAck(_message.Message):
     def __init__(self, partition: _Optional[int] = ..., up_to_offset: _Optional[int] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
-    __slots__ = ("id", "pipeline", "dag_id", "stage_id", "service", "error_class", "error", "attempts", "failed_at_ms", "source_id", "partition", "batch_id", "record", "reason")
+    __slots__ = ("id", "pipeline", "dag_id", "stage_id", "service", "error_class", "error", "attempts", "failed_at_ms", "source_id", "partition", "batch_id", "record", "reason", "traceparent")
     ID_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     DAG_ID_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class DeadLetter(_message.Message):
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     pipeline: str
     dag_id: str
@@ -140,7 +141,8 @@ class DeadLetter(_message.Message):
     batch_id: str
     record: _records_pb2.Record
     reason: str
-    def __init__(self, id: _Optional[str] = ..., pipeline: _Optional[str] = ..., dag_id: _Optional[str] = ..., stage_id: _Optional[str] = ..., service: _Optional[str] = ..., error_class: _Optional[_Union[_records_pb2.ErrorClass, str]] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., failed_at_ms: _Optional[int] = ..., source_id: _Optional[str] = ..., partition: _Optional[int] = ..., batch_id: _Optional[str] = ..., record: _Optional[_Union[_records_pb2.Record, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, id: _Optional[str] = ..., pipeline: _Optional[str] = ..., dag_id: _Optional[str] = ..., stage_id: _Optional[str] = ..., service: _Optional[str] = ..., error_class: _Optional[_Union[_records_pb2.ErrorClass, str]] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., failed_at_ms: _Optional[int] = ..., source_id: _Optional[str] = ..., partition: _Optional[int] = ..., batch_id: _Optional[str] = ..., record: _Optional[_Union[_records_pb2.Record, _Mapping]] = ..., reason: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class ListDeadLettersRequest(_message.Message):
     __slots__ = ("pipeline", "stage_id", "error_class", "limit", "page_token")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65tlrouter/v1/records.proto\x12\x0c\x65tlrouter.v1\"\xaf\x01\n\x06Record\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x32\n\x07headers\x18\x03 \x03(\x0b\x32!.etlrouter.v1.Record.HeadersEntry\x12\x15\n\revent_time_ms\x18\x04 \x01(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\nRecordList\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.etlrouter.v1.Record\"\xf6\x01\n\x0b\x42\x61tchHeader\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x14\n\x0crecord_count\x18\x02 \x01(\r\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\x12\x11\n\tsource_id\x18\x04 \x01(\t\x12\x11\n\tpartition\x18\x05 \x01(\r\x12\x14\n\x0c\x66irst_offset\x18\x06 \x01(\x04\x12\x13\n\x0blast_offset\x18\x07 \x01(\x04\x12\x19\n\x11min_event_time_ms\x18\x08 \x01(\x03\x12\x19\n\x11max_event_time_ms\x18\t \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\n \x01(\r\x12\x14\n\x0cwatermark_ms\x18\x0b \x01(\x03\"c\n\x0bRecordBatch\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.etlrouter.v1.BatchHeader\x12)\n\x07records\x18\x02 \x01(\x0b\x32\x18.etlrouter.v1.RecordList\"L\n\x0eRawRecordBatch\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.etlrouter.v1.BatchHeader\x12\x0f\n\x07records\x18\x02 \x01(\x0c\"\\\n\x0bRecordError\x12\r\n\x05index\x18\x01 \x01(\r\x12-\n\x0b\x65rror_class\x18\x02 \x01(\x0e\x32\x18.etlrouter.v1.ErrorClass\x12\x0f\n\x07message\x18\x03 \x01(\t\")\n\x07\x43redits\x12\x0f\n\x07records\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\xca\x02\n\x0c\x43\x61pabilities\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11max_batch_records\x18\x03 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12\x16\n\x0erequires_flush\x18\x06 \x01(\x08\x12\x19\n\x11idempotent_writes\x18\x07 \x01(\x08\x12\x12\n\none_to_one\x18\x08 \x01(\x08\x12\x12\n\npartitions\x18\t \x01(\r\x12\x36\n\x06labels\x18\n \x03(\x0b\x32&.etlrouter.v1.Capabilities.LabelsEntry\x12\x0c\n\x04push\x18\x0b \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetCapabilitiesRequest\"K\n\x17GetCapabilitiesResponse\x12\x30\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1a.etlrouter.v1.Capabilities*y\n\nErrorClass\x12\x1b\n\x17\x45RROR_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_CLASS_TRANSIENT\x10\x01\x12\x19\n\x15\x45RROR_CLASS_PERMANENT\x10\x02\x12\x18\n\x14\x45RROR_CLASS_REJECTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65tlrouter/v1/records.proto\x12\x0c\x65tlrouter.v1\"\xaf\x01\n\x06Record\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x32\n\x07headers\x18\x03 \x03(\x0b\x32!.etlrouter.v1.Record.HeadersEntry\x12\x15\n\revent_time_ms\x18\x04 \x01(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\nRecordList\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.etlrouter.v1.Record\"\x9f\x02\n\x0b\x42\x61tchHeader\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x14\n\x0crecord_count\x18\x02 \x01(\r\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\x12\x11\n\tsource_id\x18\x04 \x01(\t\x12\x11\n\tpartition\x18\x05 \x01(\r\x12\x14\n\x0c\x66irst_offset\x18\x06 \x01(\x04\x12\x13\n\x0blast_offset\x18\x07 \x01(\x04\x12\x19\n\x11min_event_time_ms\x18\x08 \x01(\x03\x12\x19\n\x11max_event_time_ms\x18\t \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\n \x01(\r\x12\x14\n\x0cwatermark_ms\x18\x0b \x01(\x03\x12\x13\n\x0btraceparent\x18\x0c \x01(\t\x12\x12\n\ntracestate\x18\r \x01(\t\"c\n\x0bRecordBatch\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.etlrouter.v1.BatchHeader\x12)\n\x07records\x18\x02 \x01(\x0b\x32\x18.etlrouter.v1.RecordList\"L\n\x0eRawRecordBatch\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.etlrouter.v1.BatchHeader\x12\x0f\n\x07records\x18\x02 \x01(\x0c\"\\\n\x0bRecordError\x12\r\n\x05index\x18\x01 \x01(\r\x12-\n\x0b\x65rror_class\x18\x02 \x01(\x0e\x32\x18.etlrouter.v1.ErrorClass\x12\x0f\n\x07message\x18\x03 \x01(\t\")\n\x07\x43redits\x12\x0f\n\x07records\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\xca\x02\n\x0c\x43\x61pabilities\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11max_batch_records\x18\x03 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12\x16\n\x0erequires_flush\x18\x06 \x01(\x08\x12\x19\n\x11idempotent_writes\x18\x07 \x01(\x08\x12\x12\n\none_to_one\x18\x08 \x01(\x08\x12\x12\n\npartitions\x18\t \x01(\r\x12\x36\n\x06labels\x18\n \x03(\x0b\x32&.etlrouter.v1.Capabilities.LabelsEntry\x12\x0c\n\x04push\x18\x0b \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetCapabilitiesRequest\"K\n\x17GetCapabilitiesResponse\x12\x30\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1a.etlrouter.v1.Capabilities*y\n\nErrorClass\x12\x1b\n\x17\x45RROR_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_CLASS_TRANSIENT\x10\x01\x12\x19\n\x15\x45RROR_CLASS_PERMANENT\x10\x02\x12\x18\n\x14\x45RROR_CLASS_REJECTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECORD_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_CAPABILITIES_LABELSENTRY']._loaded_options = None
   _globals['_CAPABILITIES_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORCLASS']._serialized_start=1276
-  _globals['_ERRORCLASS']._serialized_end=1397
+  _globals['_ERRORCLASS']._serialized_start=1317
+  _globals['_ERRORCLASS']._serialized_end=1438
   _globals['_RECORD']._serialized_start=45
   _globals['_RECORD']._serialized_end=220
   _globals['_RECORD_HEADERSENTRY']._serialized_start=174
@@ -45,21 +45,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECORDLIST']._serialized_start=222
   _globals['_RECORDLIST']._serialized_end=273
   _globals['_BATCHHEADER']._serialized_start=276
-  _globals['_BATCHHEADER']._serialized_end=522
-  _globals['_RECORDBATCH']._serialized_start=524
-  _globals['_RECORDBATCH']._serialized_end=623
-  _globals['_RAWRECORDBATCH']._serialized_start=625
-  _globals['_RAWRECORDBATCH']._serialized_end=701
-  _globals['_RECORDERROR']._serialized_start=703
-  _globals['_RECORDERROR']._serialized_end=795
-  _globals['_CREDITS']._serialized_start=797
-  _globals['_CREDITS']._serialized_end=838
-  _globals['_CAPABILITIES']._serialized_start=841
-  _globals['_CAPABILITIES']._serialized_end=1171
-  _globals['_CAPABILITIES_LABELSENTRY']._serialized_start=1126
-  _globals['_CAPABILITIES_LABELSENTRY']._serialized_end=1171
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1173
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1197
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1199
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1274
+  _globals['_BATCHHEADER']._serialized_end=563
+  _globals['_RECORDBATCH']._serialized_start=565
+  _globals['_RECORDBATCH']._serialized_end=664
+  _globals['_RAWRECORDBATCH']._serialized_start=666
+  _globals['_RAWRECORDBATCH']._serialized_end=742
+  _globals['_RECORDERROR']._serialized_start=744
+  _globals['_RECORDERROR']._serialized_end=836
+  _globals['_CREDITS']._serialized_start=838
+  _globals['_CREDITS']._serialized_end=879
+  _globals['_CAPABILITIES']._serialized_start=882
+  _globals['_CAPABILITIES']._serialized_end=1212
+  _globals['_CAPABILITIES_LABELSENTRY']._serialized_start=1167
+  _globals['_CAPABILITIES_LABELSENTRY']._serialized_end=1212
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1214
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1238
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1240
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1315
 # @@protoc_insertion_point(module_scope)

@@ -47,7 +47,7 @@ class RecordList(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch_id", "record_count", "byte_size", "source_id", "partition", "first_offset", "last_offset", "min_event_time_ms", "max_event_time_ms", "attempt", "watermark_ms")
+    __slots__ = ("batch_id", "record_count", "byte_size", "source_id", "partition", "first_offset", "last_offset", "min_event_time_ms", "max_event_time_ms", "attempt", "watermark_ms", "traceparent", "tracestate")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class BatchHeader(_message.Message):
     MAX_EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WATERMARK_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    TRACESTATE_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     record_count: int
     byte_size: int
@@ -70,7 +72,9 @@ class BatchHeader(_message.Message):
     max_event_time_ms: int
     attempt: int
     watermark_ms: int
-    def __init__(self, batch_id: _Optional[str] = ..., record_count: _Optional[int] = ..., byte_size: _Optional[int] = ..., source_id: _Optional[str] = ..., partition: _Optional[int] = ..., first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., min_event_time_ms: _Optional[int] = ..., max_event_time_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., watermark_ms: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    tracestate: str
+    def __init__(self, batch_id: _Optional[str] = ..., record_count: _Optional[int] = ..., byte_size: _Optional[int] = ..., source_id: _Optional[str] = ..., partition: _Optional[int] = ..., first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., min_event_time_ms: _Optional[int] = ..., max_event_time_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., watermark_ms: _Optional[int] = ..., traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
 
 class RecordBatch(_message.Message):
     __slots__ = ("header", "records")
