@@ -31,6 +31,8 @@ CONNECTORS: dict[str, Callable[[Sequence[str] | None], None]] = {
     "postgres": _lazy_main("postgres"),  # needs asyncpg
     "redis-streams": _lazy_main("redis_streams"),  # needs redis
     "http-ingest": _lazy_main("http_ingest"),  # a push source
+    "kafka-source": _lazy_main("kafka_source"),  # needs aiokafka
+    "kafka-sink": _lazy_main("kafka_sink"),  # needs aiokafka
 }
 
 __all__ = ["CONNECTORS"]
