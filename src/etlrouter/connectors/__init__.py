@@ -33,6 +33,7 @@ CONNECTORS: dict[str, Callable[[Sequence[str] | None], None]] = {
     "http-ingest": _lazy_main("http_ingest"),  # a push source
     "kafka-source": _lazy_main("kafka_source"),  # needs aiokafka
     "kafka-sink": _lazy_main("kafka_sink"),  # needs aiokafka
+    "clickhouse": _lazy_main("clickhouse"),  # HTTP interface (aiohttp)
 }
 
 __all__ = ["CONNECTORS"]
