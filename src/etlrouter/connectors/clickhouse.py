@@ -25,7 +25,6 @@ memory limits, too many parts) fail the call as retryable, with the server's mes
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -151,7 +150,7 @@ class ClickHouseSink(Sink):
                     return await r.content.read(1024 * 1024)  # answers we read are small (a count)
                 text = (await r.content.read(MAX_ERROR_BYTES)).decode("utf-8", "replace").strip()
                 raise ClickHouseError(r.status, text)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise RetryableError(f"clickhouse: {self.url}: {type(exc).__name__}: {exc}") from exc
 
     def _row(self, record: Record, batch_id: str) -> bytes:
