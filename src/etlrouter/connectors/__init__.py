@@ -34,6 +34,7 @@ CONNECTORS: dict[str, Callable[[Sequence[str] | None], None]] = {
     "kafka-source": _lazy_main("kafka_source"),  # needs aiokafka
     "kafka-sink": _lazy_main("kafka_sink"),  # needs aiokafka
     "clickhouse": _lazy_main("clickhouse"),  # HTTP interface (aiohttp)
+    "s3": _lazy_main("s3"),  # needs aiobotocore
 }
 
 __all__ = ["CONNECTORS"]
