@@ -35,6 +35,8 @@ CONNECTORS: dict[str, Callable[[Sequence[str] | None], None]] = {
     "kafka-sink": _lazy_main("kafka_sink"),  # needs aiokafka
     "clickhouse": _lazy_main("clickhouse"),  # HTTP interface (aiohttp)
     "s3": _lazy_main("s3"),  # needs aiobotocore
+    "nats-source": _lazy_main("nats_source"),  # needs nats-py
+    "nats-sink": _lazy_main("nats_sink"),  # needs nats-py
 }
 
 __all__ = ["CONNECTORS"]
