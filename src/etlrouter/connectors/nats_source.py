@@ -91,7 +91,7 @@ class NatsSource(Source):
             self.nc = None
 
     async def _restart_consumer(self) -> None:
-        """Re-create the durable consumer just after its ack floor: what was not acked comes again, in order."""
+        """Re-create the durable consumer after its ack floor: what was not acked comes again, in order."""
         floor = 0
         try:
             info = await self.js.consumer_info(self.stream, self.durable)
