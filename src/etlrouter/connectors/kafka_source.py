@@ -28,6 +28,7 @@ Kafka timestamp (ms), offset = Kafka offset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -114,6 +115,7 @@ class KafkaSource(Source):
         self.handed_out: dict[int, int] = {}
         self._next = 0  # round-robin start among partitions with buffered records
         self._commit_lock = asyncio.Lock()
+        self._starting: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -125,22 +127,30 @@ class KafkaSource(Source):
         )
         consumer.subscribe([self.topic], listener=_Listener(self))
         self.consumer = consumer  # before start(): the first assignment may come while it runs
-        try:
-            await consumer.start()
-        except KafkaError as exc:
-            self.consumer = None
-            await consumer.stop()
-            raise RetryableError(f"kafka: cannot connect to {self.client.bootstrap_servers}: {exc}") from exc
-        partitions = consumer.partitions_for_topic(self.topic)
-        if partitions:
-            self.capabilities = Capabilities(
-                name=self.capabilities.name,
-                version=VERSION,
-                partitions=len(partitions),
-                labels=self.capabilities.labels,
+        # Joining the group can take seconds (the broker waits for other members): serve meanwhile, so the
+        # sidecar discovers the service at once; pulls wait for the start (up to their wait_ms).
+        self._starting = asyncio.ensure_future(consumer.start())
+
+    async def _started(self, wait_ms: int) -> bool:
+        starting = self._starting
+        assert starting is not None
+        if not starting.done():
+            await asyncio.wait([starting], timeout=max(wait_ms, 0) / 1000)
+            if not starting.done():
+                return False
+        if starting.exception() is not None:
+            exc = starting.exception()
+            self._starting = asyncio.ensure_future(self.consumer.start())  # type: ignore[union-attr]
+            raise RetryableError(
+                f"kafka: cannot start the consumer ({self.client.bootstrap_servers}): {exc!r}"
             )
+        return True
 
     async def close(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._starting
         if self.consumer is not None:
             await self.consumer.stop()
             self.consumer = None
@@ -205,6 +215,8 @@ class KafkaSource(Source):
     ) -> Pulled:
         consumer = self.consumer
         assert consumer is not None
+        if not await self._started(wait_ms):
+            return Pulled()
         ready = self._take(partitions, max_records, max_bytes)
         if ready is not None:
             return ready

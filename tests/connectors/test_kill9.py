@@ -1,0 +1,311 @@
+"""The new connectors in the whole system (3 routers, a sidecar per role, every service its own process),
+each service killed with SIGKILL mid-run and restarted on the same port: nothing is lost.
+
+- kafka-source → filter → jsonl-file sink: the source is killed; every produced record reaches the file and
+  the group's committed offsets end at the end of every partition.
+- nats-source → filter → jsonl-file sink: the same for a JetStream durable consumer.
+- generator → filter → s3, clickhouse, nats-sink, kafka-sink (one merged DAG): the four sinks are killed
+  together; afterwards S3 holds every offset exactly once (a retried batch overwrote its own object),
+  ClickHouse every offset exactly once (batch-id column), the JetStream stream every record exactly once
+  (message ids) and the Kafka topic every record at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import nats
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.connectors.servers import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.connectors.test_kafka import create_topic, produce
+from tests.e2e.conftest import system
+from tests.e2e.processes import Processes, connector, ready, sidecar, wait_until
+from tests.e2e.test_pipeline import apply
+from tests.integration.cluster import RouterProcesses
+
+__all__ = ["system"]
+
+TOTAL = 100_000  # records per test
+System = tuple[RouterProcesses, Processes, Path]
+
+
+def jsonl_ids(path: Path) -> list[int]:
+    """The `id` of every record value the jsonl-file sink wrote (complete lines only)."""
+    if not path.exists():
+        return []
+    complete = path.read_text().split("\n")[:-1]
+    return [msgspec.json.decode(json.loads(line)["value"])["id"] for line in complete if line.strip()]
+
+
+def line_count(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def start_linear(routers: RouterProcesses, procs: Processes, tmp: Path, kind: str, *source_args: str) -> Path:
+    """`source orders | transform clean | sink archive` with the given source connector; returns the file."""
+    out = tmp / "out.jsonl"
+    src = connector(procs, "orders", kind, *source_args)
+    mid = connector(procs, "clean", "filter")
+    sink = connector(procs, "archive", "jsonl_file_sink", "--path", str(out))
+    http = [
+        sidecar(procs, "sc-src", routers, [src]),
+        sidecar(procs, "sc-mid", routers, [mid]),
+        sidecar(procs, "sc-sink", routers, [sink]),
+    ]
+    wait_until(lambda: all(ready(p) for p in http), 30, "sidecars registered")
+    apply(
+        routers, 'pipeline linear { source orders | transform clean (config.expr = "true") | sink archive }'
+    )
+    return out
+
+
+def kill_and_restart(procs: Processes, *names: str, pause_s: float = 1.0) -> None:
+    for name in names:
+        procs.kill(name)
+    time.sleep(pause_s)
+    for name in names:
+        procs.restart(name)
+
+
+def assert_clean_logs(procs: Processes, *names: str) -> None:
+    for name in names:
+        assert "Traceback" not in procs.log(name), procs.log(name)[-3000:]
+
+
+def test_kafka_source_killed_mid_run_loses_nothing(kafka_bootstrap: str, system: System) -> None:
+    routers, procs, tmp = system
+    topic, group, partitions = "kill9-orders", "kill9", 4
+    asyncio.run(create_topic(kafka_bootstrap, topic, partitions))
+    asyncio.run(produce(kafka_bootstrap, topic, TOTAL, partitions))
+    args = ("--bootstrap-servers", kafka_bootstrap, "--topic", topic, "--group", group)
+    out = start_linear(routers, procs, tmp, "kafka_source", *args, "--session-timeout-ms", "6000")
+
+    async def committed() -> int:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            return sum([await consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions)])
+        finally:
+            await consumer.stop()
+
+    wait_until(lambda: line_count(out) > TOTAL // 10, 90, "records arriving")
+    at_kill = line_count(out)
+    kill_and_restart(procs, "orders")
+    wait_until(lambda: asyncio.run(committed()) == TOTAL, 180, "every offset committed")
+    ids = jsonl_ids(out)
+    print(f"kafka source: lines at kill {at_kill}, lines {len(ids)}, distinct {len(set(ids))}")
+    assert at_kill < TOTAL, "killed only after everything was written: not mid-run"
+    assert set(ids) == set(range(TOTAL))
+    assert_clean_logs(procs, "sc-src", "sc-mid", "sc-sink", "orders")
+
+
+def test_nats_source_killed_mid_run_loses_nothing(nats_url: str, system: System) -> None:
+    routers, procs, tmp = system
+    stream = "KILL9"
+
+    async def fill() -> None:
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream(publish_async_max_pending=10_000)
+        await js.add_stream(name=stream, subjects=["kill9.>"])
+        for start in range(0, TOTAL, 5000):
+            futures = [
+                await js.publish_async("kill9.orders", msgspec.json.encode({"id": i}))
+                for i in range(start, min(TOTAL, start + 5000))
+            ]
+            await asyncio.gather(*futures)
+        await nc.close()
+
+    async def ack_floor() -> int:
+        nc = await nats.connect(nats_url)
+        try:
+            info = await nc.jetstream().consumer_info(stream, "etl")
+            return int(info.ack_floor.stream_seq)
+        except nats.js.errors.NotFoundError:
+            return 0
+        finally:
+            await nc.close()
+
+    asyncio.run(fill())
+    out = start_linear(
+        routers, procs, tmp, "nats_source", "--url", nats_url, "--stream", stream, "--durable", "etl"
+    )
+    wait_until(lambda: line_count(out) > TOTAL // 10, 90, "records arriving")
+    at_kill = line_count(out)
+    kill_and_restart(procs, "orders")
+    wait_until(lambda: asyncio.run(ack_floor()) == TOTAL, 180, "every message acknowledged")
+    ids = jsonl_ids(out)
+    print(f"nats source: lines at kill {at_kill}, lines {len(ids)}, distinct {len(set(ids))}")
+    assert at_kill < TOTAL, "killed only after everything was written: not mid-run"
+    assert set(ids) == set(range(TOTAL))
+    assert_clean_logs(procs, "sc-src", "sc-mid", "sc-sink", "orders")
+
+
+SINK_PIPELINES = "\n".join(
+    f'pipeline to-{sink} {{ source orders | transform clean (config.expr = "true") | sink {sink} }}'
+    for sink in ("lake", "olap", "bus", "topic")
+)
+
+
+def test_sinks_killed_mid_run_lose_nothing_and_the_idempotent_ones_duplicate_nothing(
+    kafka_bootstrap: str, nats_url: str, clickhouse_url: str, s3_endpoint: str, system: System
+) -> None:
+    routers, procs, tmp = system
+    bucket, table, stream, topic = "kill9", "kill9_orders", "KILL9OUT", "kill9-out"
+
+    def s3_client() -> Any:
+        config = AioConfig(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return get_session().create_client(
+            "s3",
+            endpoint_url=s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            config=config,
+        )
+
+    async def clickhouse(sql: str) -> str:
+        async with aiohttp.ClientSession() as session, session.post(clickhouse_url, data=sql.encode()) as r:
+            text = await r.text()
+            assert r.status == 200, text
+            return text
+
+    async def prepare() -> None:
+        async with s3_client() as s3:
+            await s3.create_bucket(Bucket=bucket)
+        await clickhouse(
+            f"CREATE TABLE {table} (id UInt64, partition UInt32, amount Float64, country String, pad String, "
+            "_batch String, _offset UInt64) ENGINE = MergeTree ORDER BY id"
+        )
+        nc = await nats.connect(nats_url)
+        await nc.jetstream().add_stream(name=stream, subjects=["kill9out.>"])
+        await nc.close()
+        await create_topic(kafka_bootstrap, topic, 2)
+
+    asyncio.run(prepare())
+    state = tmp / "generator.state"
+    src = connector(
+        procs, "orders", "generator", "--limit", str(TOTAL), "--rate", "8000", "--state-file", str(state)
+    )
+    mid = connector(procs, "clean", "filter")
+    s3_args = ("--bucket", bucket, "--endpoint-url", s3_endpoint, "--path-style", "--gzip")
+    s3_args += ("--access-key-id", S3_ACCESS_KEY, "--secret-access-key", S3_SECRET_KEY)
+    sinks = [
+        connector(procs, "lake", "s3", *s3_args),
+        connector(
+            procs,
+            "olap",
+            "clickhouse",
+            "--url",
+            clickhouse_url,
+            "--table",
+            table,
+            "--batch-id-column",
+            "_batch",
+            "--offset-column",
+            "_offset",
+        ),
+        connector(
+            procs, "bus", "nats_sink", "--url", nats_url, "--subject", "kill9out.orders", "--stream", stream
+        ),
+        connector(
+            procs,
+            "topic",
+            "kafka_sink",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--topic",
+            topic,
+            "--no-idempotent",
+        ),
+    ]
+    http = [
+        sidecar(procs, "sc-src", routers, [src]),
+        sidecar(procs, "sc-mid", routers, [mid]),
+        sidecar(procs, "sc-sink", routers, sinks),
+    ]
+    wait_until(lambda: all(ready(p) for p in http), 30, "sidecars registered")
+    apply(routers, SINK_PIPELINES)
+
+    def acked() -> int:
+        try:
+            return int(json.loads(state.read_text()).get("0", -1))
+        except (OSError, ValueError):
+            return -1
+
+    wait_until(lambda: acked() > TOTAL // 10, 90, "records acknowledged")
+    at_kill = acked()
+    kill_and_restart(procs, "lake", "olap", "bus", "topic")
+    wait_until(lambda: acked() == TOTAL - 1, 240, "the source acknowledged every record")
+
+    async def s3_offsets() -> tuple[int, list[int]]:
+        import gzip
+
+        offsets: list[int] = []
+        keys = 0
+        async with s3_client() as s3:
+            paginator = s3.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=bucket):
+                for item in page.get("Contents", []):
+                    keys += 1
+                    response = await s3.get_object(Bucket=bucket, Key=item["Key"])
+                    async with response["Body"] as body:
+                        data = gzip.decompress(await body.read())
+                    offsets += [msgspec.json.decode(line)["offset"] for line in data.splitlines()]
+        return keys, offsets
+
+    async def nats_ids() -> tuple[int, set[int]]:
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        messages = (await js.stream_info(stream)).state.messages
+        sub = await js.pull_subscribe("kill9out.>", stream=stream)
+        ids: set[int] = set()
+        while len(ids) < messages:
+            for msg in await sub.fetch(5000, timeout=5):
+                ids.add(msgspec.json.decode(msg.data)["id"])
+        await nc.close()
+        return messages, ids
+
+    async def kafka_ids() -> set[int]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        ids: set[int] = set()
+        try:
+            while len(ids) < TOTAL:
+                batches = await consumer.getmany(timeout_ms=5000, max_records=10_000)
+                assert batches, f"the topic holds only {len(ids)} distinct records"
+                ids.update(msgspec.json.decode(m.value)["id"] for ms in batches.values() for m in ms)
+        finally:
+            await consumer.stop()
+        return ids
+
+    objects, offsets = asyncio.run(s3_offsets())
+    rows = msgspec.json.decode(
+        asyncio.run(clickhouse(f"SELECT count() AS n, uniqExact(_offset) AS d FROM {table} FORMAT JSON"))
+    )
+    stored, bus_ids = asyncio.run(nats_ids())
+    topic_ids = asyncio.run(kafka_ids())
+    print(f"sinks: acked at kill {at_kill}; s3 objects {objects}; clickhouse {rows['data']}; nats {stored}")
+    assert at_kill < TOTAL - 1, "killed only after everything was acknowledged: not mid-run"
+    assert sorted(offsets) == list(range(TOTAL))  # every offset once: no second object for a retried batch
+    assert rows["data"] == [{"n": str(TOTAL), "d": str(TOTAL)}]
+    assert (stored, bus_ids) == (TOTAL, set(range(TOTAL)))
+    assert topic_ids == set(range(TOTAL))
+    assert_clean_logs(procs, "sc-src", "sc-mid", "sc-sink", "lake", "olap", "bus", "topic")
