@@ -5,10 +5,10 @@
 
 Object key: `<prefix><stage id>/<source>/<partition>/<first offset>-<last offset>.jsonl[.gz]`, read from
 the sink batch id (`<stage id>:<source>/<partition>/<first>-<last>`, the sidecar's; any other id is used
-as it is, with characters outside `A-Za-z0-9._=-` and `/` percent-encoded). The stage option `prefix`
-overrides --prefix (e.g. one prefix per pipeline). The key is a function of the batch id alone, so a
-retried batch overwrites its own object: retries never create a second object (idempotent writes), and
-the gzip stream has no timestamp, so a retry of the same records writes the same bytes.
+as it is, with characters outside `A-Za-z0-9._=-` and `/` percent-encoded). The stage option
+`config.prefix` overrides --prefix (e.g. one prefix per pipeline). The key is a function of the batch id
+alone, so a retried batch overwrites its own object: retries never create a second object (idempotent
+writes), and the gzip stream has no timestamp, so a retry of the same records writes the same bytes.
 
 Lines: the jsonl-file sink's format, one object per record: {"batch_id", "offset", "event_time_ms",
 "key" | "key_b64", "value" | "value_b64", "headers"}.
@@ -180,7 +180,7 @@ class S3Sink(Sink):
 
 @click.command(name="s3")
 @click.option("--bucket", required=True, help="Bucket to write to (must exist).")
-@click.option("--prefix", default="", help="Key prefix (the stage option `prefix` overrides it).")
+@click.option("--prefix", default="", help="Key prefix (the stage option config.prefix overrides it).")
 @click.option("--endpoint-url", envvar="ETLROUTER_S3_ENDPOINT_URL", help="Any S3-compatible endpoint.")
 @click.option("--region", default="us-east-1", show_default=True)
 @click.option("--access-key-id", envvar="AWS_ACCESS_KEY_ID", help="Default: the AWS credential chain.")
