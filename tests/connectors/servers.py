@@ -279,8 +279,8 @@ def seaweedfs(binary: str, port: int) -> Iterator[str]:
         with log.open("wb") as out:
             process = subprocess.Popen(
                 ["ip", "netns", "exec", ns, binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                 "-master.telemetry=false", f"-dir={workdir}", "-volume.max=20",
-                 "-master.volumeSizeLimitMB=64",
+                 "-master.telemetry=false", f"-dir={workdir}", "-volume.max=200",
+                 "-master.volumeSizeLimitMB=64",  # many small volumes: every bucket takes some
                  "-filer", "-s3", f"-s3.port={inner}", f"-s3.config={workdir / 's3.json'}"],
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -74,7 +74,7 @@ async def committed(bootstrap: str, topic: str, group: str, partitions: int) -> 
 def source(bootstrap: str, topic: str, group: str = "", **kw: object) -> KafkaSource:
     """A source in the group `group` of this topic (a group of its own per test)."""
     return KafkaSource(
-        KafkaClientOptions(bootstrap), topic, f"{topic}-{group}", session_timeout_ms=6000, **kw
+        KafkaClientOptions(bootstrap), topic, f"{topic}-{group}", session_timeout_ms=3000, **kw
     )  # type: ignore[arg-type]
 
 

@@ -229,6 +229,8 @@ class KafkaSource(Source):
             fetched = await consumer.getmany(
                 *wanted, timeout_ms=max(0, wait_ms), max_records=max(1, max_records)
             )
+        except IllegalStateError:
+            return Pulled()  # a partition asked for was revoked while we waited: the next pull asks anew
         except NoOffsetForPartitionError as exc:
             raise PermanentError(
                 f"kafka: {exc}: group {self.group!r} has no committed offset there and --start is committed"
