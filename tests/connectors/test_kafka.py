@@ -281,3 +281,16 @@ async def test_sink_rejects_a_record_the_broker_refuses_and_writes_the_rest(
     assert reply.written == 1
     assert [(e.index, e.error_class) for e in reply.errors] == [(1, 3)]  # ERROR_CLASS_REJECTED
     assert "MessageSizeTooLarge" in reply.errors[0].message
+
+
+async def test_an_unreachable_broker_fails_pulls_as_retryable_naming_the_servers() -> None:
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    down = KafkaSource(KafkaClientOptions(address), "t", "g")
+    async with serving(down) as host, channel_to(host.address) as channel:
+        with pytest.raises(GRPCError) as failed:
+            for _ in range(20):
+                await pull(channel, 10, wait_ms=500)
+    assert failed.value.status == Status.UNAVAILABLE
+    assert address in str(failed.value.message)

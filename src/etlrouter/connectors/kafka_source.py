@@ -118,6 +118,9 @@ class KafkaSource(Source):
         self._starting: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
+        self._start_consumer()
+
+    def _start_consumer(self) -> None:
         consumer = AIOKafkaConsumer(
             group_id=self.group,
             enable_auto_commit=False,
@@ -138,18 +141,25 @@ class KafkaSource(Source):
             await asyncio.wait([starting], timeout=max(wait_ms, 0) / 1000)
             if not starting.done():
                 return False
-        if starting.exception() is not None:
-            exc = starting.exception()
-            self._starting = asyncio.ensure_future(self.consumer.start())  # type: ignore[union-attr]
+        exc = starting.exception()
+        if exc is not None:
+            # A consumer whose start failed is not reused: stop it and start a new one for the next pull.
+            failed, self.consumer = self.consumer, None
+            if failed is not None:
+                with contextlib.suppress(Exception):
+                    await failed.stop()
+            self.owned.clear()
+            self._start_consumer()
             raise RetryableError(
                 f"kafka: cannot start the consumer ({self.client.bootstrap_servers}): {exc!r}"
             )
         return True
 
     async def close(self) -> None:
-        if self._starting is not None and not self._starting.done():
-            self._starting.cancel()
-            with contextlib.suppress(BaseException):
+        if self._starting is not None:
+            if not self._starting.done():
+                self._starting.cancel()
+            with contextlib.suppress(BaseException):  # also retrieves a failed start's exception
                 await self._starting
         if self.consumer is not None:
             await self.consumer.stop()
@@ -213,10 +223,10 @@ class KafkaSource(Source):
     async def pull(
         self, *, max_records: int, max_bytes: int, wait_ms: int, partitions: Sequence[int]
     ) -> Pulled:
-        consumer = self.consumer
-        assert consumer is not None
         if not await self._started(wait_ms):
             return Pulled()
+        consumer = self.consumer
+        assert consumer is not None
         ready = self._take(partitions, max_records, max_bytes)
         if ready is not None:
             return ready
