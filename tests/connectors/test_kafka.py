@@ -294,3 +294,39 @@ async def test_an_unreachable_broker_fails_pulls_as_retryable_naming_the_servers
                 await pull(channel, 10, wait_ms=500)
     assert failed.value.status == Status.UNAVAILABLE
     assert address in str(failed.value.message)
+
+
+async def test_acks_for_a_partition_that_moved_away_are_abandoned_and_its_new_owner_reads_them_again(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    await create_topic(kafka_bootstrap, topic, 2)
+    await produce(kafka_bootstrap, topic, 20, 2)
+    group = f"{topic}-move"
+    async with (
+        serving(source(kafka_bootstrap, topic, "move")) as a_host,
+        channel_to(a_host.address) as a_channel,
+    ):
+        a_source = a_host.services[0]
+        got = await pull_until(a_channel, 20)  # A owns both partitions and hands out everything, acks nothing
+        last = {p: max(r.offset for q, r in got if q == p) for p in (0, 1)}
+        async with (
+            serving(source(kafka_bootstrap, topic, "move")) as b_host,
+            channel_to(b_host.address) as b_channel,
+        ):
+            b_source = b_host.services[0]
+            again: list[tuple[int, Record]] = []
+            while not (len(a_source.owned) == 1 and len(b_source.owned) == 1):  # type: ignore[attr-defined]
+                _, b_reply = await asyncio.gather(
+                    pull(a_channel, 10, wait_ms=200), pull(b_channel, 10, wait_ms=200)
+                )
+                again += [
+                    (b_reply.batch.header.partition, r) for r in records_from_proto(b_reply.batch.records)
+                ]
+            kept = next(iter(a_source.owned))  # type: ignore[attr-defined]
+            moved = 1 - kept
+            for p in (0, 1):
+                await ack(a_channel, p, last[p])  # the moved partition's ack is abandoned, not committed
+            offsets = await committed(kafka_bootstrap, topic, group, 2)
+            again += await pull_until(b_channel, 10 - len(again))
+    assert offsets == {kept: last[kept] + 1, moved: None}
+    assert sorted(r.offset for p, r in again if p == moved) == list(range(10))  # the new owner reads them
