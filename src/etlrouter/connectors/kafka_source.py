@@ -64,7 +64,7 @@ class _Owned:
         self.first_delivered: int | None = None
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is unannotated
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
 
