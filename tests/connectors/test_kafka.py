@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -330,3 +332,31 @@ async def test_acks_for_a_partition_that_moved_away_are_abandoned_and_its_new_ow
             again += await pull_until(b_channel, 10 - len(again))
     assert offsets == {kept: last[kept] + 1, moved: None}
     assert sorted(r.offset for p, r in again if p == moved) == list(range(10))  # the new owner reads them
+
+
+def test_sasl_and_tls_options_pass_through_and_bad_combinations_name_the_option(tmp_path: Path) -> None:
+    sasl = KafkaClientOptions(
+        "b:9093",
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="etl",
+        sasl_password="secret",
+    ).kwargs()
+    assert sasl["security_protocol"] == "SASL_PLAINTEXT"
+    assert (sasl["sasl_mechanism"], sasl["sasl_plain_username"], sasl["sasl_plain_password"]) == (
+        "SCRAM-SHA-512",
+        "etl",
+        "secret",
+    )
+    tls = KafkaClientOptions("b:9093", security_protocol="SSL").kwargs()
+    assert isinstance(tls["ssl_context"], ssl.SSLContext)
+    for kwargs, option in [
+        ({"security_protocol": "SASL_SSL"}, "--sasl-username"),
+        ({"sasl_username": "u"}, "--sasl-mechanism/--sasl-username"),
+        ({"security_protocol": "SSL", "tls_cert_file": str(tmp_path / "c.pem")}, "--tls-key-file"),
+        ({"tls_ca_file": str(tmp_path / "ca.pem")}, "--tls-"),
+    ]:
+        with pytest.raises(ValueError, match=option):
+            KafkaClientOptions("b:9093", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--bootstrap-servers"):
+        KafkaClientOptions(" ")
