@@ -53,7 +53,7 @@ check: lint typecheck
 ## `make lock UPGRADE=--upgrade`); the build backend pin in pyproject is raised by hand beside it
 LOCK = $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --custom-compile-command "make lock" --quiet $(UPGRADE)
 lock: $(STAMP)
-	$(LOCK) --extra connectors -o requirements/runtime.lock
+	$(LOCK) --extra connectors --extra tracing -o requirements/runtime.lock
 	$(LOCK) --extra dev -o requirements/dev.lock
 
 lint: $(STAMP)

@@ -23,7 +23,10 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 # Which extras each lock holds (the same list as the Makefile's `lock` target).
-LOCKS = {"requirements/runtime.lock": ("connectors",), "requirements/dev.lock": ("dev", "connectors")}
+LOCKS = {
+    "requirements/runtime.lock": ("connectors", "tracing"),
+    "requirements/dev.lock": ("dev", "connectors", "tracing"),
+}
 PROJECT = "etlrouter"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;]+)")
 _FROM_PYPROJECT = f"{PROJECT} (pyproject.toml)"

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# System packages the test suite uses: real PostgreSQL and Redis servers for the connector tests (the test
-# fixtures start and stop their own instances; nothing runs as a system service), Chromium for the
+# System packages the test suite uses: real PostgreSQL, Redis and ClickHouse servers for the connector tests
+# (the test fixtures start and stop their own instances; nothing runs as a system service), Chromium for the
 # dashboard's browser tests, and Prometheus (with promtool) for the monitoring tests. Idempotent.
+# (Kafka-protocol, S3 and NATS servers come as wheels in dev.lock.)
 set -euo pipefail
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# The clickhouse connector's tests (Debian's 18.16; the fixture runs its own instance over HTTP).
+[ -x /usr/sbin/clickhouse-server ] || command -v clickhouse-server >/dev/null 2>&1 || need+=(clickhouse-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)  # the dashboard's browser tests (Playwright drives it)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)  # tests/partition: network namespaces, veth, a bridge
 command -v iptables >/dev/null 2>&1 || need+=(iptables)  # tests/partition: the faults (DROP, loss)

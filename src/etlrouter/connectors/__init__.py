@@ -31,6 +31,12 @@ CONNECTORS: dict[str, Callable[[Sequence[str] | None], None]] = {
     "postgres": _lazy_main("postgres"),  # needs asyncpg
     "redis-streams": _lazy_main("redis_streams"),  # needs redis
     "http-ingest": _lazy_main("http_ingest"),  # a push source
+    "kafka-source": _lazy_main("kafka_source"),  # needs aiokafka
+    "kafka-sink": _lazy_main("kafka_sink"),  # needs aiokafka
+    "clickhouse": _lazy_main("clickhouse"),  # HTTP interface (aiohttp)
+    "s3": _lazy_main("s3"),  # needs aiobotocore
+    "nats-source": _lazy_main("nats_source"),  # needs nats-py
+    "nats-sink": _lazy_main("nats_sink"),  # needs nats-py
 }
 
 __all__ = ["CONNECTORS"]

@@ -5,7 +5,8 @@ A pipeline file declares the services dev must start in comment lines, one per s
     # dev: service NAME CONNECTOR [ARG ...]
 
 CONNECTOR is a reference connector module of `etlrouter.connectors` (generator, filter, map,
-jsonl_file_sink, jsonl_file_source, lookup_file, stdout, postgres, redis_streams, http_ingest); ARGs are
+jsonl_file_sink, jsonl_file_source, lookup_file, stdout, postgres, redis_streams, http_ingest, kafka_source,
+kafka_sink, s3, clickhouse, nats_source, nats_sink); ARGs are
 passed to it as written (shell-quoted). A file without such lines gets the sample's services (orders,
 valid-orders, archive, warehouse). dev adds what only it knows: `--name`, `--port`; for a generator
 `--state-file`, `--event-time-start-ms`, `--limit`/`--rate`; for a jsonl_file_sink `--path
@@ -31,6 +32,12 @@ CONNECTORS = (
     "postgres",
     "redis_streams",
     "http_ingest",
+    "kafka_source",
+    "kafka_sink",
+    "s3",
+    "clickhouse",
+    "nats_source",
+    "nats_sink",
 )
 _SERVICE_LINE = re.compile(r"^\s*#\s*dev:\s*(.*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
