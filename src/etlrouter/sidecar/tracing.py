@@ -32,7 +32,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from etlrouter._proto.v1 import dataplane_pb2, records_pb2, services_pb2
+from etlrouter._proto.v1 import dataplane_pb2, records_pb2
 from etlrouter.core import tracing
 from etlrouter.sidecar.model import BatchResult
 from etlrouter.sidecar.wire import ServiceClient
@@ -147,40 +147,7 @@ class TracedMethod(UnaryUnaryMethod[Any, Any]):
 
 class TracedServiceClient(ServiceClient):
     def __init__(self, channel: Channel) -> None:
-        super().__init__(channel)
-        self.pull = TracedMethod(
-            channel,
-            "/etlrouter.v1.SourceService/PullRecords",
-            services_pb2.PullRecordsRequest,
-            services_pb2.RawPullRecordsResponse,
-        )
-        self.acknowledge = TracedMethod(
-            channel,
-            "/etlrouter.v1.SourceService/Acknowledge",
-            services_pb2.AcknowledgeRequest,
-            services_pb2.AcknowledgeResponse,
-        )
-        self.process = TracedMethod(
-            channel,
-            "/etlrouter.v1.TransformService/ProcessBatch",
-            services_pb2.RawProcessBatchRequest,
-            services_pb2.RawProcessBatchResponse,
-        )
-        self.write = TracedMethod(
-            channel,
-            "/etlrouter.v1.SinkService/WriteBatch",
-            services_pb2.RawWriteBatchRequest,
-            services_pb2.WriteBatchResponse,
-        )
-        self.flush = TracedMethod(
-            channel, "/etlrouter.v1.SinkService/Flush", services_pb2.FlushRequest, services_pb2.FlushResponse
-        )
-        self.lookup = TracedMethod(
-            channel,
-            "/etlrouter.v1.LookupService/BatchLookup",
-            services_pb2.BatchLookupRequest,
-            services_pb2.BatchLookupResponse,
-        )
+        super().__init__(channel, TracedMethod)
 
 
 # -- the runner hooks --------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ records stay one `bytes` field.
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.message import DecodeError
 from grpclib.client import Channel, UnaryUnaryMethod
 
@@ -14,38 +16,39 @@ from etlrouter._proto.v1 import records_pb2, services_pb2
 
 
 class ServiceClient:
-    """The RPCs a sidecar makes to one local user service, with raw batches."""
+    """The RPCs a sidecar makes to one local user service, with raw batches. `method` makes each call
+    object (sidecar/tracing.py passes one that opens a CLIENT span)."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, method: type[UnaryUnaryMethod[Any, Any]] = UnaryUnaryMethod) -> None:
         self.channel = channel
-        self.pull = UnaryUnaryMethod(
+        self.pull = method(
             channel,
             "/etlrouter.v1.SourceService/PullRecords",
             services_pb2.PullRecordsRequest,
             services_pb2.RawPullRecordsResponse,
         )
-        self.acknowledge = UnaryUnaryMethod(
+        self.acknowledge = method(
             channel,
             "/etlrouter.v1.SourceService/Acknowledge",
             services_pb2.AcknowledgeRequest,
             services_pb2.AcknowledgeResponse,
         )
-        self.process = UnaryUnaryMethod(
+        self.process = method(
             channel,
             "/etlrouter.v1.TransformService/ProcessBatch",
             services_pb2.RawProcessBatchRequest,
             services_pb2.RawProcessBatchResponse,
         )
-        self.write = UnaryUnaryMethod(
+        self.write = method(
             channel,
             "/etlrouter.v1.SinkService/WriteBatch",
             services_pb2.RawWriteBatchRequest,
             services_pb2.WriteBatchResponse,
         )
-        self.flush = UnaryUnaryMethod(
+        self.flush = method(
             channel, "/etlrouter.v1.SinkService/Flush", services_pb2.FlushRequest, services_pb2.FlushResponse
         )
-        self.lookup = UnaryUnaryMethod(
+        self.lookup = method(
             channel,
             "/etlrouter.v1.LookupService/BatchLookup",
             services_pb2.BatchLookupRequest,
