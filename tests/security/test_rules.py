@@ -121,3 +121,20 @@ def test_tls_settings_are_checked_together() -> None:
         load_config(environ={"ETLROUTER_TLS__CERT": "/x.crt"})
     with pytest.raises(ConfigError, match="tokens never travel in plaintext"):
         load_config(environ={"ETLROUTER_AUTH__TOKENS_FILE": "/t.csv"})
+
+
+def test_every_method_the_parts_serve_has_a_rule_and_every_rule_a_method() -> None:
+    """Default deny makes a forgotten method unusable by everyone: the table and the protos move together."""
+    import inspect
+
+    from etlrouter._proto.v1 import admin_grpc, control_grpc, dataplane_grpc, raft_grpc
+
+    served = {
+        f"/etlrouter.v1.{name.removesuffix('Base')}/{method}"
+        for module in (admin_grpc, control_grpc, dataplane_grpc, raft_grpc)
+        for name, cls in inspect.getmembers(module, inspect.isclass)
+        if name.endswith("Base")
+        for method, _ in inspect.getmembers(cls, inspect.isfunction)
+        if method[0].isupper()
+    }
+    assert served == set(authz.GRPC_RULES)
