@@ -8,7 +8,6 @@ existed, and says so with a warning at start: `etlrouter dev --insecure`, tests 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import ssl
@@ -149,11 +148,13 @@ class Security:
         interval = self.tls_config.reload_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
+            try:
                 if self.material is not None:
                     self.material.reload_if_changed()
                 if self.tokens is not None:
                     self.tokens.refresh()
+            except Exception:  # the watcher keeps running: the next check may succeed
+                log.exception("re-reading the TLS files or the token file failed")
 
 
 def _peer_cert_dict(pem: bytes) -> dict[str, Any]:
