@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from etlrouter.testing.netns import _setns  # entering a namespace from one thread of this process
 from etlrouter.testing.postgres import wait_for_port
@@ -325,3 +326,34 @@ def seaweedfs(binary: str, port: int) -> Iterator[str]:
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def s3_client(endpoint: str) -> Any:
+    """An aiobotocore S3 client for the test server (path-style; checksums only where required, which
+    SeaweedFS expects); use as `async with s3_client(endpoint) as s3:`."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    config = AioConfig(
+        s3={"addressing_style": "path"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return get_session().create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+        config=config,
+    )
+
+
+async def clickhouse_query(url: str, sql: str) -> str:
+    """One statement over ClickHouse's HTTP interface; the answer's body, asserting HTTP 200."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.post(url, data=sql.encode()) as r:
+        body = await r.text()
+        assert r.status == 200, body
+        return body

@@ -19,16 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import nats
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import RouterClient
+from tests.connectors import servers
 from tests.connectors.servers import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.connectors.test_kafka import create_topic, produce
 from tests.e2e.conftest import system
@@ -197,25 +195,10 @@ def test_sinks_killed_mid_run_lose_nothing_and_the_idempotent_ones_duplicate_not
     bucket, table, stream, topic = "kill9", "kill9_orders", "KILL9OUT", "kill9-out"
 
     def s3_client() -> Any:
-        config = AioConfig(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        return get_session().create_client(
-            "s3",
-            endpoint_url=s3_endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=S3_ACCESS_KEY,
-            aws_secret_access_key=S3_SECRET_KEY,
-            config=config,
-        )
+        return servers.s3_client(s3_endpoint)
 
     async def clickhouse(sql: str) -> str:
-        async with aiohttp.ClientSession() as session, session.post(clickhouse_url, data=sql.encode()) as r:
-            text = await r.text()
-            assert r.status == 200, text
-            return text
+        return await servers.clickhouse_query(clickhouse_url, sql)
 
     async def prepare() -> None:
         async with s3_client() as s3:

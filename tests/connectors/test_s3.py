@@ -11,12 +11,10 @@ from typing import Any
 
 import msgspec
 import pytest
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 
 from etlrouter.connectors.s3 import S3Sink, object_key
 from etlrouter.sdk import Record, serving
-from tests.connectors.servers import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.connectors.servers import S3_ACCESS_KEY, S3_SECRET_KEY, s3_client
 from tests.sdk.grpc_helpers import channel_to, write
 
 _buckets = itertools.count()
@@ -24,19 +22,7 @@ _buckets = itertools.count()
 
 @pytest.fixture
 async def s3(s3_endpoint: str) -> AsyncIterator[Any]:
-    config = AioConfig(
-        s3={"addressing_style": "path"},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
-    async with get_session().create_client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        config=config,
-    ) as client:
+    async with s3_client(s3_endpoint) as client:
         yield client
 
 

@@ -12,16 +12,14 @@ import gzip
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from aiokafka import AIOKafkaProducer
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import RouterClient
 from etlrouter.dev.spec import parse_services
 from tests.conftest import ROOT
+from tests.connectors import servers
 from tests.connectors.servers import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.connectors.test_kafka import create_topic
 from tests.connectors.test_kill9 import apply
@@ -55,27 +53,12 @@ def test_the_seed_example_fills_s3_and_clickhouse_through_one_shared_source_and_
         ("lake", "s3"),
         ("olap", "clickhouse"),
     ]
-    s3_config = AioConfig(
-        s3={"addressing_style": "path"},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
 
     def s3_client() -> Any:
-        return get_session().create_client(
-            "s3",
-            endpoint_url=s3_endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=S3_ACCESS_KEY,
-            aws_secret_access_key=S3_SECRET_KEY,
-            config=s3_config,
-        )
+        return servers.s3_client(s3_endpoint)
 
     async def clickhouse(sql: str) -> str:
-        async with aiohttp.ClientSession() as session, session.post(clickhouse_url, data=sql.encode()) as r:
-            body = await r.text()
-            assert r.status == 200, body
-            return body
+        return await servers.clickhouse_query(clickhouse_url, sql)
 
     async def prepare() -> None:
         async with s3_client() as s3:
