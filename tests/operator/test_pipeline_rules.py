@@ -11,6 +11,7 @@ from etlrouter._proto.v1 import admin_pb2
 from etlrouter.operator.pipeline import (
     RouterPipeline,
     TargetError,
+    apply_event,
     assignments_summary,
     dsl_filename,
     endpoint_of,
@@ -125,3 +126,26 @@ def test_status_update_keeps_transition_times_and_sets_observed_generation() -> 
 
 def test_pipeline_names_are_every_pipeline_of_the_document() -> None:
     assert pipeline_names(TWO, "f.etl") == ["a", "b"]
+
+
+def test_the_first_apply_after_waiting_for_services_is_applied_not_drift() -> None:
+    # The waiting pass recorded observedGeneration and claimed the names, but the router never ran them.
+    waited = {"observedGeneration": 3, "pipelines": ["a", "b"]}
+    event = apply_event(["a", "b"], [], [], ["a", "b"], waited, 3, "r:1")
+    assert event == ("Normal", "Applied", "created a, b at r:1")
+
+
+def test_a_change_to_text_the_router_accepted_for_this_generation_is_drift() -> None:
+    accepted = {"observedGeneration": 3, "appliedGeneration": 3, "pipelines": ["a", "b"]}
+    assert apply_event([], ["b"], [], ["a", "b"], accepted, 3, "r:1") == (
+        "Warning",
+        "DriftRepaired",
+        "pipeline b changed at the router: re-applied",
+    )
+    # A new generation's text is the user's edit, whatever the router held before.
+    assert apply_event([], ["b"], ["c"], ["a", "b", "c"], accepted, 4, "r:1") == (
+        "Normal",
+        "Applied",
+        "updated b; deleted c at r:1",
+    )
+    assert apply_event([], [], [], ["a", "b"], accepted, 3, "r:1") is None

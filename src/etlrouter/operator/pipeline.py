@@ -257,6 +257,34 @@ def verdict_applied(
     )
 
 
+def apply_event(
+    created: Sequence[str],
+    updated: Sequence[str],
+    dropped: Sequence[str],
+    owned: Sequence[str],
+    status: dict[str, Any],
+    generation: int,
+    router: str,
+) -> tuple[EventType, str, str] | None:
+    """The event an apply that changed something at the router deserves, or None if it changed nothing.
+
+    Drift is a change to text the router already accepted for this generation (`appliedGeneration`).
+    observedGeneration alone is not proof: a pass that waited for services records it too, and the
+    first apply after such a wait is a creation, not a repair.
+    """
+    applied_before = status.get("appliedGeneration") == generation
+    repaired = [n for n in (*created, *updated) if n in owned and applied_before]
+    if repaired:
+        message = f"pipeline {', '.join(repaired)} changed at the router: re-applied"
+        return ("Warning", "DriftRepaired", message)
+    parts = [
+        f"{label} {', '.join(ns)}"
+        for label, ns in (("created", created), ("updated", updated), ("deleted", dropped))
+        if ns
+    ]
+    return ("Normal", "Applied", "; ".join(parts) + f" at {router}") if parts else None
+
+
 def status_update(
     current: dict[str, Any], verdict: Verdict, generation: int, now: dt.datetime, **fields: Any
 ) -> dict[str, Any]:
@@ -428,27 +456,25 @@ class PipelineReconciler:
         )
         placements = [(st.stage_id, sc.sidecar_id) for sc in sidecars.sidecars for st in sc.stages]
         verdict = verdict_applied(names, at_router, assignments_summary(at_router.values(), placements))
-        event: tuple[EventType, str, str] | None = None
-        synced = (obj.get("status") or {}).get("observedGeneration") == meta.get("generation")
-        repaired = [n for n in created + updated if n in owned and synced]
-        if repaired:
-            event = (
-                "Warning",
-                "DriftRepaired",
-                f"pipeline {', '.join(repaired)} changed at the router: re-applied",
-            )
-        elif created or updated or dropped:
-            parts = [
-                f"{label} {', '.join(ns)}"
-                for label, ns in (("created", created), ("updated", updated), ("deleted", dropped))
-                if ns
-            ]
-            event = ("Normal", "Applied", "; ".join(parts) + f" at {client.addresses[0]}")
+        event = apply_event(
+            created,
+            updated,
+            dropped,
+            owned,
+            obj.get("status") or {},
+            int(meta.get("generation") or 0),
+            client.addresses[0],
+        )
         if event is not None:
             verdict = Verdict(
                 verdict.ready, verdict.progressing, verdict.degraded, verdict.requeue, event, verdict.extra
             )
-        return verdict, {"pipelines": sorted(names), "routerRevision": int(reply.revision)}
+        fields = {
+            "pipelines": sorted(names),
+            "routerRevision": int(reply.revision),
+            "appliedGeneration": int(meta.get("generation") or 0),
+        }
+        return verdict, fields
 
     async def _delete_at_router(self, client: RouterClient, names: Iterable[str]) -> None:
         for pipeline in names:
