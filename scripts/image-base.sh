@@ -10,16 +10,21 @@ BASE=${ETLROUTER_IMAGE_BASE:-docker.io/library/python:3.11-slim}
 CACHE=${ETLROUTER_IMAGE_CACHE:-$HOME/.cache/etlrouter/image}
 STORAGE=(--storage-driver "${BUILDAH_STORAGE_DRIVER:-overlay}")
 mkdir -p "$CACHE"
-if buildah "${STORAGE[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
+# Bumped when what the stand-in holds changes: an older stand-in under the official name is replaced.
+STANDIN=localhost/etlrouter-base-standin:2
+if buildah "${STORAGE[@]}" inspect --type image "$BASE" >/dev/null 2>&1 \
+   && buildah "${STORAGE[@]}" inspect --type image "$STANDIN" >/dev/null 2>&1; then
   exit 0
 fi
-ROOTFS="$CACHE/base-rootfs.tar"
+ROOTFS="$CACHE/base-rootfs-2.tar"
 if [ ! -s "$ROOTFS" ]; then
   MIRROR=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
   MIRROR=${MIRROR:-http://deb.debian.org/debian}
   echo "image-base: mmdebstrap bookworm from $MIRROR (about a minute)" >&2
-  mmdebstrap --quiet --format=tar --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates \
-    bookworm "$ROOTFS.tmp" "$MIRROR"
+  # /usr merged by symlinks as debootstrap does (the hook): without it mmdebstrap merges with the usrmerge
+  # package, which pulls in the whole of perl (50 MB) that the official image does not have
+  mmdebstrap --quiet --format=tar --variant=minbase --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+    --include=python3,python3-pip,python3-venv,ca-certificates bookworm "$ROOTFS.tmp" "$MIRROR"
   mv "$ROOTFS.tmp" "$ROOTFS"
 fi
 c=$(buildah "${STORAGE[@]}" from scratch)
@@ -30,7 +35,7 @@ crts=(/usr/local/share/ca-certificates/*.crt)
 if [ ${#crts[@]} -gt 0 ]; then
   buildah "${STORAGE[@]}" copy "$c" "${crts[@]}" /usr/local/share/ca-certificates/
 fi
-buildah "${STORAGE[@]}" run --isolation chroot "$c" -- sh -c '
+buildah "${STORAGE[@]}" run --isolation chroot "$c" -- sh -ec '
   update-ca-certificates >/dev/null 2>&1
   rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
   ln -sf python3 /usr/bin/python
@@ -41,4 +46,5 @@ buildah "${STORAGE[@]}" run --isolation chroot "$c" -- sh -c '
 buildah "${STORAGE[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   --env LANG=C.UTF-8 --cmd python3 "$c"
 buildah "${STORAGE[@]}" commit --quiet "$c" "$BASE" >/dev/null
+buildah "${STORAGE[@]}" tag "$BASE" "$STANDIN"
 echo "image-base: committed $BASE (stand-in built from Debian bookworm)" >&2

@@ -13,7 +13,8 @@ if ! command -v buildah >/dev/null 2>&1; then
   echo "image: buildah not installed (scripts/system-deps.sh installs it as root); image not built" >&2
   exit 0
 fi
-inputs=$( { sha256sum Dockerfile .dockerignore requirements/runtime.lock pyproject.toml README.md LICENSE;
+inputs=$( { sha256sum Dockerfile .dockerignore requirements/runtime.lock pyproject.toml README.md LICENSE \
+              scripts/image-base.sh scripts/image_slim.py;
             find src -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum; } \
           | sha256sum | cut -c1-16)
 # One build at a time on this machine (worktrees and CI share buildah's storage and the base's cache).

@@ -362,3 +362,47 @@ def test_every_role_from_the_image_records_flow_and_sigterm_drains(image: Image,
             assert "Traceback" not in procs.log(name), procs.log(name)[-3000:]
     finally:
         procs.stop_all()
+
+
+# Every module of the package, imported on the read-only root as the image's user: the slimmed image
+# (scripts/image_slim.py) still holds all that the roles import — sourceless dependencies, the zipped
+# Kubernetes client, the AWS models the S3 sink's client and credential chain load.
+_CONTENTS_PROBE = """
+import asyncio, importlib, pkgutil, shutil, sys
+import etlrouter
+failed = []
+for m in pkgutil.walk_packages(etlrouter.__path__, "etlrouter."):
+    if not m.name.endswith("__main__"):
+        try:
+            importlib.import_module(m.name)
+        except Exception as e:
+            failed.append(f"{m.name}: {e!r}")
+print("import failures:", failed)
+print("kubernetes client from", sys.modules["kubernetes_asyncio"].__file__)
+print("pip:", shutil.which("pip"), importlib.util.find_spec("pip"), importlib.util.find_spec("setuptools"))
+from aiobotocore.session import get_session
+async def clients():
+    for service in ("s3", "sts", "sso"):
+        async with get_session().create_client(
+            service, region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
+            aws_access_key_id="k", aws_secret_access_key="s",
+        ) as c:
+            print("client", service, type(c).__name__)
+asyncio.run(clients())
+"""
+
+
+def test_the_slimmed_image_imports_every_module_and_has_no_package_installer(
+    image: Image, tmp_path: Path
+) -> None:
+    code, out = ImageProcesses(image, tmp_path).run("contents", ["python", "-c", _CONTENTS_PROBE], raw=True)
+    assert code == 0, out
+    assert "import failures: []" in out, out
+    assert "kubernetes_asyncio.zip/kubernetes_asyncio/__init__.pyc" in out, out
+    assert "pip: None None None" in out, out
+    for service, cls in (("s3", "S3"), ("sts", "STS"), ("sso", "SSO")):
+        assert f"client {service} {cls}" in out, out
+    # The dependencies' sources are gone, the project's are kept for its tracebacks.
+    site = next((image.rootfs / "opt" / "etlrouter" / "lib").glob("python3*/site-packages"))
+    assert not list((site / "aiohttp").glob("*.py")) and list((site / "aiohttp").glob("*.pyc"))
+    assert (site / "etlrouter" / "cli.py").exists()
