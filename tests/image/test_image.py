@@ -368,7 +368,7 @@ def test_every_role_from_the_image_records_flow_and_sigterm_drains(image: Image,
 # (scripts/image_slim.py) still holds all that the roles import — sourceless dependencies, the zipped
 # Kubernetes client, the AWS models the S3 sink's client and credential chain load.
 _CONTENTS_PROBE = """
-import asyncio, importlib, pkgutil, shutil, sys
+import asyncio, importlib, importlib.util, pkgutil, shutil, sys
 import etlrouter
 failed = []
 for m in pkgutil.walk_packages(etlrouter.__path__, "etlrouter."):
