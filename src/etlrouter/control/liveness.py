@@ -5,7 +5,9 @@ were heartbeating the old leader have time to find the new one. Times are millis
 the caller (a monotonic clock in the router); nothing here reads a clock.
 
 A sidecar expires when `now` is past both its last heartbeat plus `timeout_ms` and the leadership
-start plus `grace_ms`. A sidecar the leader never heard from is judged by the second alone.
+start plus `grace_ms`. A sidecar the leader never heard from counts from when `expired` first saw it
+registered: a registration commits (and wakes the control loop) before its handler records the
+registration's own heartbeat, and that sidecar must not be judged silent since the election.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ class Liveness:
         self.grace_ms = grace_ms
         self.leader_since_ms = leader_since_ms
         self._pulses: dict[str, SidecarPulse] = {}
+        self._first_seen: dict[str, int] = {}  # registered, never heard: when `expired` first saw it
 
     def become_leader(self, now_ms: int) -> None:
         """Start over: what an earlier term heard is stale, and the grace period starts now."""
         self.leader_since_ms = now_ms
         self._pulses.clear()
+        self._first_seen.clear()
 
     def heartbeat(
         self, sidecar_id: str, now_ms: int, *, health: Health = "serving", load: LoadReport | None = None
@@ -59,9 +63,11 @@ class Liveness:
         if previous is not None and now_ms < previous.last_heartbeat_ms:
             now_ms = previous.last_heartbeat_ms  # a reordered report must not make a sidecar older
         self._pulses[sidecar_id] = SidecarPulse(last_heartbeat_ms=now_ms, health=health, load=load)
+        self._first_seen.pop(sidecar_id, None)
 
     def forget(self, sidecar_id: str) -> None:
         self._pulses.pop(sidecar_id, None)
+        self._first_seen.pop(sidecar_id, None)
 
     def pulse(self, sidecar_id: str) -> SidecarPulse | None:
         return self._pulses.get(sidecar_id)
@@ -75,13 +81,20 @@ class Liveness:
         """The last instant at which `sidecar_id` still counts as alive."""
         grace_end = self.leader_since_ms + self.grace_ms
         pulse = self._pulses.get(sidecar_id)
-        if pulse is None:
-            return grace_end
-        return max(pulse.last_heartbeat_ms + self.timeout_ms, grace_end)
+        if pulse is not None:
+            return max(pulse.last_heartbeat_ms + self.timeout_ms, grace_end)
+        first_seen = self._first_seen.get(sidecar_id)
+        return grace_end if first_seen is None else max(first_seen + self.timeout_ms, grace_end)
 
     def expired(self, now_ms: int, registered: Iterable[str]) -> list[str]:
         """Registered sidecars silent past the timeout (never within the grace period), sorted."""
-        return sorted(sidecar_id for sidecar_id in set(registered) if now_ms > self.deadline_ms(sidecar_id))
+        registered = set(registered)
+        for sidecar_id in registered:
+            if sidecar_id not in self._pulses:
+                self._first_seen.setdefault(sidecar_id, now_ms)
+        for gone in self._first_seen.keys() - registered:
+            del self._first_seen[gone]
+        return sorted(sidecar_id for sidecar_id in registered if now_ms > self.deadline_ms(sidecar_id))
 
     def views(self, services: Mapping[str, frozenset[str]]) -> list[SidecarView]:
         """Placement's picture of the registered sidecars: services from the state, load from here.

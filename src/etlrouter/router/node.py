@@ -278,8 +278,12 @@ class RouterNode:
             await self.propose(DeregisterSidecar(sidecar_id=sidecar_id, reason="expired"))
             self.sidecar_liveness.forget(sidecar_id)
         grace_over = now - self._leader_since_ms >= self.config.router.leader_grace_ms
-        for record in self.state.direct_services():
-            seen, ttl = self.direct_heartbeats.get(record.instance_id, (self._leader_since_ms, record.ttl_ms))
+        direct = self.state.direct_services()
+        for gone in self.direct_heartbeats.keys() - {record.instance_id for record in direct}:
+            del self.direct_heartbeats[gone]  # deregistered by the service itself
+        for record in direct:
+            # Never heard: counted from now, as for sidecars (control/liveness.py says why).
+            seen, ttl = self.direct_heartbeats.setdefault(record.instance_id, (now, record.ttl_ms))
             if grace_over and now - seen > (ttl or self.config.router.sidecar_heartbeat_timeout_ms):
                 EXPIRED.labels("service").inc()
                 await self.propose(DeregisterService(instance_id=record.instance_id))
