@@ -44,7 +44,7 @@ from etlrouter.testing.postgres import wait_for_port
 HOST = "127.0.0.1"
 # Where system server binaries (clickhouse-server) are looked for when set (os.pathsep-separated);
 # default: $PATH, then the sbin directories (a user's PATH on Debian lacks /usr/sbin).
-SERVERS_PATH_ENV = "ETLROUTER_SERVERS_PATH"
+SERVERS_PATH_ENV = "SERVERS_PATH"  # not ETLROUTER_*: those are configuration
 SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 S3_ACCESS_KEY, S3_SECRET_KEY = "etlrouter", "etlrouter-secret"
 
