@@ -224,3 +224,36 @@ def test_example_takes_no_pipeline_file_and_no_limit(tmp_path: Path, extra: list
         timeout=60,
     )
     assert result.returncode == 2 and "no PIPELINE_FILE, no --limit" in result.stderr
+
+
+def test_after_kill_9_nothing_is_left_and_the_next_start_removes_the_namespace(tmp_path: Path) -> None:
+    """The kernel kills dev's children and servers with dev (PR_SET_PDEATHSIG); SeaweedFS's network namespace
+    stays, and the next dev on the same data dir deletes it."""
+    _need_servers()
+    dev = Dev(tmp_path)
+    try:
+        dev.wait("records moving", lambda: "orders: acked" in dev.out, timeout=60)
+        record = json.loads((dev.data / "dev.json").read_text())
+        dev.proc.kill()
+        dev.proc.wait()
+    finally:
+        dev.kill()
+    pids = {**record["children"], **record["servers"]}
+    assert len(record["servers"]) == 3 and len(record["namespaces"]) == 1
+    deadline = time.monotonic() + 10
+    while [n for n, pid in pids.items() if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [n for n, pid in pids.items() if alive(pid)] == []
+    (ns,) = record["namespaces"]
+    assert ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+    from etlrouter.dev.runner import Dev as Runner
+    from etlrouter.dev.runner import DevOptions
+
+    runner = Runner(DevOptions(spec=SeedExample.find().spec(), data_dir=dev.data))
+    runner.lock_data_dir()
+    try:
+        runner.prepare_data_dir()
+    finally:
+        runner.unlock_data_dir()
+    assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

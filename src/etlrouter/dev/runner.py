@@ -29,7 +29,7 @@ from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import RouterClient
 from etlrouter.connectors.generator import GeneratorConfig
 from etlrouter.ctl import contexts
-from etlrouter.dev import view
+from etlrouter.dev import servers, view
 from etlrouter.dev.example import SeedExample
 from etlrouter.dev.layout import HOST, Layout, busy_ports, make_layout
 from etlrouter.dev.procs import Child, Supervisor
@@ -185,10 +185,23 @@ class Dev:
                 "nothing was changed; choose another --base-port, or 0 for free ports"
             )
 
+    def remove_stale_namespaces(self) -> None:
+        """The network namespaces (SeaweedFS's) an earlier dev on this directory made and, killed with
+        SIGKILL, could not delete: with the lock held, that dev is gone."""
+        try:
+            namespaces = json.loads((self.data_dir / "dev.json").read_text()).get("namespaces", [])
+        except (OSError, ValueError, AttributeError):
+            return
+        for ns in namespaces:
+            if isinstance(ns, str) and ns.startswith(servers.NAMESPACE_PREFIX):
+                with contextlib.suppress(OSError):  # no `ip`: it could not have made one
+                    servers.remove_namespace(ns)
+
     def prepare_data_dir(self) -> None:
         """Wipe what an earlier run left (only with the lock held and the ports known to be free)."""
         d = self.data_dir
         (d / MARKER).write_text("made by `etlrouter dev`; it wipes its own subdirectories on start\n")
+        self.remove_stale_namespaces()
         for name in OWNED:  # a fresh cluster each run: old Raft logs and sink files would confuse it
             path = d / name
             if path.is_dir():
@@ -380,7 +393,13 @@ class Dev:
 
     def write_record(self) -> None:
         """dev.json: dev's pid, its children's and its servers' (rewritten when one more starts)."""
-        record = {"pid": os.getpid(), "children": self.supervisor.pids(), "servers": self.server_pids()}
+        example = self.options.example
+        record = {
+            "pid": os.getpid(),
+            "children": self.supervisor.pids(),
+            "servers": self.server_pids(),
+            "namespaces": [s.namespace for s in example.started() if s.namespace] if example else [],
+        }
         (self.data_dir / "dev.json").write_text(json.dumps(record, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------ --example
@@ -691,6 +710,8 @@ class Dev:
         async with aiohttp.ClientSession(connector=connector) as session:
             if example is not None:
                 await self.start_example(example)
+                if self.options.base_port == 0:  # free ports chosen again now that the servers hold theirs
+                    self.layout = make_layout(0, self.options.routers, len(services))
             await self.start(session)
             self.write_context()
             client = RouterClient(self.router_addresses, timeout=20, security=self.client_security())

@@ -47,6 +47,7 @@ HOST = "127.0.0.1"
 SERVERS_PATH_ENV = "SERVERS_PATH"  # not ETLROUTER_*: those are configuration
 SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 S3_ACCESS_KEY, S3_SECRET_KEY = "etlrouter", "etlrouter-secret"
+NAMESPACE_PREFIX = "etlcs3"  # SeaweedFS's network namespaces: etlcs3<pid of the starter>-<port>
 
 
 def _script(name: str) -> str | None:
@@ -143,6 +144,7 @@ class Server:
     log: Path
     _stop: Callable[[], None] = field(repr=False)
     stopped: bool = False
+    namespace: str | None = None  # the network namespace it runs in (SeaweedFS)
 
     @property
     def pid(self) -> int:
@@ -323,7 +325,7 @@ def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
     why = seaweedfs_unsupported()
     if why:
         raise RuntimeError(why)
-    ns = f"etlcs3{os.getpid()}-{port}"
+    ns = f"{NAMESPACE_PREFIX}{os.getpid()}-{port}"
     workdir.mkdir(parents=True, exist_ok=True)
     identities = {
         "identities": [
@@ -351,11 +353,7 @@ def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            remove_namespace(ns)
 
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
@@ -397,7 +395,19 @@ def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
                 )
             time.sleep(0.2)
 
-    return _started(Server("s3", endpoint, process, workdir, log, stop), wait)
+    return _started(Server("s3", endpoint, process, workdir, log, stop, namespace=ns), wait)
+
+
+def remove_namespace(ns: str) -> None:
+    """SIGKILL whatever runs in SeaweedFS's namespace `ns`, and delete it (left behind when its starter was
+    killed with SIGKILL: the kernel kills weed, but the namespace stays)."""
+    if not ns.startswith(NAMESPACE_PREFIX):
+        raise ValueError(f"{ns!r} is not a namespace of start_seaweedfs")
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @contextlib.contextmanager
