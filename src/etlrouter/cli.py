@@ -184,6 +184,13 @@ def connector(name: str | None, args: tuple[str, ...]) -> None:
 )
 @click.option("--no-view", is_flag=True, help="No live view: a summary line every few seconds instead.")
 @click.option(
+    "--example",
+    type=click.Choice(["seed"]),
+    help="Run a ready example with its servers: seed = examples/seed.etl (Kafka → filter → S3 and "
+    "ClickHouse), starting the Kafka-protocol broker, S3 server and ClickHouse where installed and feeding "
+    "the topic (--rate orders/s, default 200).",
+)
+@click.option(
     "--insecure",
     is_flag=True,
     help="Plaintext, no authentication (default: mutual TLS with a throw-away CA in the data dir).",
@@ -199,6 +206,7 @@ def dev(
     rate: float | None,
     timeout: float,
     no_view: bool,
+    example: str | None,
     insecure: bool,
 ) -> None:
     try:
@@ -209,12 +217,25 @@ def dev(
         fail_config(err)
     from etlrouter.dev import DevOptions, SpecError, load_spec, run_dev  # imported late: keeps `--help` fast
 
-    try:
-        text = None if pipeline_file is None else open(pipeline_file, encoding="utf-8").read()  # noqa: SIM115
-        spec = load_spec(text, pipeline_file or "sample.etl")
-    except (OSError, SpecError) as err:
-        click.echo(f"etlrouter dev: {err}", err=True)
-        sys.exit(2)
+    seed = None
+    if example is not None:
+        if pipeline_file is not None or limit:
+            click.echo(
+                "etlrouter dev: --example runs its own pipelines until stopped: no PIPELINE_FILE, no --limit",
+                err=True,
+            )
+            sys.exit(2)
+        from etlrouter.dev.example import SeedExample
+
+        seed = SeedExample.find()
+        spec = seed.spec()
+    else:
+        try:
+            text = None if pipeline_file is None else open(pipeline_file, encoding="utf-8").read()  # noqa: SIM115
+            spec = load_spec(text, pipeline_file or "sample.etl")
+        except (OSError, SpecError) as err:
+            click.echo(f"etlrouter dev: {err}", err=True)
+            sys.exit(2)
     options = DevOptions(
         spec=spec,
         data_dir=Path(config.dev.data_dir),
@@ -225,6 +246,7 @@ def dev(
         view=not no_view,
         timeout_s=timeout,
         insecure=insecure,
+        example=seed,
     )
     sys.exit(run_dev(options))
 

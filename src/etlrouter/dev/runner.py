@@ -29,7 +29,8 @@ from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import RouterClient
 from etlrouter.connectors.generator import GeneratorConfig
 from etlrouter.ctl import contexts
-from etlrouter.dev import view
+from etlrouter.dev import servers, view
+from etlrouter.dev.example import SeedExample
 from etlrouter.dev.layout import HOST, Layout, busy_ports, make_layout
 from etlrouter.dev.procs import Child, Supervisor
 from etlrouter.dev.progress import (
@@ -48,8 +49,9 @@ from etlrouter.security.pki import CertFiles
 
 MARKER = ".etlrouter-dev"
 LOCK_FILE = ".etlrouter-dev.lock"  # flock()ed while a dev runs on the directory; holds its pid
-OWNED = ("routers", "sidecars", "services", "sinks", "logs", "pki", "dev.json")
+OWNED = ("routers", "sidecars", "services", "sinks", "servers", "logs", "pki", "dev.json")
 SIDECAR_DEADLINE_S, SERVICE_DEADLINE_S, ROUTER_DEADLINE_S = 15.0, 10.0, 10.0
+FEEDER_DEADLINE_S = 5.0
 SINK_MAX_BYTES = 64 << 20  # dev's jsonl sinks rotate at 64 MiB and keep one old file: ≤ 128 MiB a sink
 DEFAULT_RATE = 1000.0  # records/s of a generator when no --limit is given (a demo, not a disk filler)
 # Sidecars heartbeat every second (default 5 s) so the dashboard shows a stall or a dead sidecar within a few
@@ -86,6 +88,8 @@ class DevOptions:
     startup_timeout_s: float = 60.0
     # Plaintext without authentication (the default is mutual TLS with a throw-away CA: dev/secure.py).
     insecure: bool = False
+    # `--example seed`: the servers it needs (started before the cluster, stopped after it) and a feeder.
+    example: SeedExample | None = None
 
 
 @dataclass
@@ -181,10 +185,23 @@ class Dev:
                 "nothing was changed; choose another --base-port, or 0 for free ports"
             )
 
+    def remove_stale_namespaces(self) -> None:
+        """The network namespaces (SeaweedFS's) an earlier dev on this directory made and, killed with
+        SIGKILL, could not delete: with the lock held, that dev is gone."""
+        try:
+            namespaces = json.loads((self.data_dir / "dev.json").read_text()).get("namespaces", [])
+        except (OSError, ValueError, AttributeError):
+            return
+        for ns in namespaces:
+            if isinstance(ns, str) and ns.startswith(servers.NAMESPACE_PREFIX):
+                with contextlib.suppress(OSError):  # no `ip`: it could not have made one
+                    servers.remove_namespace(ns)
+
     def prepare_data_dir(self) -> None:
         """Wipe what an earlier run left (only with the lock held and the ports known to be free)."""
         d = self.data_dir
         (d / MARKER).write_text("made by `etlrouter dev`; it wipes its own subdirectories on start\n")
+        self.remove_stale_namespaces()
         for name in OWNED:  # a fresh cluster each run: old Raft logs and sink files would confuse it
             path = d / name
             if path.is_dir():
@@ -308,6 +325,13 @@ class Dev:
             self.endpoints.append(Endpoint(sidecar_id, self.layout.sidecar_http[j], self.scheme))
 
     def check_children(self) -> None:
+        example = self.options.example
+        server = example.dead() if example else None
+        if server is not None:
+            raise DevError(
+                f"the {server.name} server exited with status {server.process.returncode}; "
+                f"its log ({server.log}) ends:\n" + server.tail()
+            )
         dead = self.supervisor.dead()
         if dead:
             child = dead[0]
@@ -365,9 +389,50 @@ class Dev:
             return all(await asyncio.gather(*(self._ready(session, p) for p in self.layout.sidecar_http)))
 
         await self.wait_for("the sidecars to register", sidecars_ready, self.options.startup_timeout_s)
-        (self.data_dir / "dev.json").write_text(
-            json.dumps({"pid": os.getpid(), "children": self.supervisor.pids()}, indent=2) + "\n"
-        )
+        self.write_record()
+
+    def write_record(self) -> None:
+        """dev.json: dev's pid, its children's and its servers' (rewritten when one more starts)."""
+        example = self.options.example
+        record = {
+            "pid": os.getpid(),
+            "children": self.supervisor.pids(),
+            "servers": self.server_pids(),
+            "namespaces": [s.namespace for s in example.started() if s.namespace] if example else [],
+        }
+        (self.data_dir / "dev.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------ --example
+
+    def server_pids(self) -> dict[str, int]:
+        example = self.options.example
+        return {s.name: s.pid for s in example.started()} if example else {}
+
+    async def start_example(self, example: SeedExample) -> None:
+        """The example's servers (until each answers), then the topic, bucket and table it needs."""
+        self.say("starting the example's servers: " + ", ".join(
+            p.title for p in example.parts.values() if p.missing is None
+        ))  # fmt: skip
+        task = asyncio.ensure_future(example.start_servers(self.data_dir / "servers"))
+        stopped = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not task.done():  # interrupted: stop_servers (in _run) waits for the starts, then stops them
+            task.cancel()
+            raise Interrupted
+        try:
+            task.result()
+            await example.prepare()
+        except Exception as e:
+            raise DevError(
+                f"the example's servers: {e}; their files and logs in {self.data_dir / 'servers'}"
+            ) from e
+        for server in example.started():
+            self.say(f"server {server.name:<11} {server.address}  (pid {server.pid}, log {server.log})")
+
+    def start_feeder(self, example: SeedExample) -> None:
+        self.supervisor.start("feeder", "feeder", example.feeder_argv(self.options.rate))
+        self.write_record()
 
     # --------------------------------------------------------------------------------- ctl context
 
@@ -525,6 +590,8 @@ class Dev:
             ]
         else:
             lines.append("security     OFF (--insecure): plaintext, no authentication")
+        if self.options.example is not None:
+            lines += self.options.example.banner(self.options.rate)
         for name, path in self.sink_files.items():
             cap = " (rotates at 64 MiB to .1; at most 128 MiB)" if name in self.capped_sinks else ""
             lines.append(f"{'sink ' + name:<12} {path}{cap}")
@@ -541,6 +608,8 @@ class Dev:
 
     def growth_line(self, previous: tuple[float, int] | None) -> tuple[str, tuple[float, int]]:
         now = (time.monotonic(), self.sink_bytes())
+        if not self.sink_files:
+            return "", now
         rate = 0.0
         if previous and now[0] > previous[0]:
             rate = max(0.0, (now[1] - previous[1]) / (now[0] - previous[0]))
@@ -585,7 +654,8 @@ class Dev:
                     self.out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
                     self.out.flush()
                 elif time.monotonic() - last_summary >= 5:
-                    self.say(view.summary_line(self.topology, now, before) + f"; {growth_text}")
+                    tail = f"; {growth_text}" if growth_text else ""  # no sink files (--example): no disk
+                    self.say(view.summary_line(self.topology, now, before) + tail)
                     last_summary = time.monotonic()
                 before = now
                 if limit:
@@ -623,6 +693,13 @@ class Dev:
             self.out.flush()
 
     async def main(self) -> int:
+        example = self.options.example
+        if example is not None:  # 0. an example that cannot run at all: said before anything changes
+            why = example.cannot_run()
+            if why:
+                for line in example.skipped():
+                    self.say(line)
+                raise DevUsageError(why)
         self.lock_data_dir()  # 1. the lock: a live dev on this directory stops us before anything changes
         services = self.options.spec.services
         self.layout = make_layout(self.options.base_port, self.options.routers, len(services))
@@ -631,11 +708,17 @@ class Dev:
         self.pki = None if self.options.insecure else DevPki(self.data_dir / "pki")
         connector = aiohttp.TCPConnector(ssl=self.pki.http_context() if self.pki else False)
         async with aiohttp.ClientSession(connector=connector) as session:
+            if example is not None:
+                await self.start_example(example)
+                if self.options.base_port == 0:  # free ports chosen again now that the servers hold theirs
+                    self.layout = make_layout(0, self.options.routers, len(services))
             await self.start(session)
             self.write_context()
             client = RouterClient(self.router_addresses, timeout=20, security=self.client_security())
             try:
                 await self.apply(client)
+                if example is not None:
+                    self.start_feeder(example)
                 await self.refresh_topology(client)
                 for line in [*self.banner(), *self.metrics_lines()]:
                     self.say(line)
@@ -659,7 +742,9 @@ class Dev:
             if child.group == "sidecar":
                 service = child.name.removeprefix("sidecar-")
                 levels.setdefault(depth.get(service, 1 << 20), []).append(child.name)
-        steps = [(levels[d], SIDECAR_DEADLINE_S) for d in sorted(levels)]
+        feeder = [c.name for c in self.supervisor.children if c.group == "feeder"]
+        steps = [(feeder, FEEDER_DEADLINE_S)]  # nothing new into Kafka while the pipelines drain
+        steps += [(levels[d], SIDECAR_DEADLINE_S) for d in sorted(levels)]
         steps.append(([c.name for c in self.supervisor.children if c.group == "service"], SERVICE_DEADLINE_S))
         # Followers before the leader: it then finds no voter listening and skips a hand-over that would
         # only wait out its timeout (the whole cluster stops).
@@ -696,11 +781,17 @@ async def _run(options: DevOptions) -> int:
         code = EXIT_USAGE if isinstance(exc, DevUsageError) else EXIT_FAILED
     finally:
         if dev.supervisor.children:
-            dev.say("stopping: sidecars (sources first), then services, then routers (the leader last) …")
+            first = "the feeder, " if options.example is not None else ""
+            dev.say(
+                f"stopping: {first}sidecars (sources first), then services, then routers (the leader last) …"
+            )
             killed = await asyncio.to_thread(dev.shutdown)
             if killed:
                 dev.say(f"killed after their deadline: {', '.join(killed)}")
             dev.say(f"all {len(dev.supervisor.children)} processes stopped; logs in {dev.supervisor.log_dir}")
+        if options.example is not None and options.example.starting():
+            names = await asyncio.to_thread(options.example.stop_servers)
+            dev.say(f"servers stopped: {', '.join(names)}; their files in {dev.data_dir / 'servers'}")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         dev.remove_context()
