@@ -6,6 +6,7 @@ router that answers the scrape (no pods run here: the router runs as a process, 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,10 +19,12 @@ from etlrouter.core.config import Config
 from etlrouter.operator import monitoring
 from etlrouter.operator.cluster import ClusterReconciler
 from etlrouter.operator.controller import OperatorContext
+from etlrouter.operator.kube import api_client
 from etlrouter.security.authz import Permission, holds
 from etlrouter.security.tokens import parse_tokens
 from tests.k8s.conftest import Kube
 from tests.k8s.operator_helpers import condition
+from tests.k8s.test_operator_process import K8S, apply_file
 from tests.security.test_metrics_scrape import assert_scrapes, router_as_in_its_pod
 
 BASE = "/apis/etlrouter.io/v1alpha1"
@@ -82,7 +85,7 @@ def with_pod_monitor_crd(kube: Kube, namespace: str) -> Iterator[None]:
         crd = kube.http.get(CRD_PATH) or {}
         established = any(
             c["type"] == "Established" and c["status"] == "True"
-            for c in (crd.get("status") or {}).get("conditions", [])
+            for c in (crd.get("status") or {}).get("conditions") or []
         )
         return established and kube.http.request("GET", pod_monitors_path(namespace))[0] == 200
 
@@ -253,3 +256,50 @@ async def test_a_plaintext_cluster_gets_a_plain_http_pod_monitor_and_no_credenti
     (endpoint,) = pm["spec"]["podMetricsEndpoints"]
     assert endpoint["scheme"] == "http" and "authorization" not in endpoint and "tlsConfig" not in endpoint
     assert kube.http.get(f"/api/v1/namespaces/{namespace}/secrets/plain-metrics") is None
+
+
+def service_account_kubeconfig(kube: Kube, tmp_path: Path) -> Path:
+    """A kubeconfig with the token of the operator's ServiceAccount (k8s/operator/rbac.yaml applied)."""
+    for name in ("namespace.yaml", "rbac.yaml"):
+        apply_file(kube, K8S / "operator" / name)
+
+    def sa_token() -> str | None:
+        sa = kube.http.get("/api/v1/namespaces/etlrouter-system/serviceaccounts/etlrouter-operator")
+        for ref in (sa or {}).get("secrets") or []:
+            found = kube.http.get(f"/api/v1/namespaces/etlrouter-system/secrets/{ref['name']}")
+            if found and "token" in found.get("data", {}):
+                return base64.b64decode(found["data"]["token"]).decode()
+        return None
+
+    token = kube.wait_for("the ServiceAccount token", sa_token)
+    config = json.loads(Path(kube.kubeconfig).read_text())
+    config["users"] = [{"name": "admin", "user": {"token": token}}]
+    path = tmp_path / "sa-kubeconfig"
+    path.write_text(json.dumps(config))
+    return path
+
+
+async def test_the_operators_cluster_role_is_enough_for_the_pod_monitor_and_the_secrets(
+    kube: Kube, crds: list[str], namespace: str, with_pod_monitor_crd: None, tmp_path: Path
+) -> None:
+    api = await api_client(str(service_account_kubeconfig(kube, tmp_path)))
+    ctx = OperatorContext(api=api, config=Config(), namespace=namespace)
+    try:
+        reconciler = ClusterReconciler(ctx)
+        create(kube, namespace, "rbac", {"replicas": 1})
+        await reconciler.reconcile((namespace, "rbac"))  # create (a 403 would raise)
+        await reconciler.reconcile((namespace, "rbac"))  # patch
+        assert kube.http.get(pod_monitors_path(namespace, "rbac-routers")) is not None
+        assert secret(kube, namespace, "rbac-metrics")[0]["token"]
+        status, body = kube.http.request(
+            "PATCH",
+            f"{BASE}/namespaces/{namespace}/etlrouterclusters/rbac",
+            {"spec": {"monitoring": {"podMonitor": False}}},
+            content_type="application/merge-patch+json",
+        )
+        assert status == 200, body
+        await reconciler.reconcile((namespace, "rbac"))  # delete
+        assert kube.http.get(pod_monitors_path(namespace, "rbac-routers")) is None
+    finally:
+        ctx.credentials.close()
+        await api.close()
