@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 
 from etlrouter.core.config import Config
+from etlrouter.operator import kube as kube_mod
 from etlrouter.operator import monitoring
 from etlrouter.operator.cluster import ClusterReconciler
 from etlrouter.operator.controller import OperatorContext
@@ -303,3 +304,23 @@ async def test_the_operators_cluster_role_is_enough_for_the_pod_monitor_and_the_
     finally:
         ctx.credentials.close()
         await api.close()
+
+
+async def test_a_pod_monitor_the_operator_may_not_write_is_a_warning_not_a_failed_reconcile(
+    kube: Kube,
+    namespace: str,
+    with_pod_monitor_crd: None,
+    reconciler: ClusterReconciler,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def forbidden(*args: Any, **kwargs: Any) -> bool:
+        raise kube_mod.KubeError(403, "Forbidden", "podmonitors is forbidden")
+
+    monkeypatch.setattr(monitoring, "ensure_pod_monitor", forbidden)
+    create(kube, namespace, "old-role", {"replicas": 1})
+    await reconciler.reconcile((namespace, "old-role"))
+    cr = kube.http.get(f"{BASE}/namespaces/{namespace}/etlrouterclusters/old-role")
+    assert cr["status"]["observedGeneration"] == 1
+    events = kube.http.get(f"/api/v1/namespaces/{namespace}/events")["items"]
+    (warning,) = [e for e in events if e["reason"] == "PodMonitorFailed"]
+    assert warning["type"] == "Warning" and "403 Forbidden" in warning["message"]

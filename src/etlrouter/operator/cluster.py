@@ -901,9 +901,17 @@ class ClusterReconciler:
         if why != self._pod_monitor_state:
             self._pod_monitor_state = why
             log.info(why)
-        await monitoring.ensure_pod_monitor(
-            self.ctx.api, cr, enabled=spec.pod_monitor, tls=spec.tls_enabled, crd_present=present
-        )
+        try:
+            await monitoring.ensure_pod_monitor(
+                self.ctx.api, cr, enabled=spec.pod_monitor, tls=spec.tls_enabled, crd_present=present
+            )
+        except kube.KubeError as e:
+            if e.status not in (403, 422):
+                raise
+            # Not allowed (an older ClusterRole) or refused (another CRD of that name): the cluster itself
+            # is fine, so its reconcile goes on; said as a (de-duplicated) Warning event.
+            message = f"PodMonitor {monitoring.pod_monitor_name(cr['metadata']['name'])}: {e}"
+            await kube.record_event(self.ctx.api, cr, "Warning", "PodMonitorFailed", message)
 
     async def _write_status(self, cr: dict[str, Any], status: dict[str, Any]) -> None:
         if status != (cr.get("status") or {}):  # unchanged status: no write, no watch event, no loop
