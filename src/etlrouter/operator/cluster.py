@@ -19,6 +19,9 @@ moved off that member if it leads. Partition 0 again when every pod runs the new
 Certificates (mutual TLS unless spec.tls.enabled is false; docs/security.md): the CA and the
 routers' pairs are settled before the StatefulSet is applied (cluster_tls.py decides, tls_secrets.py writes),
 and the routers are called with the operator's own `user/etlrouter-operator` certificate.
+Metrics (monitoring.py, docs/observability.md): with TLS, the scrape Secret and the routers' token file
+are written with the certificates; after the cluster's objects, its PodMonitor where the Prometheus
+Operator's CRD exists (spec.monitoring.podMonitor).
 """
 
 from __future__ import annotations
