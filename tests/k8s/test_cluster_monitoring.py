@@ -26,7 +26,11 @@ from etlrouter.security.tokens import parse_tokens
 from tests.k8s.conftest import Kube
 from tests.k8s.operator_helpers import condition
 from tests.k8s.test_operator_process import K8S, apply_file
-from tests.security.test_metrics_scrape import assert_scrapes, router_as_in_its_pod
+from tests.security.test_metrics_scrape import (
+    assert_grpc_wants_a_certificate,
+    assert_scrapes,
+    router_as_in_its_pod,
+)
 
 BASE = "/apis/etlrouter.io/v1alpha1"
 CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{monitoring.POD_MONITOR_CRD}"
@@ -215,8 +219,9 @@ async def test_with_the_crd_the_cluster_gets_a_pod_monitor_credentials_and_route
     mounts = {"/etc/etlrouter-tls": routers, "/etc/etlrouter-auth": tokens}
     with router_as_in_its_pod(
         tmp_path, "watched-0", container["env"], config["data"]["router.yaml"], mounts
-    ) as port:
-        assert_scrapes(port, metrics["ca.crt"], token)
+    ) as router:
+        assert_scrapes(router.http_port, metrics["ca.crt"], token)
+        assert_grpc_wants_a_certificate(router, metrics["ca.crt"], "watched-0")
 
     # Another reconcile keeps the token (no rewrite of either Secret).
     await reconciler.reconcile((namespace, "watched"))

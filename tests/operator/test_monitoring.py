@@ -108,6 +108,7 @@ def test_tls_routers_mount_the_token_file_and_serve_http_on_the_port_the_pod_mon
     container = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["ETLROUTER_AUTH__TOKENS_FILE"] == "/etc/etlrouter-auth/tokens.csv"
+    assert env["ETLROUTER_AUTH__GRPC_TOKENS"] == "false"  # gRPC still requires a client certificate
     assert {"name": "tokens", "secret": {"secretName": "main-router-tokens", "defaultMode": 0o440}} in pod[
         "volumes"
     ]

@@ -1,6 +1,7 @@
 """A router run as the operator runs it (its pod's env, config, certificate and token file) answers
 Prometheus' scrape: /metrics over HTTPS verified as `serverName: etlrouter-metrics` with the CA of the
-Secret <cluster>-metrics, to its viewer token, and refuses it without one. A real router process."""
+Secret <cluster>-metrics, to its viewer token, and refuses it without one; its gRPC port still wants a
+client certificate at the handshake (the token file is for HTTP only). A real router process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,13 @@ def scrape(
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2].decode(errors="replace")
 
 
+@dataclass(frozen=True)
+class RunningRouter:
+    http_port: int
+    grpc_port: int
+    files: dict[str, Path]  # mount path -> where its files are
+
+
 @contextlib.contextmanager
 def router_as_in_its_pod(
     workdir: Path,
@@ -59,10 +68,10 @@ def router_as_in_its_pod(
     env: Sequence[Mapping[str, Any]],
     router_yaml: str,
     mounts: Mapping[str, Mapping[str, bytes]],
-) -> Iterator[int]:
+) -> Iterator[RunningRouter]:
     """Start a router with the container's `env` (the StatefulSet's), the ConfigMap's router.yaml and the
-    Secrets' files at `mounts` (mount path -> file name -> content), paths moved under `workdir`; the HTTP
-    port once it listens."""
+    Secrets' files at `mounts` (mount path -> file name -> content), paths moved under `workdir`; once it
+    listens."""
     moved: dict[str, Path] = {}
     for mount, files in mounts.items():
         directory = workdir / mount.strip("/").replace("/", "_")
@@ -110,7 +119,7 @@ def router_as_in_its_pod(
             if time.monotonic() > deadline:
                 raise AssertionError(f"the router did not listen: {(workdir / 'router.log').read_text()}")
             time.sleep(0.1)
-        yield http_port
+        yield RunningRouter(http_port, grpc_port, moved)
     finally:
         proc.terminate()
         try:
@@ -136,6 +145,32 @@ def assert_scrapes(port: int, ca: bytes, token: str) -> None:
         scrape(port, ca, token, server_name="not-etlrouter-metrics")
 
 
+def grpc_handshake(port: int, ca: bytes, client_pair: tuple[Path, Path] | None) -> bytes:
+    """A TLS connection to the gRPC port (ALPN h2), with or without a client certificate: what the server
+    sends first (an HTTP/2 server's SETTINGS), or b"" / an SSLError when it refused the handshake."""
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.check_hostname = False
+    context.set_alpn_protocols(["h2"])
+    if client_pair is not None:
+        context.load_cert_chain(*client_pair)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        return tls.recv(65536)
+
+
+def assert_grpc_wants_a_certificate(router: RunningRouter, ca: bytes, node: str) -> None:
+    tls_dir = router.files[cluster_tls.TLS_DIR]
+    assert grpc_handshake(router.grpc_port, ca, (tls_dir / f"{node}.crt", tls_dir / f"{node}.key"))
+    try:
+        answer = grpc_handshake(router.grpc_port, ca, None)
+    except (ssl.SSLError, ConnectionError):
+        return
+    assert answer == b"", "the gRPC port accepted a handshake without a client certificate"
+
+
 def test_a_router_with_the_operators_material_answers_the_scrape_and_refuses_without_the_token(
     tmp_path: Path,
 ) -> None:
@@ -155,5 +190,6 @@ def test_a_router_with_the_operators_material_answers_the_scrape_and_refuses_wit
         cluster_tls.TLS_DIR: routers,
         monitoring.TOKENS_DIR: {monitoring.TOKENS_KEY: monitoring.tokens_csv(token).encode()},
     }
-    with router_as_in_its_pod(tmp_path, node, container["env"], router_config(CLUSTER), mounts) as port:
-        assert_scrapes(port, ca.bundle, token)
+    with router_as_in_its_pod(tmp_path, node, container["env"], router_config(CLUSTER), mounts) as router:
+        assert_scrapes(router.http_port, ca.bundle, token)
+        assert_grpc_wants_a_certificate(router, ca.bundle, node)

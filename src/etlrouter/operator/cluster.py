@@ -294,6 +294,8 @@ def desired_objects(
             {"name": "ETLROUTER_TLS__TRUST_DOMAIN", "value": cluster_tls.trust_domain(name, namespace)},
             # Bearer tokens: the scrape token of the Secret <name>-metrics, as a viewer (monitoring.py).
             {"name": "ETLROUTER_AUTH__TOKENS_FILE", "value": monitoring.tokens_file()},
+            # ... on HTTP only: the gRPC handshake still requires a certificate of the cluster's CA.
+            {"name": "ETLROUTER_AUTH__GRPC_TOKENS", "value": "false"},
         ]
         mounts.append({"name": "tokens", "mountPath": monitoring.TOKENS_DIR, "readOnly": True})
         volumes.append(
