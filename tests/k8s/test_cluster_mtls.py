@@ -1,10 +1,11 @@
 """A 3-router cluster comes up with mutual TLS from what the operator wrote.
 
 There is no kubelet here, so the test plays its part: it takes the StatefulSet's container (command,
-env), the ConfigMap and the routers' Secret the operator wrote, materializes the Secret and ConfigMap as
-files, resolves `$(POD_NAME)` as the kubelet does, and runs the container's start script as three real
-`etlrouter router` processes. The routers elect a leader over mutual TLS, and the operator (its own
-`user/etlrouter-operator` certificate) reads the membership from them; a plaintext client gets nothing.
+env), the ConfigMap and the routers' Secrets (certificates, token file) the operator wrote, materializes
+the Secrets and ConfigMap as files, resolves `$(POD_NAME)` as the kubelet does, and runs the container's
+start script as three real `etlrouter router` processes. The routers elect a leader over mutual TLS, and
+the operator (its own `user/etlrouter-operator` certificate) reads the membership from them; a plaintext
+client gets nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from tests.k8s.conftest import Kube
 BASE = "/apis/etlrouter.io/v1alpha1"
 MWC = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
 NAME = "trio"
-CONFIG_DIR, TLS_DIR = "/etc/etlrouter", "/etc/etlrouter-tls"
+CONFIG_DIR, TLS_DIR, TOKENS_DIR = "/etc/etlrouter", "/etc/etlrouter-tls", "/etc/etlrouter-auth"
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -60,6 +61,7 @@ class Pods:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.tokens_dir = workdir / "tokens"
 
     def materialize(self, kube: Kube, namespace: str) -> tuple[Path, Path]:
         config_map = kube.http.get(f"/api/v1/namespaces/{namespace}/configmaps/{NAME}-config")
@@ -70,6 +72,9 @@ class Pods:
         for key, value in config_map["data"].items():
             (config_dir / key).write_text(value.replace(CONFIG_DIR + "/", f"{config_dir}/"))
         self.project_secret(tls_dir, secret)
+        self.tokens_dir.mkdir(mode=0o700)
+        tokens = kube.http.get(f"/api/v1/namespaces/{namespace}/secrets/{NAME}-router-tokens")
+        self.project_secret(self.tokens_dir, tokens)
         # `etlrouter` on PATH is this checkout's (the image's entry point).
         bin_dir = self.workdir / "bin"
         bin_dir.mkdir()
@@ -112,7 +117,8 @@ class Pods:
                 ref = var["valueFrom"]["configMapKeyRef"]
                 env[var["name"]] = config_map["data"][ref["key"]]
             else:
-                env[var["name"]] = expand(var["value"], env).replace(TLS_DIR, str(tls_dir))
+                value = expand(var["value"], env).replace(TLS_DIR, str(tls_dir))
+                env[var["name"]] = value.replace(TOKENS_DIR, str(self.tokens_dir))
         grpc, http = ports
         env.update(
             {

@@ -61,6 +61,7 @@ def test_cluster_defaults_are_filled_in(kube: Kube, crds: list[str], namespace: 
         "storage": {"size": "1Gi"},
         "tls": {"enabled": True},  # secure by default
         "ports": {"grpc": 7400, "http": 7480, "raft": 7450},
+        "monitoring": {"podMonitor": True},  # where the Prometheus Operator's CRD exists
     }
 
 
@@ -100,6 +101,12 @@ INVALID: list[tuple[str, str, dict[str, Any], list[str]]] = [
     ("etlrouterclusters", "EtlRouterCluster", {"storage": {"size": "lots"}}, ["spec.storage.size"]),
     ("etlrouterclusters", "EtlRouterCluster", {"ports": {"grpc": 70000}}, ["spec.ports.grpc"]),
     ("etlrouterclusters", "EtlRouterCluster", {"tls": {"enabled": "yes"}}, ["spec.tls.enabled", "boolean"]),
+    (
+        "etlrouterclusters",
+        "EtlRouterCluster",
+        {"monitoring": {"podMonitor": "yes"}},
+        ["spec.monitoring.podMonitor", "boolean"],
+    ),
     ("etlpipelines", "EtlPipeline", {"cluster": "main"}, ["spec.dsl", "Required value"]),
     ("etlpipelines", "EtlPipeline", {**PIPELINE, "dsl": ""}, ["spec.dsl"]),
     ("etlpipelines", "EtlPipeline", {"dsl": "x"}, ["spec", "oneOf"]),

@@ -8,6 +8,7 @@ from cryptography import x509
 
 from etlrouter.operator import cluster_tls
 from etlrouter.operator.cluster_tls import ClusterCA, carry_out_ca, carry_out_routers, plan_ca, plan_routers
+from etlrouter.security import pki
 from etlrouter.security.context import _peer_cert_dict
 from etlrouter.security.identity import from_peer_cert
 
@@ -132,3 +133,28 @@ def test_the_operator_is_an_admin_user_of_the_clusters_trust_domain() -> None:
         "etlrouter-operator",
         frozenset({"admin"}),
     )
+
+
+def test_router_certificates_carry_the_scrape_name_and_old_ones_without_it_are_reissued() -> None:
+    ca = new_ca()
+    data = issued(ca)
+    cert = x509.load_pem_x509_certificate(data["main-0.crt"])
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert cluster_tls.METRICS_SERVER_NAME in names.get_values_for_type(x509.DNSName)
+    assert not plan_routers(ca, data, NODES, "main", "prod", NOW).issue
+
+    # A pair made before the scrape name existed (same URI, fewer DNS names): replaced.
+    old_cert, old_key = pki.issue_cert(
+        ca.cert,
+        ca.key,
+        ["main-0.main-headless.prod.svc"],
+        NOW,
+        cluster_tls.ROUTER_VALIDITY,
+        uris=[cluster_tls.router_id("main", "prod", "main-0")],
+        server=True,
+        client=True,
+    )
+    stale = {**data, "main-0.crt": old_cert, "main-0.key": old_key}
+    plan = plan_routers(ca, stale, NODES, "main", "prod", NOW)
+    assert [node for node, _ in plan.issue] == ["main-0"]
+    assert "etlrouter-metrics" in plan.issue[0][1]

@@ -157,3 +157,6 @@ def test_the_certificate_names_only_the_pod_whatever_the_csr_asked() -> None:
     assert identity is not None
     assert (identity.kind, identity.name, identity.uri) == ("sidecar", "web-7d9f-x2", uri)
     assert uri == "spiffe://main.prod.etlrouter/ns/team/sidecar/web-7d9f-x2"
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [uri]
+    assert sans.get_values_for_type(x509.DNSName) == ["etlrouter-metrics"]  # for scrapers, not an identity

@@ -135,6 +135,10 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tokens_file: str = ""
     # Serve /metrics without credentials (still over TLS): for scrapers that cannot present a token.
     metrics_open: bool = False
+    # Accept the tokens on gRPC too. With a token file the gRPC handshake then does not require a client
+    # certificate; false keeps it required there (tokens for HTTP only: the operator's routers, whose one
+    # token is the scraper's).
+    grpc_tokens: bool = True
 
 
 class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -19,6 +19,9 @@ moved off that member if it leads. Partition 0 again when every pod runs the new
 Certificates (mutual TLS unless spec.tls.enabled is false; docs/security.md): the CA and the
 routers' pairs are settled before the StatefulSet is applied (cluster_tls.py decides, tls_secrets.py writes),
 and the routers are called with the operator's own `user/etlrouter-operator` certificate.
+Metrics (monitoring.py, docs/observability.md): with TLS, the scrape Secret and the routers' token file
+are written with the certificates; after the cluster's objects, its PodMonitor where the Prometheus
+Operator's CRD exists (spec.monitoring.podMonitor).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import yaml
 from etlrouter import __version__
 from etlrouter._proto.v1 import admin_grpc, admin_pb2
 from etlrouter.client.router import RouterClient
-from etlrouter.operator import cluster_tls, kube, tls_secrets
+from etlrouter.operator import cluster_tls, kube, monitoring, tls_secrets
 from etlrouter.operator.cluster_tls import ClusterCA
 from etlrouter.operator.condition import set_condition
 from etlrouter.operator.controller import ObjectKey, OperatorContext, Result
@@ -101,12 +104,19 @@ class ClusterSpec:
     tls_secret: str | None  # the CA Secret (ca.crt, ca.key): yours, or made by the operator
     grpc_port: int
     http_port: int
+    pod_monitor: bool = True  # a PodMonitor where the Prometheus Operator's CRD exists (monitoring.py)
 
 
 def parse_spec(cr: dict[str, Any]) -> ClusterSpec:
     """The spec with the CRD's defaults (the apiserver applies them too; this covers older objects)."""
     spec = cr.get("spec") or {}
     storage, tls, ports = spec.get("storage") or {}, spec.get("tls") or {}, spec.get("ports") or {}
+    watch = spec.get("monitoring") or {}
+    if not isinstance(watch, dict):
+        raise SpecError(f"spec.monitoring: expected an object, got {watch!r}")
+    pod_monitor = watch.get("podMonitor", True)
+    if not isinstance(pod_monitor, bool):
+        raise SpecError(f"spec.monitoring.podMonitor: expected true or false, got {pod_monitor!r}")
     return ClusterSpec(
         replicas=int(spec.get("replicas", 3)),
         image=str(spec.get("image") or DEFAULT_IMAGE),
@@ -118,6 +128,7 @@ def parse_spec(cr: dict[str, Any]) -> ClusterSpec:
         tls_secret=tls.get("secretName"),
         grpc_port=int(ports.get("grpc", 7400)),
         http_port=int(ports.get("http", 7480)),
+        pod_monitor=pod_monitor,
     )
 
 
@@ -281,7 +292,18 @@ def desired_objects(
             {"name": "ETLROUTER_TLS__CERT", "value": f"{cluster_tls.TLS_DIR}/$(POD_NAME).crt"},
             {"name": "ETLROUTER_TLS__KEY", "value": f"{cluster_tls.TLS_DIR}/$(POD_NAME).key"},
             {"name": "ETLROUTER_TLS__TRUST_DOMAIN", "value": cluster_tls.trust_domain(name, namespace)},
+            # Bearer tokens: the scrape token of the Secret <name>-metrics, as a viewer (monitoring.py).
+            {"name": "ETLROUTER_AUTH__TOKENS_FILE", "value": monitoring.tokens_file()},
+            # ... on HTTP only: the gRPC handshake still requires a certificate of the cluster's CA.
+            {"name": "ETLROUTER_AUTH__GRPC_TOKENS", "value": "false"},
         ]
+        mounts.append({"name": "tokens", "mountPath": monitoring.TOKENS_DIR, "readOnly": True})
+        volumes.append(
+            {
+                "name": "tokens",
+                "secret": {"secretName": monitoring.tokens_secret_name(name), "defaultMode": 0o440},
+            }
+        )
         scheme = "HTTPS"  # the routers' HTTP port serves HTTPS too; probes need no client certificate
     container: dict[str, Any] = {
         "name": "router",
@@ -610,6 +632,7 @@ class ClusterReconciler:
     ) -> None:
         self.ctx = ctx
         self._pdb_api_version: str | None = None
+        self._pod_monitor_state = ""  # what was last logged about the PodMonitor CRD
         # The clock decides certificate renewal (tests move it forward instead of waiting for expiry).
         self.clock = clock
         self.router_validity = router_validity
@@ -635,12 +658,12 @@ class ClusterReconciler:
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             self.credentials.forget(namespace, name)
             return Result()  # owned objects carry ownerReferences: the garbage collector deletes them
-        spec = parse_spec(cr)
         generation = int(cr["metadata"].get("generation", 0))
         status = dict(cr.get("status") or {})
         conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
         now = self.clock()
         try:
+            spec = parse_spec(cr)
             desired_addresses = member_addresses(cr, spec.replicas)
         except SpecError as e:
             await kube.record_event(api, cr, "Warning", "InvalidSpec", str(e))
@@ -710,6 +733,10 @@ class ClusterReconciler:
             )
             if done:
                 await kube.record_event(api, cr, "Normal", "CertificatesIssued", done)
+            # The routers mount their token file: it exists before the StatefulSet does.
+            done = await monitoring.ensure_metrics_credentials(api, cr, ca)
+            if done:
+                await kube.record_event(api, cr, "Normal", "MetricsCredentials", done)
             ca_expires = cluster_tls.expires_at(ca.cert)
             times = cluster_tls.earliest(data, node_ids)
             assert times is not None
@@ -770,6 +797,7 @@ class ClusterReconciler:
             applied = await kube.apply(api, manifest)
             if manifest["kind"] == "StatefulSet":
                 sts = applied
+        await self._ensure_pod_monitor(cr, spec)
         ready_replicas = int(((sts or {}).get("status") or {}).get("readyReplicas") or 0)
         was_rolling = any(
             c.get("type") == "Progressing" and c.get("reason") == ROLLING_RESTART for c in conditions
@@ -862,6 +890,33 @@ class ClusterReconciler:
                 new_status["leader"] = None
         await self._write_status(cr, new_status)
         return Result(requeue_after=requeue)
+
+    async def _ensure_pod_monitor(self, cr: dict[str, Any], spec: ClusterSpec) -> None:
+        """The cluster's PodMonitor where the Prometheus Operator runs; without its CRD (or the right to read
+        CRDs) nothing, said once at info, not per reconcile."""
+        try:
+            present = await monitoring.crd_exists(self.ctx.api)
+        except kube.KubeError as e:
+            if e.status != 403:
+                raise
+            present, why = False, f"cannot read CRDs ({e.reason}): no PodMonitors"
+        else:
+            what = "exists: PodMonitors" if present else "absent: no PodMonitors"
+            why = f"{monitoring.POD_MONITOR_CRD} {what}"
+        if why != self._pod_monitor_state:
+            self._pod_monitor_state = why
+            log.info(why)
+        try:
+            await monitoring.ensure_pod_monitor(
+                self.ctx.api, cr, enabled=spec.pod_monitor, tls=spec.tls_enabled, crd_present=present
+            )
+        except kube.KubeError as e:
+            if e.status not in (403, 422):
+                raise
+            # Not allowed (an older ClusterRole) or refused (another CRD of that name): the cluster itself
+            # is fine, so its reconcile goes on; said as a (de-duplicated) Warning event.
+            message = f"PodMonitor {monitoring.pod_monitor_name(cr['metadata']['name'])}: {e}"
+            await kube.record_event(self.ctx.api, cr, "Warning", "PodMonitorFailed", message)
 
     async def _write_status(self, cr: dict[str, Any], status: dict[str, Any]) -> None:
         if status != (cr.get("status") or {}):  # unchanged status: no write, no watch event, no loop

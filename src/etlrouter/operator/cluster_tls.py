@@ -34,6 +34,9 @@ OPERATOR_VALIDITY = dt.timedelta(days=7)
 RENEW_FRACTION = 1 / 3
 OPERATOR_USER = "etlrouter-operator"
 TLS_DIR = "/etc/etlrouter-tls"  # where the routers' Secret is mounted (not under the ConfigMap's mount)
+# A DNS SAN of every router certificate: scrapers verify it (Prometheus' `serverName`) as pods are scraped
+# by IP address. The same on every cluster, so one scrape configuration serves them all.
+METRICS_SERVER_NAME = "etlrouter-metrics"
 
 
 def trust_domain(cluster: str, namespace: str) -> str:
@@ -156,7 +159,12 @@ class RouterPlan:
 
 
 def _why_reissue(
-    ca: x509.Certificate, cert_pem: bytes | None, key_pem: bytes | None, uri: str, now: dt.datetime
+    ca: x509.Certificate,
+    cert_pem: bytes | None,
+    key_pem: bytes | None,
+    uri: str,
+    now: dt.datetime,
+    dns: Sequence[str] = (),
 ) -> str:
     """Why a router's stored pair must be replaced ("" when it is good)."""
     if not cert_pem or not key_pem:
@@ -173,10 +181,14 @@ def _why_reissue(
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = list(sans.get_values_for_type(x509.UniformResourceIdentifier))
+        names = list(sans.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
-        uris = []
+        uris, names = [], []
     if uris != [uri]:
         return f"names {', '.join(uris) or 'nothing'}, not {uri}"
+    missing = [n for n in dns if n not in names]
+    if missing:  # e.g. made before the scrape name existed
+        return f"has no DNS name {', '.join(missing)}"
     if due(cert, now):
         return f"expires at {cert.not_valid_after_utc.isoformat()}"
     return ""
@@ -200,6 +212,7 @@ def plan_routers(
             stored.get(key_key(node)),
             router_id(cluster, namespace, node),
             now,
+            router_names(cluster, namespace, node),
         )
         if why:
             issue.append((node, why))
@@ -210,7 +223,11 @@ def plan_routers(
 
 def router_names(cluster: str, namespace: str, node_id: str) -> list[str]:
     """DNS names of a router (for tools that check host names; parts of the cluster check the URI)."""
-    return [f"{node_id}.{cluster}-headless.{namespace}.svc", f"{cluster}-client.{namespace}.svc"]
+    return [
+        f"{node_id}.{cluster}-headless.{namespace}.svc",
+        f"{cluster}-client.{namespace}.svc",
+        METRICS_SERVER_NAME,
+    ]
 
 
 def carry_out_routers(

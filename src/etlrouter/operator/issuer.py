@@ -187,7 +187,8 @@ def sign(
     now: dt.datetime,
     validity: dt.timedelta,
 ) -> bytes:
-    """A client-and-server certificate whose only identity is `uri`."""
+    """A client-and-server certificate whose only identity is `uri` (and the DNS name scrapers verify,
+    `etlrouter-metrics`: no identity, the same on every sidecar)."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert)
     ca_key = serialization.load_pem_private_key(ca.key, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
@@ -200,7 +201,12 @@ def sign(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))  # a little clock skew between nodes
         .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(uri), x509.DNSName(cluster_tls.METRICS_SERVER_NAME)]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),

@@ -59,7 +59,9 @@ class Security:
         try:
             self.tokens = TokenFile.load(auth.tokens_file) if auth.tokens_file else None
             self.material = (
-                TlsMaterial(tls, require_client_cert=self.tokens is None) if self.enabled else None
+                TlsMaterial(tls, require_client_cert=self.tokens is None or not auth.grpc_tokens)
+                if self.enabled
+                else None
             )
         except (TlsError, TokenFileError) as e:
             raise SecurityError(str(e)) from None
