@@ -4,11 +4,13 @@ either way a pull is a long poll bounded by its wait_ms."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import sys
 from pathlib import Path
 
 import pytest
 
+from etlrouter.connectors import _follow
 from etlrouter.connectors.jsonl_file_source import JsonlFileSource
 from etlrouter.sdk import records_from_proto, serving
 from tests.sdk.grpc_helpers import channel_to, pull
@@ -73,3 +75,23 @@ async def test_without_follow_there_is_no_watch(tmp_path: Path) -> None:
     source = JsonlFileSource(path)
     async with serving(source):
         assert source.follow_mode == ""
+
+
+async def test_when_inotify_cannot_be_set_up_the_source_polls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_watches(path: object, mask: int = 0) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")  # what the per-user watch limit says
+
+    monkeypatch.setattr(_follow, "open_watch", no_watches)
+    path = tmp_path / "in.jsonl"
+    path.write_text("")
+    source = JsonlFileSource(path, follow=True)
+    async with serving(source) as host, channel_to(host.address) as channel:
+        assert source.follow_mode == "poll"
+        waiting = asyncio.ensure_future(pull(channel, 10, wait_ms=5_000))
+        await asyncio.sleep(0.1)
+        with path.open("a") as f:
+            f.write("late\n")
+        reply = await asyncio.wait_for(waiting, 10)
+    assert [r.value for r in records_from_proto(reply.batch.records)] == [b"late"]

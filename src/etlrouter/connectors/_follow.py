@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 _MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
@@ -56,6 +58,24 @@ def _inotify() -> Any:
     return _libc or None
 
 
+def open_watch(path: str | Path, mask: int = _MASK) -> int:
+    """A non-blocking inotify descriptor watching `path` for `mask`; -1 where inotify does not exist (not
+    Linux, no such libc symbol). Raises OSError when it exists but cannot be set up. Readable when
+    something happened; read and discard its events with os.read until BlockingIOError."""
+    libc = _inotify()
+    if libc is None:
+        return -1
+    fd = int(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    if libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, os.strerror(err), str(path))
+    return fd
+
+
 class FileWatch:
     """Wakes waiters when `path` changes; see the module docstring."""
 
@@ -72,19 +92,11 @@ class FileWatch:
                 self.mode = "inotify"
 
     def _open_inotify(self) -> int:
-        libc = _inotify()
-        if libc is None:
+        try:
+            return open_watch(self.path, _MASK)
+        except OSError as e:
+            log.warning("cannot watch %s with inotify (%s): polling it", self.path, e.strerror)
             return -1
-        fd = int(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
-        if fd < 0:
-            log.warning("inotify unavailable (%s): polling %s", os.strerror(ctypes.get_errno()), self.path)
-            return -1
-        if libc.inotify_add_watch(fd, os.fsencode(self.path), _MASK) < 0:
-            reason = os.strerror(ctypes.get_errno())
-            os.close(fd)
-            log.warning("cannot watch %s with inotify (%s): polling it", self.path, reason)
-            return -1
-        return fd
 
     @property
     def generation(self) -> int:
