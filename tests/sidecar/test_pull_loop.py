@@ -65,6 +65,7 @@ def spec(options: dict[str, str]) -> control_pb2.DagSpec:
 def test_an_empty_answer_is_quick_unless_it_used_a_good_part_of_the_wait() -> None:
     assert answered_at_once(0.001)
     assert not answered_at_once(PULL_WAIT_MS / 1000)
+    assert answered_at_once(1.0, wait_ms=0)  # a stage whose timeout leaves no room to wait: still backed off
 
 
 async def test_a_source_that_answers_empty_at_once_is_backed_off_not_spun_on_and_still_flows() -> None:

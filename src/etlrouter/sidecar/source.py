@@ -62,8 +62,9 @@ EMPTY_PULL_BACKOFF = Backoff(base=0.001, cap=0.05, jitter=0.0)
 
 
 def answered_at_once(took_s: float, wait_ms: int = PULL_WAIT_MS) -> bool:
-    """An empty answer that came back in less than half the wait: the source did not hold the pull."""
-    return took_s < wait_ms / 2000
+    """An empty answer that came back in less than half the wait: the source did not hold the pull (with no
+    wait allowed, every empty answer is one)."""
+    return wait_ms == 0 or took_s < wait_ms / 2000
 
 
 def is_push_source(service: LocalService) -> bool:
