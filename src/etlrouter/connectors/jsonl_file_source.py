@@ -16,6 +16,11 @@ Formats:
   event_time_ms), so a file written by the sink can be replayed.
 A line that cannot be read in the chosen format is still delivered (value = the line) with the header
 `jsonl.error` saying why, so the pipeline can route it to its dead-letter queue.
+
+Following (`--follow`): a pull that finds no new complete line waits (up to the pull's wait_ms, a long
+poll) for the file to change, told by inotify on Linux (connectors/_follow.py), so an appended line is
+read the moment it is written; where inotify is not available the file is polled every 50 ms.
+`follow_mode` says which ("inotify", "poll", or "" when not following).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import click
 import msgspec
 
 from etlrouter.connectors._common import VERSION, invoke, serve_service, server_options
+from etlrouter.connectors._follow import FileWatch
 from etlrouter.sdk import Capabilities, PermanentError, Pulled, Record, Source
 from etlrouter.sdk.records import encoded_size
 
@@ -117,6 +123,7 @@ class JsonlFileSource(Source):
         key_field: str | None = None,
         event_time_field: str | None = None,
         follow: bool = False,
+        use_inotify: bool = True,
     ) -> None:
         self.path = Path(path)
         self.ack_path = self.path.with_name(self.path.name + ".ack")
@@ -124,6 +131,8 @@ class JsonlFileSource(Source):
         self.key_field = key_field
         self.event_time_field = event_time_field
         self.follow = follow
+        self.use_inotify = use_inotify
+        self._watch: FileWatch | None = None
         self.capabilities = Capabilities(
             name="jsonl-file", version=VERSION, partitions=1, labels={"path": str(self.path)}
         )
@@ -150,6 +159,16 @@ class JsonlFileSource(Source):
         self.high_water = self.last_line
         self.acked_position = self._file.tell()
         self._ends.clear()
+        if self.follow:
+            if self._watch is not None:
+                self._watch.close()
+            self._watch = FileWatch(self.path, poll_s=_POLL_S, use_inotify=self.use_inotify)
+            self._watch.start()
+
+    @property
+    def follow_mode(self) -> str:
+        """How appended lines are noticed: "inotify", "poll", or "" (not following, or not open)."""
+        return self._watch.mode if self._watch is not None else ""
 
     async def rewind(self) -> None:
         """Deliver again everything after the last acknowledged line."""
@@ -160,6 +179,9 @@ class JsonlFileSource(Source):
             self.last_line = self.acked
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -201,6 +223,8 @@ class JsonlFileSource(Source):
         deadline = loop.time() + wait_ms / 1000
         async with self._lock:
             while True:
+                watch = self._watch
+                seen = watch.generation if watch is not None else 0
                 records, exhausted = self._read(max_records, max_bytes)
                 if records:
                     return Pulled(records, 0)
@@ -209,7 +233,10 @@ class JsonlFileSource(Source):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return Pulled()
-                await asyncio.sleep(min(_POLL_S, remaining))
+                if watch is None:
+                    await asyncio.sleep(min(_POLL_S, remaining))
+                else:  # the moment the file changes (inotify), or one poll interval
+                    await watch.wait_past(seen, remaining)
 
     async def acknowledge(self, partition: int, up_to_offset: int) -> None:
         if partition != 0:

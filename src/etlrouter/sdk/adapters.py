@@ -31,6 +31,7 @@ from etlrouter.sdk.services import (
     Lookup,
     LookupResult,
     Processed,
+    Pulled,
     PushSource,
     Service,
     Sink,
@@ -152,9 +153,7 @@ class SourceAdapter(services_grpc.SourceServiceBase):
             with _call_errors("PullRecords"):
                 await self.source.rewind()
         with _call_errors("PullRecords"):
-            pulled = await self.source.pull(
-                max_records=max_records, max_bytes=max_bytes, wait_ms=request.wait_ms, partitions=partitions
-            )
+            pulled = await self._long_pull(max_records, max_bytes, request.wait_ms, partitions)
             if len(pulled.records) > max_records:
                 raise GRPCError(
                     Status.INTERNAL,
@@ -174,6 +173,30 @@ class SourceAdapter(services_grpc.SourceServiceBase):
         await stream.send_message(
             services_pb2.PullRecordsResponse(batch=batch, end_of_stream=pulled.end_of_stream)
         )
+
+    async def _long_pull(
+        self, max_records: int, max_bytes: int, wait_ms: int, partitions: list[int]
+    ) -> Pulled:
+        """The source's answer; for a source that uses notify(), an empty one is held until it notifies
+        (then asked again) or wait_ms ran out (long poll, Source's docstring)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        while True:
+            before = self.source.wakeup
+            seen = before.generation if before is not None else None
+            remaining_ms = max(0, round((deadline - loop.time()) * 1000))
+            pulled = await self.source.pull(
+                max_records=max_records, max_bytes=max_bytes, wait_ms=remaining_ms, partitions=partitions
+            )
+            wakeup = self.source.wakeup
+            if pulled.records or pulled.end_of_stream or wakeup is None:
+                return pulled
+            if seen is None:  # the source notified for the first time during this pull: ask again
+                if loop.time() >= deadline:
+                    return pulled
+                continue
+            if not await wakeup.wait_past(seen, deadline - loop.time()):
+                return pulled
 
     @_gated
     async def Acknowledge(

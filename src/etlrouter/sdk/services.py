@@ -8,6 +8,7 @@ override `open()` / `close()` to acquire and release resources around serving.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import os
 from collections import OrderedDict
@@ -63,13 +64,61 @@ class Pulled(msgspec.Struct):
     end_of_stream: bool = False
 
 
+class Wakeup:
+    """Tells waiting pulls that records may have arrived: `notify()` counts a generation and wakes every
+    waiter; `wait_past(generation, timeout)` returns as soon as the count moved past `generation` (at once if
+    it already has, so a notify between a pull and its wait is never lost). Use it on the event loop."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.generation += 1
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait_past(self, generation: int, timeout: float) -> bool:
+        """True when notified after `generation`, False when `timeout` seconds passed first."""
+        if self.generation != generation:
+            return True
+        if timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 class Source(Service, abc.ABC):
+    """Long poll: the sidecar's pulls carry `wait_ms` (how long it will wait for an answer). Either wait
+    inside `pull` yourself (up to wait_ms, returning as soon as records are there), or answer at once and call
+    `notify()` whenever records may have arrived: from the first notify on, the SDK holds an empty pull until
+    the next notify (then calls `pull` again) or until wait_ms ran out (then answers empty)."""
+
+    _wakeup: Wakeup | None = None  # made by the first notify()
+
     @abc.abstractmethod
     async def pull(
         self, *, max_records: int, max_bytes: int, wait_ms: int, partitions: Sequence[int]
     ) -> Pulled:
         """Return at most max_records records (and about max_bytes; 0 = no byte limit) of one partition in
-        `partitions` (empty = any), waiting up to wait_ms for data; an empty `Pulled()` when there is none."""
+        `partitions` (empty = any), waiting up to wait_ms for data; an empty `Pulled()` when there is none
+        (or return it at once and call `notify()` when records arrive: see the class)."""
+
+    def notify(self) -> None:
+        """Records may have become available: wake the pulls the SDK holds for this source. Call it on the
+        event loop (from another thread: `loop.call_soon_threadsafe(source.notify)`); calling it once makes
+        the SDK hold empty pulls (see the class), so call it from the start or not at all."""
+        if self._wakeup is None:
+            self._wakeup = Wakeup()
+        self._wakeup.notify()
+
+    @property
+    def wakeup(self) -> Wakeup | None:
+        """The source's Wakeup once it called notify(), else None (its pulls are answered as returned)."""
+        return self._wakeup
 
     @abc.abstractmethod
     async def acknowledge(self, partition: int, up_to_offset: int) -> None:

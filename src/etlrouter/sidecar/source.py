@@ -22,6 +22,7 @@ from etlrouter._proto.v1 import control_pb2, records_pb2, services_pb2
 from etlrouter.core import tracing
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.flow.ledger import Ack, AckLedger, Outcome, SourcePartition
+from etlrouter.flow.retry import Backoff
 from etlrouter.flow.watermarks import SourceWatermarks
 from etlrouter.sidecar.model import BatchResult, LocalService, StageHost
 from etlrouter.sidecar.stages import DISCARDED, ERRORS, PermanentFailureError, StageRunner
@@ -48,6 +49,22 @@ BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+
+
+# Long poll: a pull may be held by the source up to this long while it has no records (PullRecords'
+# wait_ms), so an idle source answers the moment a record arrives, and the sidecar pulls again at once
+# after an empty answer that used the wait.
+PULL_WAIT_MS = 500
+# A source that answers an empty pull long before wait_ms (one that does not long-poll, e.g. written in
+# another language without a wait; or one with nothing for the partitions asked) is pulled again after
+# 1, 2, 4, ... 50 ms, not in a busy loop; a pull with records, or an empty one that waited, resets it.
+EMPTY_PULL_BACKOFF = Backoff(base=0.001, cap=0.05, jitter=0.0)
+
+
+def answered_at_once(took_s: float, wait_ms: int = PULL_WAIT_MS) -> bool:
+    """An empty answer that came back in less than half the wait: the source did not hold the pull (with no
+    wait allowed, every empty answer is one)."""
+    return wait_ms == 0 or took_s < wait_ms / 2000
 
 
 def is_push_source(service: LocalService) -> bool:
@@ -132,16 +149,29 @@ class SourceRunner(StageRunner):
     async def _run(self) -> None:
         rewind = True  # a new sidecar session: whatever an earlier one pulled and did not ack must come again
         failures = 0
+        quick_empties = 0  # consecutive empty answers that did not wait (EMPTY_PULL_BACKOFF)
+        linger = self.options.linger_s
+        partial = False  # the last pull returned fewer records than a batch holds
+        # The source may hold a pull this long; never most of the stage's call timeout.
+        wait_ms = min(PULL_WAIT_MS, int(self.options.timeout_s * 500))
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            if linger and partial and self._deliveries:
+                # Nagle-style linger: the last batch went out short and is still in flight, so records are
+                # arriving faster than batches finish. Let them accumulate into a fuller batch until every
+                # batch in flight is done or `linger` passed. An idle edge (nothing in flight) never waits.
+                await asyncio.wait(set(self._deliveries), timeout=linger)
             await self.inflight.acquire()
             try:
                 request = services_pb2.PullRecordsRequest(
                     max_records=self.options.batch_size,
-                    wait_ms=500,
+                    wait_ms=wait_ms,
                     rewind=rewind,
                     max_bytes=self.host.config.edge_buffer_bytes // 4,
                 )
+                started = loop.time()
                 reply = await asyncio.wait_for(self.client.pull(request), self.options.timeout_s)
+                took = loop.time() - started
                 rewind = False
                 failures = 0
             except (GRPCError, StreamTerminatedError, OSError) as e:  # OSError covers TimeoutError
@@ -163,11 +193,19 @@ class SourceRunner(StageRunner):
             if not batch.records:
                 self.inflight.release()
                 self.end_of_stream = reply.end_of_stream
+                partial = False
                 if reply.end_of_stream:
                     await asyncio.sleep(0.5)
+                elif answered_at_once(took, wait_ms):
+                    quick_empties += 1
+                    await asyncio.sleep(EMPTY_PULL_BACKOFF.delay(quick_empties))
+                else:
+                    quick_empties = 0  # a long poll that ran out: ask again at once
                 continue
+            quick_empties = 0
             if self._route(batch) is None:
                 self.inflight.release()
+            partial = batch.header.record_count < self.options.batch_size
 
     def _route(self, batch: records_pb2.RawRecordBatch, slot_held: bool = True) -> asyncio.Task[None] | None:
         """Register a batch in the ledger and start delivering it to every branch (its in-flight slot is held
