@@ -135,6 +135,27 @@ exec chroot --userspec="$user" --groups="$groups" "$root" /usr/bin/env -i -C "$w
 """
 
 
+def in_root(rootfs: Path, target: str) -> str:
+    """`target` with the image's symlinks resolved inside its root (/var/run -> /run in Debian), as a
+    runtime does before mounting: never a path out of the root."""
+    parts, out, hops = [p for p in target.split("/") if p], [], 0
+    while parts:
+        part = parts.pop(0)
+        if part in (".", ".."):
+            out = out[:-1] if part == ".." else out
+            continue
+        candidate = rootfs.joinpath(*out, part)
+        if candidate.is_symlink():
+            hops += 1
+            assert hops < 40, f"too many symlinks resolving {target} in the image"
+            link = os.readlink(candidate)
+            out = [] if link.startswith("/") else out
+            parts = [p for p in link.split("/") if p] + parts
+        else:
+            out.append(part)
+    return "/" + "/".join(out)
+
+
 def enter_command(
     image: Image,
     mountpoint: Path,
@@ -156,7 +177,7 @@ def enter_command(
     mountpoint.mkdir(parents=True, exist_ok=True)
     spec: list[str] = []
     for m in sorted(mounts, key=lambda m: m.target.rstrip("/").count("/")):
-        spec += [str(m.source), m.target, "ro" if m.read_only else "rw"]
+        spec += [str(m.source), in_root(image.rootfs, m.target), "ro" if m.read_only else "rw"]
     unshare = ["unshare", "--mount", *(["--uts"] if hostname else []), "--propagation", "private", "--"]
     join = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
     return [

@@ -152,6 +152,18 @@ class Probe:
                 self.ok = False
 
 
+@dataclass(frozen=True)
+class Terminated:
+    """A container stopped because its pod was deleted: its exit code (-9: SIGKILLed at the end of the
+    grace period) and the seconds since SIGTERM."""
+
+    namespace: str
+    pod: str
+    container: str
+    exit_code: int
+    seconds: float
+
+
 @dataclass
 class Container:
     spec: dict[str, Any]
@@ -195,6 +207,7 @@ class PodWorker:
         self.error: str | None = None
         self.mounts: dict[str, list[Mount]] = {}
         self.terminating_until: float | None = None
+        self.terminating_since = 0.0
         self.finished = False
         self.conditions: dict[str, tuple[str, str]] = {}  # type -> (status, lastTransitionTime)
         self.reported: Any = None
@@ -485,6 +498,9 @@ class PodWorker:
             "finishedAt": now(),
         }
         c.proc, c.readiness, c.liveness = None, None, None
+        if self.terminating_until is not None:
+            took = time.monotonic() - self.terminating_since
+            self.runner.terminated.append(Terminated(self.namespace, self.name, c.name, code, took))
         policy = self.pod["spec"].get("restartPolicy", "Always")
         if self.terminating_until is not None or policy == "Never" or (policy == "OnFailure" and code == 0):
             c.exit = state
@@ -530,6 +546,7 @@ class PodWorker:
         meta, spec = self.pod["metadata"], self.pod["spec"]
         grace = meta.get("deletionGracePeriodSeconds", spec.get("terminationGracePeriodSeconds", 30))
         self.terminating_until = time.monotonic() + float(grace)
+        self.terminating_since = time.monotonic()
         for c in self.containers:
             self.kill(c, signal.SIGTERM)
 
@@ -676,6 +693,7 @@ class PodRunner:
         self._thread: threading.Thread | None = None
         self._heartbeat = 0.0
         self.errors: list[str] = []
+        self.terminated: list[Terminated] = []  # every container stopped by a pod deletion
 
     def image_of(self, name: str) -> Image:
         return self.images[name]
