@@ -147,3 +147,27 @@ def test_errors_name_the_true_origin(
     assert message.endswith(f"{origin})"), message
     if "key " in origin:
         assert f"(from file {file}, {origin})" in message
+
+
+def test_kubernetes_service_link_variables_are_not_configuration() -> None:
+    # The kubelet sets these for Services named etlrouter, etlrouter-client or etlrouter-webhook in the
+    # pod's namespace (the operator's own Deployment has one): they must not fail the config.
+    links = {
+        "ETLROUTER_SERVICE_HOST": "10.0.0.9",
+        "ETLROUTER_SERVICE_PORT": "7400",
+        "ETLROUTER_PORT": "tcp://10.0.0.9:7400",
+        "ETLROUTER_CLIENT_SERVICE_HOST": "10.0.0.5",
+        "ETLROUTER_CLIENT_SERVICE_PORT": "7400",
+        "ETLROUTER_CLIENT_SERVICE_PORT_GRPC": "7400",
+        "ETLROUTER_CLIENT_PORT": "tcp://10.0.0.5:7400",
+        "ETLROUTER_CLIENT_PORT_7400_TCP": "tcp://10.0.0.5:7400",
+        "ETLROUTER_CLIENT_PORT_7400_TCP_PROTO": "tcp",
+        "ETLROUTER_CLIENT_PORT_7400_TCP_PORT": "7400",
+        "ETLROUTER_CLIENT_PORT_7400_TCP_ADDR": "10.0.0.5",
+        "ETLROUTER_WEBHOOK_SERVICE_PORT_HTTPS": "443",
+    }
+    config = load_config(environ={**links, "ETLROUTER_ROUTER__GRPC__PORT": "7401"})
+    assert config.router.grpc.port == 7401
+    # Anything else without `__` is still refused, naming the variable.
+    with pytest.raises(ConfigError, match="ETLROUTER_CLIENT_HOST"):
+        load_config(environ={"ETLROUTER_CLIENT_HOST": "x"})

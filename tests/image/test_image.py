@@ -3,39 +3,37 @@ and a jsonl-file sink connector with their sidecars, `etlrouter ctl`, all run fr
 networking on loopback; records flow end to end; SIGTERM drains each process cleanly; the processes run as
 uid 10001 on a read-only root file system with only /var/lib/etlrouter writable.
 
-How a process runs from the image: `buildah from` + `buildah mount` give the image's root file system;
-`buildah run` has no `--read-only` (buildah 1.28), so each long-running process gets its own mount namespace
-(`unshare --mount`) where that root is bind-mounted read-only, its own host directory is bind-mounted on
-/var/lib/etlrouter, /proc and /dev are mounted, and `chroot --userspec` starts the image's ENTRYPOINT with the
-image's Env, User and WorkingDir read by `buildah inspect` (no network namespace: host networking). `etlrouter
-ctl` goes through `buildah run --isolation chroot --network host` itself. The image is built (or found up to
-date by its inputs' hash, tagged etlrouter:build-INPUTS) by scripts/image-build.sh — `make image`, which `make
-test` runs first.
+How a process runs from the image (tests/image/runtime.py, shared with the test pod runner): `buildah from`
++ `buildah mount` give the image's root file system; each long-running process gets its own mount namespace
+where that root is bind-mounted read-only, its own host directory is bind-mounted on /var/lib/etlrouter, and
+`chroot --userspec` starts the image's ENTRYPOINT with the image's Env, User and WorkingDir (host
+networking). `etlrouter ctl` goes through `buildah run --isolation chroot --network host` itself. The image is
+built (or found up to date by its inputs' hash, tagged etlrouter:build-INPUTS) by scripts/image-build.sh —
+`make image`, which `make test` runs first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import shutil
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, missing_dependency
+from tests.conftest import free_port
 from tests.e2e.processes import jsonl_offsets, ready, wait_until
+from tests.image.runtime import (
+    DATA,
+    STORAGE,
+    Image,
+    ImageProcesses,
+    image_of_this_tree,
+    open_image,
+    require_image_tools,
+)
 
-IMAGE = os.environ.get("ETLROUTER_TEST_IMAGE", "")
-STORAGE = ["--storage-driver", os.environ.get("BUILDAH_STORAGE_DRIVER", "overlay")]
 TOTAL = 3000
-DATA = "/var/lib/etlrouter"
 SIDECAR_ENV = {
     "ETLROUTER_SIDECAR__DATA_DIR": f"{DATA}/dlq",
     "ETLROUTER_SIDECAR__HEARTBEAT_INTERVAL_MS": "500",
@@ -51,146 +49,11 @@ pipeline image-e2e {
 """
 
 
-def buildah(*args: str, timeout: float = 120) -> str:
-    done = subprocess.run(["buildah", *STORAGE, *args], capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"buildah {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
-
-
-@dataclass
-class Image:
-    container: str
-    rootfs: Path
-    entrypoint: list[str]
-    env: list[str]
-    user: str
-    workdir: str
-    uid: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.uid = int(self.user.split(":")[0])
-
-
 @pytest.fixture(scope="module")
 def image() -> Iterator[Image]:
-    if shutil.which("buildah") is None:
-        missing_dependency("buildah not installed (scripts/system-deps.sh installs it as root)")
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        missing_dependency("running processes from the image needs root (mount namespaces, chroot)")
-    build = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "image-build.sh")], capture_output=True, text=True, timeout=1800
-    )
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    # The image of this tree's inputs (etlrouter:test may have been moved by another tree's build since).
-    inputs = re.search(r"\(inputs ([0-9a-f]+)\)", build.stdout)
-    assert inputs, build.stdout
-    container = buildah("from", "--pull-never", IMAGE or f"etlrouter:build-{inputs[1]}").strip()
-    try:
-        rootfs = Path(buildah("mount", container).strip())
-        config = json.loads(buildah("inspect", "--type", "container", container))["OCIv1"]["config"]
-        yield Image(
-            container,
-            rootfs,
-            list(config["Entrypoint"]),
-            list(config.get("Env") or []),
-            str(config["User"]),
-            str(config.get("WorkingDir") or "/"),
-        )
-    finally:
-        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
-            buildah("umount", container)
-            buildah("rm", container)
-
-
-# Inside a fresh mount namespace: the image's root read-only, the process's own data directory writable.
-_ENTER = r"""
-set -eu
-root=$1 rootfs=$2 data=$3 user=$4 workdir=$5; shift 5
-mount --bind "$rootfs" "$root"
-mount -o remount,bind,ro "$root"
-mount --bind "$data" "$root/var/lib/etlrouter"
-mount -t proc proc "$root/proc"
-mount --rbind /dev "$root/dev"
-exec chroot --userspec="$user" --groups= "$root" /usr/bin/env -i -C "$workdir" "$@"
-"""
-
-
-class ImageProcesses:
-    """Processes started from the image, each with its own host data directory; all stopped at the end."""
-
-    def __init__(self, image: Image, workdir: Path) -> None:
-        self.image = image
-        self.workdir = workdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def data(self, name: str) -> Path:
-        path = self.workdir / name
-        path.mkdir(parents=True, exist_ok=True)
-        os.chown(path, self.image.uid, self.image.uid)
-        return path
-
-    def start(
-        self, name: str, args: list[str], env: dict[str, str] | None = None, *, raw: bool = False
-    ) -> None:
-        """`args` after the image's ENTRYPOINT (or, with `raw`, instead of it)."""
-        mountpoint = self.workdir / f".root-{name}"
-        mountpoint.mkdir(exist_ok=True)
-        command = args if raw else [*self.image.entrypoint, *args]
-        envs = [*self.image.env, *(f"{k}={v}" for k, v in (env or {}).items())]
-        log = (self.workdir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                _ENTER,
-                "enter",
-                str(mountpoint),
-                str(self.image.rootfs),
-                str(self.data(name)),
-                self.image.user,
-                self.image.workdir,
-                *envs,
-                *command,
-            ],
-            stdout=log,
-            stderr=log,
-        )
-
-    def run(self, name: str, args: list[str], *, raw: bool = False, timeout: float = 60) -> tuple[int, str]:
-        self.start(name, args, raw=raw)
-        proc = self.procs.pop(name)
-        code = proc.wait(timeout=timeout)
-        return code, self.log(name)
-
-    def stop(self, name: str, timeout: float) -> tuple[int, float]:
-        proc = self.procs.pop(name)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(
-                f"{name} did not stop within {timeout} s of SIGTERM:\n{self.log(name)[-2000:]}"
-            ) from None
-        return code, time.monotonic() - started
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            proc.kill()
-        for proc in self.procs.values():
-            proc.wait()
-        self.procs.clear()
-
-    def log(self, name: str) -> str:
-        return (self.workdir / f"{name}.log").read_text(errors="replace")
+    require_image_tools()
+    with open_image(image_of_this_tree()) as img:
+        yield img
 
 
 def ctl(image: Image, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:

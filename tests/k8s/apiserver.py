@@ -26,6 +26,9 @@ from tests.conftest import free_port
 
 VERSION = "v1.20.2"
 SCRIPT = "scripts/k8s-apiserver.sh"
+CONTROLLERS = "garbagecollector,namespace,statefulset,serviceaccount-token,serviceaccount"
+# With a proxy in the environment the apiserver would send webhook calls through it.
+_PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 
 
 def bin_dir() -> Path:
@@ -90,10 +93,25 @@ class KubeHttp:
 
 
 class KubeApiServer:
-    """etcd (data on /dev/shm) + kube-apiserver + kube-controller-manager as child processes."""
+    """etcd (data on /dev/shm) + kube-apiserver + kube-controller-manager as child processes.
 
-    def __init__(self, workdir: Path) -> None:
+    `controllers`: what the controller manager runs; `hosts`: an /etc/hosts the apiserver resolves names
+    with (its own mount namespace; needs root) — the pod runner's, so it reaches a webhook by DNS name;
+    `service_accounts`: keep the ServiceAccount admission plugin (pods get `serviceAccountName: default`
+    and its token Secret mounted, as on a real cluster; off by default: the tests' pods never run)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        controllers: str = CONTROLLERS,
+        hosts: Path | None = None,
+        service_accounts: bool = False,
+    ) -> None:
         self.workdir = workdir
+        self.controllers = controllers
+        self.hosts = hosts
+        self.service_accounts = service_accounts
         self.token = secrets.token_hex(16)
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
@@ -104,9 +122,9 @@ class KubeApiServer:
         self._etcd_dir = Path(tempfile.mkdtemp(prefix="etlrouter-etcd-", dir=shm if shm.is_dir() else None))
         self.http = KubeHttp(self.url, self.token)
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = (self.workdir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
 
     def start(self, timeout: float = 60.0) -> None:
         t0 = time.monotonic()
@@ -143,9 +161,26 @@ class KubeApiServer:
                 "warn",
             ],
         )
+        wrap: list[str] = []
+        env = None
+        if self.hosts is not None:
+            hosts = 'mount --bind "$0" /etc/hosts && exec "$@"'
+            wrap = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                hosts,
+                str(self.hosts),
+            ]
+            env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
         self._spawn(
             "kube-apiserver",
             [
+                *wrap,
                 str(bin_dir() / "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
                 "--bind-address=127.0.0.1",
@@ -160,11 +195,12 @@ class KubeApiServer:
                 f"--service-account-key-file={sa_pub}",
                 f"--service-account-signing-key-file={sa_key}",
                 "--allow-privileged=true",
-                "--disable-admission-plugins=ServiceAccount",
+                *([] if self.service_accounts else ["--disable-admission-plugins=ServiceAccount"]),
                 "--profiling=false",
                 "--endpoint-reconciler-type=none",
                 "--v=0",
             ],
+            env,
         )
         self.kubeconfig.write_text(
             json.dumps(
@@ -186,7 +222,7 @@ class KubeApiServer:
             [
                 str(bin_dir() / "kube-controller-manager"),
                 f"--kubeconfig={self.kubeconfig}",
-                "--controllers=garbagecollector,namespace,statefulset,serviceaccount-token,serviceaccount",
+                f"--controllers={self.controllers}",
                 "--leader-elect=false",
                 "--port=0",
                 "--bind-address=127.0.0.1",

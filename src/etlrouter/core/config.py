@@ -332,12 +332,23 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# What the kubelet sets for every Service in a pod's namespace (`enableServiceLinks`, on by default): a
+# Service named `etlrouter-webhook` or `etlrouter-client` gives ETLROUTER_WEBHOOK_SERVICE_HOST,
+# ETLROUTER_CLIENT_PORT_7400_TCP_ADDR, … They never contain `__`, which every config variable does.
+_SERVICE_LINK = re.compile(
+    r"ETLROUTER_[A-Z0-9_]*?(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
+
+
 def env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """ETLROUTER_A__B=v -> {"a": {"b": v}}, plus a map from "$.a.b" to the variable name (for errors)."""
+    """ETLROUTER_A__B=v -> {"a": {"b": v}}, plus a map from "$.a.b" to the variable name (for errors).
+    Kubernetes service-link variables (`_SERVICE_LINK`) are not configuration: skipped."""
     layer: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name in ("ETLROUTER_ROLE", "ETLROUTER_CONFIG"):
+            continue
+        if "__" not in name and _SERVICE_LINK.fullmatch(name):
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         value: Any = raw
