@@ -223,7 +223,9 @@ class SeedExample:
             await admin.close()
         if self.running("s3"):
             async with servers.s3_client(self.address("s3")) as s3:
-                await s3.create_bucket(Bucket=BUCKET)
+                # Already there: a rerun on the same data dir, or botocore retried a create that succeeded.
+                with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+                    await s3.create_bucket(Bucket=BUCKET)
         if self.running("clickhouse"):
             await servers.clickhouse_query(self.address("clickhouse"), TABLE_DDL)
 

@@ -318,6 +318,9 @@ async def probe_port(
         channel.close()
 
 
+RETRY_PATIENCE = 4.0  # the timeouts of the second probe of an unanswered port, as a multiple
+
+
 class Discovery:
     """Scans the configured ports concurrently (at most `concurrency` at once) and reports changes."""
 
@@ -354,19 +357,28 @@ class Discovery:
         self._problems: dict[int, str] = {}
         self.services: list[LocalService] | None = None  # the last scan's result; None before the first
 
-    async def _probe(self, port: int) -> PortProbe:
+    async def _probe(self, port: int, patience: float = 1.0) -> PortProbe:
         async with self._semaphore:
             return await probe_port(
                 self.host,
                 port,
-                connect_timeout_s=self.connect_timeout_s,
-                call_timeout_s=self.call_timeout_s,
+                connect_timeout_s=self.connect_timeout_s * patience,
+                call_timeout_s=self.call_timeout_s * patience,
                 transport_config=self.transport_config,
             )
 
     async def scan(self) -> list[LocalService]:
-        """Probe every port once; returns the services found (a busy port keeps its earlier ones)."""
+        """Probe every port; returns the services found (a busy port keeps its earlier ones)."""
         probes = await asyncio.gather(*(self._probe(port) for port in self.ports))
+        # A port that took the connection but did not answer in time is most often a service still starting
+        # or a CPU-starved pod (a throttled container stalls for whole CFS periods): asked once more with
+        # RETRY_PATIENCE times the timeouts before this scan counts it unanswered, or the sidecar would
+        # register without it and add it only a scan interval later.
+        slow = [probe.port for probe in probes if probe.outcome == "unanswered"]
+        if slow:
+            again = await asyncio.gather(*(self._probe(port, RETRY_PATIENCE) for port in slow))
+            retried = {probe.port: probe for probe in again}
+            probes = [retried.get(probe.port, probe) for probe in probes]
         found: dict[int, tuple[LocalService, ...]] = {}
         unanswered: list[int] = []
         for probe in probes:
