@@ -516,7 +516,7 @@ class WorkerProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
-            limit=64 << 20,  # one stats reply is a line of every latency sample (> 64 KiB from ~2,000 sidecars)
+            limit=64 << 20,  # a stats reply is one line of every latency sample: > 64 KiB at 2,000 sidecars
         )
         return cls(proc)
 

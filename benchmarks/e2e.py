@@ -23,6 +23,13 @@ auth, fsync off; started as the `postgres` user when run as root) and the `postg
 into a table whose `written_ms` column defaults to the commit's clock: throughput is N rows counted in the
 table, latency is `written_ms - event_time_ms` per row (event time → sink write), with the same source
 set-ups as above.
+
+The Bytewax row (issue #20: a Python stream processor a user would pick instead): the same generator →
+filter → JSON-lines file work in one Bytewax dataflow in a process of its own, one worker, with our
+generator's `make_record`, a JSON decode of the value for the filter and the jsonl sink's `record_line`;
+records/s and CPU seconds per 100k records, and the share of it the routed filter pipeline reaches. Skipped,
+saying how to install it, without `bytewax` (`make bench` installs the pinned version). `--insecure` runs
+dev without mutual TLS.
 """
 
 from __future__ import annotations
@@ -110,6 +117,8 @@ class Wake:
 def dev(data: Path, pipeline_file: Path, *args: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "etlrouter", "dev", str(pipeline_file), "--no-view"]
     cmd += ["--data-dir", str(data), "--base-port", "0", *args]
+    if INSECURE:
+        cmd.append("--insecure")
     return subprocess.Popen(cmd, stdout=(data.parent / "dev.out").open("wb"), stderr=subprocess.STDOUT)
 
 
@@ -159,6 +168,96 @@ def throughput(transform: str, records: int, workdir: Path) -> tuple[float, floa
         raise SystemExit(f"dev --limit failed ({proc.returncode}): see {data / 'logs'}")
     seconds = last - (data / "dev.json").stat().st_mtime
     return records / seconds, seconds
+
+
+INSECURE = False  # --insecure: dev without mutual TLS (its default is mTLS with a throw-away CA)
+BYTEWAX_VERSION = "0.21.1"  # `make bench` installs it; without it the row says how
+
+
+def bytewax_worker(records: int, out: Path) -> None:
+    """`e2e.py bytewax-worker N OUT` (a process of its own): generator -> filter -> JSON-lines file in one
+    Bytewax dataflow, one worker, as a user would write it; prints {"seconds", "cpu_s"} of the run.
+
+    The per-record work is ours: the generator connector's `make_record` (1000-record batches), a JSON
+    decode of the value and `amount >= 0` (what `filter` with `value.amount >= 0` does) and the jsonl
+    sink's `record_line`, encoded with msgspec, one line per record."""
+    import resource
+
+    import msgspec
+    from bytewax import operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.inputs import DynamicSource, StatelessSourcePartition
+    from bytewax.outputs import DynamicSink, StatelessSinkPartition
+    from bytewax.testing import run_main
+
+    from etlrouter.connectors.generator import GeneratorConfig, make_record
+    from etlrouter.connectors.jsonl_file_sink import record_line
+
+    config = GeneratorConfig(seed=1, record_size=200)
+    decode, encode = msgspec.json.decode, msgspec.json.Encoder().encode
+
+    class Generated(StatelessSourcePartition[Any]):
+        def __init__(self) -> None:
+            self.offset = 0
+
+        def next_batch(self) -> list[Any]:
+            if self.offset >= records:
+                raise StopIteration
+            end = min(records, self.offset + 1000)
+            batch = [make_record(config, 0, offset) for offset in range(self.offset, end)]
+            self.offset = end
+            return batch
+
+    class Generator(DynamicSource[Any]):
+        def build(self, step_id: str, worker_index: int, worker_count: int) -> Generated:
+            return Generated()
+
+    class Lines(StatelessSinkPartition[Any]):
+        def __init__(self) -> None:
+            self.file = out.open("wb")
+
+        def write_batch(self, items: list[Any]) -> None:
+            self.file.write(b"".join(encode(record_line("bytewax", r)) + b"\n" for r in items))
+            self.file.flush()
+
+        def close(self) -> None:
+            self.file.close()
+
+    class LinesSink(DynamicSink[Any]):
+        def build(self, step_id: str, worker_index: int, worker_count: int) -> Lines:
+            return Lines()
+
+    flow = Dataflow("bench")
+    kept = op.filter("step", op.input("src", flow, Generator()), lambda r: decode(r.value)["amount"] >= 0)
+    op.output("out", kept, LinesSink())
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    run_main(flow)
+    seconds, after = time.monotonic() - started, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(json.dumps({"seconds": seconds, "cpu_s": cpu}))
+
+
+def bytewax_row(records: int, workdir: Path) -> tuple[float, float, float] | str:
+    """(records/s, seconds, CPU s per 100k records) of the Bytewax peer, or why it did not run."""
+    try:
+        import bytewax  # noqa: F401
+    except ImportError:
+        return f"skipped: pip install bytewax=={BYTEWAX_VERSION} (make bench does)"
+    out = workdir / "bytewax.jsonl"
+    done = subprocess.run(
+        [sys.executable, __file__, "bytewax-worker", str(records), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return f"failed: {done.stderr.strip().splitlines()[-1:]}"
+    with out.open("rb") as f:
+        written = sum(1 for _ in f)
+    if written != records:
+        return f"failed: {written} of {records} records in {out}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return records / result["seconds"], result["seconds"], result["cpu_s"] / records * 100_000
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -337,6 +436,9 @@ def pg_latency(rate: float, seconds: float, workdir: Path, dsn: str) -> list[flo
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["bytewax-worker"]:
+        bytewax_worker(int(sys.argv[2]), Path(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -353,24 +455,44 @@ def main() -> None:
     parser.add_argument(
         "--tail-poll", action="store_true", help="tail the sink with 5 ms polls, not inotify (the old way)"
     )
+    parser.add_argument("--no-bytewax", action="store_true", help="skip the Bytewax peer row")
+    parser.add_argument("--insecure", action="store_true", help="dev without mutual TLS (plaintext)")
     args = parser.parse_args()
+    global INSECURE
+    INSECURE = args.insecure
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     print(
-        f"# e2e through `etlrouter dev` processes (3 routers, 3 services, 3 sidecars); "
-        f"{cores} cores ({usable} usable); 200 B values"
+        f"# e2e through `etlrouter dev` processes (3 routers, 3 services, 3 sidecars; "
+        f"{'plaintext' if INSECURE else 'mutual TLS'}); {cores} cores ({usable} usable); 200 B values"
     )
     head = f"{'pipeline':<44} {'records':>8} {'seconds':>8} {'records/s':>10}"
     print(f"{head} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
     with tempfile.TemporaryDirectory(prefix="etlrouter-e2e-") as tmp:
         workdir = Path(tmp)
+        rates: dict[str, float] = {}
         for transform in [] if args.no_throughput else args.transforms.split(","):
             rate, seconds = throughput(transform, args.records, workdir)
+            rates[transform] = rate
             name = f"generator -> {transform} -> jsonl sink"
             print(
                 f"{name:<44} {args.records:>8} {seconds:>8.2f} {rate:>10.0f} {'-':>7} {'-':>7} {'-':>7}",
                 flush=True,
             )
+        if not args.no_throughput and not args.no_bytewax:
+            peer = bytewax_row(args.records, workdir)
+            name = "Bytewax: generator -> filter -> file"
+            if isinstance(peer, str):
+                print(f"{name:<44} {peer}", flush=True)
+            else:
+                rate, seconds, cpu = peer
+                print(
+                    f"{name:<44} {args.records:>8} {seconds:>8.2f} {rate:>10.0f} {'-':>7} {'-':>7} {'-':>7}"
+                )
+                ours = (
+                    f"; ours (filter) reach {rates['filter'] / rate:.0%} of it" if "filter" in rates else ""
+                )
+                print(f"#   one process, one worker: {cpu:.2f} CPU s per 100k records{ours}", flush=True)
         for transform in args.transforms.split(","):
             _, lat = latency(transform, args.latency_rate, args.latency_seconds, workdir, args.tail_poll)
             lat.sort()
