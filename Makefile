@@ -72,7 +72,7 @@ proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
 ## bench: every benchmark of benchmarks/ (the README's table), one after another; BENCH="codec raft" for some
-BENCH ?= codec transport wal raft flow placement dsl control_plane pipeline e2e
+BENCH ?= codec sdk transport wal raft flow placement dsl control_plane pipeline e2e
 bench: $(STAMP)
 	$(BIN)/pip install --quiet bytewax==0.21.1  # e2e.py's peer row (not a dependency of the project)
 	@set -e; for b in $(BENCH); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done

@@ -166,13 +166,12 @@ class SourceAdapter(services_grpc.SourceServiceBase):
                     f"PullRecords: the source returned partition {pulled.partition}, "
                     f"not one of the requested {partitions}",
                 )
+            response = services_pb2.PullRecordsResponse(end_of_stream=pulled.end_of_stream)
             try:
-                batch = source_batch(pulled.records, pulled.partition)
+                source_batch(pulled.records, pulled.partition, into=response.batch)
             except OffsetOrderError as exc:
                 raise GRPCError(Status.INTERNAL, f"PullRecords: {exc}") from exc
-        await stream.send_message(
-            services_pb2.PullRecordsResponse(batch=batch, end_of_stream=pulled.end_of_stream)
-        )
+        await stream.send_message(response)
 
     async def _long_pull(
         self, max_records: int, max_bytes: int, wait_ms: int, partitions: list[int]
@@ -258,10 +257,9 @@ class TransformAdapter(services_grpc.TransformServiceBase):
             except PermanentError as exc:
                 processed = Processed([], _whole_batch_failed(exc, len(records)))
             _check_error_indexes("ProcessBatch", processed.errors, len(records))
-            output = records_pb2.RecordBatch(records=records_to_proto(processed.records))
-        await stream.send_message(
-            services_pb2.ProcessBatchResponse(batch=output, errors=errors_to_proto(processed.errors))
-        )
+            response = services_pb2.ProcessBatchResponse(errors=errors_to_proto(processed.errors))
+            records_to_proto(processed.records, into=response.batch.records)
+        await stream.send_message(response)
 
     async def GetCapabilities(self, stream: Stream[Any, Any]) -> None:
         await _capabilities(self.transform, stream)

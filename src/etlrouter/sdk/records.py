@@ -8,6 +8,7 @@ constructor is cheap.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -28,20 +29,42 @@ class Record(msgspec.Struct, gc=False):
     offset: int = 0
 
 
+# upb's map fields are Python MutableMappings: `items()`, `update()` and a dict passed to a constructor go
+# through collections.abc, one Python call per entry and per step. Reading keys and setting entries one by
+# one is 1.3x faster to decode and 2.8x faster to encode (1000 records with one header each: 3.0 -> 2.4
+# and 4.6 -> 1.6 µs per record).
+
+
+def _put_headers(target: Any, headers: dict[str, str]) -> None:
+    for name, value in headers.items():
+        target[name] = value
+
+
 def records_from_proto(record_list: records_pb2.RecordList) -> list[Record]:
     """Decode the records of a batch into plain `Record`s."""
-    return [
-        Record(p.key, p.value, dict(p.headers.items()), p.event_time_ms, p.offset)
-        for p in record_list.records
-    ]
+    out: list[Record] = []
+    append = out.append
+    for p in record_list.records:
+        headers = p.headers
+        append(
+            Record(
+                p.key, p.value, {n: headers[n] for n in headers} if headers else {}, p.event_time_ms, p.offset
+            )
+        )
+    return out
 
 
-def records_to_proto(records: Sequence[Record]) -> records_pb2.RecordList:
-    """Encode plain records into a `RecordList` (no header)."""
-    record_list = records_pb2.RecordList()
+def records_to_proto(
+    records: Sequence[Record], into: records_pb2.RecordList | None = None
+) -> records_pb2.RecordList:
+    """Encode plain records into a `RecordList` (no header); `into` fills one inside a reply in place
+    (assigning a finished one to a message field would copy every record)."""
+    record_list = records_pb2.RecordList() if into is None else into
     add = record_list.records.add
     for r in records:
-        add(key=r.key, value=r.value, headers=r.headers, event_time_ms=r.event_time_ms, offset=r.offset)
+        added = add(key=r.key, value=r.value, event_time_ms=r.event_time_ms, offset=r.offset)
+        if r.headers:
+            _put_headers(added.headers, r.headers)
     return record_list
 
 
@@ -49,14 +72,17 @@ class OffsetOrderError(ValueError):
     """A source returned offsets that do not strictly increase within one batch."""
 
 
-def source_batch(records: Sequence[Record], partition: int) -> records_pb2.RecordBatch:
+def source_batch(
+    records: Sequence[Record], partition: int, into: records_pb2.RecordBatch | None = None
+) -> records_pb2.RecordBatch:
     """A batch as a source must return it: records plus a header with partition, offset range,
-    event-time range (ignoring unknown times), record count and encoded byte size.
+    event-time range (ignoring unknown times), record count and encoded byte size. `into` (an empty
+    batch inside a reply) is filled in place, as records_to_proto's.
 
     Raises OffsetOrderError naming the first record whose offset does not increase.
     """
-    record_list = records_pb2.RecordList()
-    add = record_list.records.add
+    batch = records_pb2.RecordBatch() if into is None else into
+    add = batch.records.records.add
     previous = -1
     min_time = max_time = 0
     for index, r in enumerate(records):
@@ -72,14 +98,15 @@ def source_batch(records: Sequence[Record], partition: int) -> records_pb2.Recor
                 min_time = event_time
             if event_time > max_time:
                 max_time = event_time
-        add(key=r.key, value=r.value, headers=r.headers, event_time_ms=event_time, offset=offset)
-    header = records_pb2.BatchHeader(
-        record_count=len(records),
-        byte_size=record_list.ByteSize(),
-        partition=partition,
-        min_event_time_ms=min_time,
-        max_event_time_ms=max_time,
-    )
+        added = add(key=r.key, value=r.value, event_time_ms=event_time, offset=offset)
+        if r.headers:
+            _put_headers(added.headers, r.headers)
+    header = batch.header
+    header.record_count = len(records)
+    header.byte_size = batch.records.ByteSize()
+    header.partition = partition
+    header.min_event_time_ms = min_time
+    header.max_event_time_ms = max_time
     if records:
         header.first_offset = records[0].offset
         header.last_offset = records[-1].offset
@@ -89,7 +116,7 @@ def source_batch(records: Sequence[Record], partition: int) -> records_pb2.Recor
         if "traceparent" in first_headers:
             header.traceparent = first_headers["traceparent"]
             header.tracestate = first_headers.get("tracestate", "")
-    return records_pb2.RecordBatch(header=header, records=record_list)
+    return batch
 
 
 def encoded_size(record: Record) -> int:
