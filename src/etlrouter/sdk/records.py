@@ -30,9 +30,8 @@ class Record(msgspec.Struct, gc=False):
 
 
 # upb's map fields are Python MutableMappings: `items()`, `update()` and a dict passed to a constructor go
-# through collections.abc, one Python call per entry and per step. Reading keys and setting entries one by
-# one is 1.3x faster to decode and 2.8x faster to encode (1000 records with one header each: 3.0 -> 2.4
-# and 4.6 -> 1.6 µs per record).
+# through collections.abc, one Python call per entry and per step. Reading by key and setting entries one
+# by one takes about 0.75x the CPU to decode and 0.6x to encode (benchmarks/sdk.py).
 
 
 def _put_headers(target: Any, headers: dict[str, str]) -> None:
