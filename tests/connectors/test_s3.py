@@ -117,3 +117,27 @@ async def test_an_unreachable_endpoint_fails_the_call_as_retryable(bucket: str) 
             await write(channel, "b", [Record(b"", b"x", {}, 0, 1)])
     assert failed.value.status == Status.UNAVAILABLE
     assert "s3: writing" in str(failed.value.message)
+
+
+async def test_a_second_seaweedfs_beside_the_tests_own_keeps_its_objects_apart(
+    s3_endpoint: str, s3: Any, bucket: str, tmp_path: Any
+) -> None:
+    # weed names its Unix sockets by port in /tmp, outside the network namespace: a second instance on the
+    # default ports read the first one's volumes (CI: dev's SeaweedFS beside this suite's, "volume 31 not
+    # found" on GetObject). Each instance now has ports of its own.
+    from etlrouter.dev import servers
+
+    await s3.put_object(Bucket=bucket, Key="mine", Body=b"first")
+    second = servers.start_seaweedfs(servers.weed_binary(), servers.free_port(), tmp_path / "second")
+    try:
+        async with s3_client(second.address) as other:
+            await other.create_bucket(Bucket="other")
+            for i in range(20):
+                await other.put_object(Bucket="other", Key=f"k{i}", Body=b"%d" % i)
+            for i in range(20):
+                reply = await other.get_object(Bucket="other", Key=f"k{i}")
+                assert await reply["Body"].read() == b"%d" % i
+        reply = await s3.get_object(Bucket=bucket, Key="mine")
+        assert await reply["Body"].read() == b"first"
+    finally:
+        second.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import importlib.util
 import json
 import os
@@ -120,7 +121,9 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 5) -> None:
         process.wait()
 
 
-def _popen(argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def _popen(
+    argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
             argv,
@@ -128,6 +131,7 @@ def _popen(argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Po
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            env=env,
             start_new_session=True,  # a Ctrl-C on the terminal reaches only its starter, which stops it
             preexec_fn=_child_setup(),
         )
@@ -319,6 +323,19 @@ class Forwarder:
         await asyncio.gather(pipe(reader, inner_writer), pipe(inner_reader, writer))
 
 
+def _ports_with_grpc(n: int) -> list[int]:
+    """n distinct ports free on this host whose port + 10000 (weed's gRPC port of each) is a port too."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = stack.enter_context(socket.socket())
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+            if port + 10_000 <= 65_535:
+                ports.append(port)
+    return ports
+
+
 def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
     """SeaweedFS (master, volume, filer, S3 gateway) in a network namespace with only loopback; its S3 API
     is forwarded to 127.0.0.1:port here. Its address is the endpoint URL (keys S3_ACCESS_KEY/SECRET_KEY)."""
@@ -338,6 +355,11 @@ def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
     }
     (workdir / "s3.json").write_text(json.dumps(identities))
     log = workdir / "weed.log"
+    # weed's components also talk over Unix sockets named only by port (/tmp/seaweedfs-volume-grpc-18080.sock,
+    # not configurable): the file system is not in the network namespace, so two instances on the default
+    # ports (the connector tests' and dev's, or two devs) share them and read each other's volumes ("volume
+    # 31 not found"). Ports free on this host (and their gRPC ports, +10000) make the names this instance's.
+    master, volume, filer, inner = _ports_with_grpc(4)
     subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
     process: subprocess.Popen[bytes] | None = None
     forwarder: Forwarder | None = None
@@ -354,14 +376,19 @@ def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
                 process.kill()
                 process.wait()
             remove_namespace(ns)
+        for own in (master, volume, filer, inner):  # weed leaves its sockets behind
+            for path in (f"/tmp/seaweedfs-*-{own}.sock", f"/tmp/seaweedfs-*-grpc-{own + 10_000}.sock"):
+                for sock in glob.glob(path):
+                    with contextlib.suppress(OSError):
+                        os.unlink(sock)
 
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-        inner = 8333
         process = _popen(
             ["ip", "netns", "exec", ns, binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              "-master.telemetry=false", f"-dir={workdir}", "-volume.max=200",
              "-master.volumeSizeLimitMB=64",  # many small volumes: every bucket takes some
+             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
              "-filer", "-s3", f"-s3.port={inner}", f"-s3.config={workdir / 's3.json'}"],
             log,
         )  # fmt: skip
