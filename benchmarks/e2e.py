@@ -24,6 +24,12 @@ into a table whose `written_ms` column defaults to the commit's clock: throughpu
 table, latency is `written_ms - event_time_ms` per row (event time → sink write), with the same source
 set-ups as above.
 
+Connector rows (issue #15): kafka -> filter -> s3 and kafka -> filter -> clickhouse against the servers
+`etlrouter dev --example seed` starts (Tansu, SeaweedFS, ClickHouse; skipped, saying what is missing,
+without them): the topic is filled with the generator's N records first (not timed), then throughput is
+N / (time the store held all N, polled every 0.2 s - the time dev had every sidecar registered).
+`--no-connectors` skips them.
+
 The Bytewax row (issue #20: a Python stream processor a user would pick instead): the same generator →
 filter → JSON-lines file work in one Bytewax dataflow in a process of its own, one worker, with our
 generator's `make_record`, a JSON decode of the value for the filter and the jsonl sink's `record_line`;
@@ -260,6 +266,161 @@ def bytewax_row(records: int, workdir: Path) -> tuple[float, float, float] | str
     return records / result["seconds"], result["seconds"], result["cpu_s"] / records * 100_000
 
 
+KAFKA_TOPIC, KAFKA_PARTITIONS, S3_BUCKET = "bench", 3, "bench"
+CH_TABLE_DDL = (
+    "CREATE TABLE bench (id UInt64, amount Float64, country String, _batch String, _offset UInt64) "
+    "ENGINE = MergeTree ORDER BY id"
+)
+
+
+async def fill_topic(bootstrap: str, records: int) -> None:
+    """`records` generator records (seed 1, 200 B values) in the topic, round-robin over its partitions."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from etlrouter.connectors.generator import GeneratorConfig, make_record
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(KAFKA_TOPIC, KAFKA_PARTITIONS, 1)])
+    finally:
+        await admin.close()
+    config = GeneratorConfig(seed=1, record_size=200)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        for start in range(0, records, 1000):
+            sent = [
+                await producer.send(
+                    KAFKA_TOPIC,
+                    make_record(config, 0, i).value,
+                    key=b"%d" % i,
+                    partition=i % KAFKA_PARTITIONS,
+                )
+                for i in range(start, min(records, start + 1000))
+            ]
+            await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+def s3_lines_counter(endpoint: str) -> Any:
+    """A function counting the lines of the objects under bench/ (each object read once, when it appears)."""
+    from etlrouter.dev import servers
+
+    counted: dict[str, int] = {}
+
+    async def count() -> int:
+        async with servers.s3_client(endpoint) as s3:
+            paginator = s3.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=S3_BUCKET, Prefix="bench/"):
+                for item in page.get("Contents", []):
+                    if item["Key"] not in counted:
+                        body = await (await s3.get_object(Bucket=S3_BUCKET, Key=item["Key"]))["Body"].read()
+                        counted[item["Key"]] = body.count(b"\n")
+        return sum(counted.values())
+
+    return lambda: asyncio.run(count())
+
+
+def connector_throughput(
+    name: str, sink_line: str, count: Any, bootstrap: str, records: int, workdir: Path
+) -> tuple[float, float]:
+    """(records/s, seconds) from just before the pipeline was applied until `count()` says every record of
+    the topic is in the store (polled every 0.2 s)."""
+    file = workdir / f"tp-{name}.etl"
+    file.write_text(
+        f"# dev: service src kafka_source --bootstrap-servers {bootstrap} --topic {KAFKA_TOPIC}"
+        f" --group g-{name}\n"
+        "# dev: service step filter\n"
+        f"# dev: service out {sink_line}\n"
+        'pipeline bench { source src | transform step (config.expr = "value.amount >= 0") '
+        '| sink out (config.prefix = "bench/") }\n'
+    )
+    data = workdir / f"tp-{name}"
+    proc = dev(data, file, "--timeout", "300")
+    try:
+        deadline = time.monotonic() + 300
+        while (n := count() if (data / "dev.json").exists() else 0) < records:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{name}: {n} of {records} records arrived; see {data / 'logs'}")
+            time.sleep(0.2)
+        last = time.time()
+    finally:
+        stop(proc)
+    seconds = last - (data / "dev.json").stat().st_mtime
+    return records / seconds, seconds
+
+
+def connector_rows(records: int, workdir: Path) -> list[tuple[str, tuple[float, float] | str]]:
+    """kafka -> filter -> s3 and -> clickhouse, against the servers `dev --example seed` starts."""
+    from etlrouter.dev import servers
+
+    name_s3, name_ch = "kafka -> filter -> s3", "kafka -> filter -> clickhouse"
+    # Each *_binary() is the binary's path, or a sentence saying what is missing and how to install it.
+    missing = [
+        binary
+        for binary in (servers.tansu_binary(), servers.weed_binary(), servers.clickhouse_binary())
+        if not servers.found(binary)
+    ]
+    why_s3 = servers.seaweedfs_unsupported()
+    if missing:
+        return [(name_s3, "skipped: " + "; ".join(missing)), (name_ch, "skipped (see above)")]
+    rows: list[tuple[str, tuple[float, float] | str]] = []
+    kafka = servers.start_tansu(servers.tansu_binary(), servers.free_port(), workdir / "servers" / "kafka")
+    try:
+        asyncio.run(fill_topic(kafka.address, records))
+        if why_s3:
+            rows.append((name_s3, f"skipped: {why_s3}"))
+        else:
+            s3 = servers.start_seaweedfs(
+                servers.weed_binary(), servers.free_port(), workdir / "servers" / "s3"
+            )
+            try:
+
+                async def bucket() -> None:
+                    async with servers.s3_client(s3.address) as client:
+                        await client.create_bucket(Bucket=S3_BUCKET)
+
+                asyncio.run(bucket())
+                sink = (
+                    f"s3 --bucket {S3_BUCKET} --endpoint-url {s3.address} --path-style "
+                    f"--access-key-id {servers.S3_ACCESS_KEY} --secret-access-key {servers.S3_SECRET_KEY}"
+                )
+                rows.append(
+                    (
+                        name_s3,
+                        connector_throughput(
+                            "s3", sink, s3_lines_counter(s3.address), kafka.address, records, workdir
+                        ),
+                    )
+                )
+            finally:
+                s3.stop()
+        ch = servers.start_clickhouse(
+            servers.clickhouse_binary(), servers.free_port(), servers.free_port(), workdir / "servers" / "ch"
+        )
+        try:
+            asyncio.run(servers.clickhouse_query(ch.address, CH_TABLE_DDL))
+            sink = (
+                f"clickhouse --url {ch.address} --table bench --batch-id-column _batch"
+                " --offset-column _offset --skip-unknown-fields"
+            )
+
+            def count() -> int:
+                return int(asyncio.run(servers.clickhouse_query(ch.address, "SELECT count() FROM bench")))
+
+            rows.append(
+                (name_ch, connector_throughput("clickhouse", sink, count, kafka.address, records, workdir))
+            )
+        finally:
+            ch.stop()
+    finally:
+        kafka.stop()
+    return rows
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -456,6 +617,9 @@ def main() -> None:
         "--tail-poll", action="store_true", help="tail the sink with 5 ms polls, not inotify (the old way)"
     )
     parser.add_argument("--no-bytewax", action="store_true", help="skip the Bytewax peer row")
+    parser.add_argument(
+        "--no-connectors", action="store_true", help="skip the kafka -> filter -> s3 / clickhouse rows"
+    )
     parser.add_argument("--insecure", action="store_true", help="dev without mutual TLS (plaintext)")
     args = parser.parse_args()
     global INSECURE
@@ -479,6 +643,14 @@ def main() -> None:
                 f"{name:<44} {args.records:>8} {seconds:>8.2f} {rate:>10.0f} {'-':>7} {'-':>7} {'-':>7}",
                 flush=True,
             )
+        if not args.no_throughput and not args.no_connectors:
+            for name, row in connector_rows(args.records, workdir):
+                if isinstance(row, str):
+                    print(f"{name:<44} {row}", flush=True)
+                else:
+                    rate, seconds = row
+                    dashes = f"{'-':>7} {'-':>7} {'-':>7}"
+                    print(f"{name:<44} {args.records:>8} {seconds:>8.2f} {rate:>10.0f} {dashes}", flush=True)
         if not args.no_throughput and not args.no_bytewax:
             peer = bytewax_row(args.records, workdir)
             name = "Bytewax: generator -> filter -> file"
