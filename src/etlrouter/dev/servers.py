@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import importlib.util
 import json
 import os
@@ -121,9 +120,7 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 5) -> None:
         process.wait()
 
 
-def _popen(
-    argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+def _popen(argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
             argv,
@@ -131,7 +128,6 @@ def _popen(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=env,
             start_new_session=True,  # a Ctrl-C on the terminal reaches only its starter, which stops it
             preexec_fn=_child_setup(),
         )
@@ -323,17 +319,21 @@ class Forwarder:
         await asyncio.gather(pipe(reader, inner_writer), pipe(inner_reader, writer))
 
 
-def _ports_with_grpc(n: int) -> list[int]:
-    """n distinct ports free on this host whose port + 10000 (weed's gRPC port of each) is a port too."""
-    with contextlib.ExitStack() as stack:
-        ports: list[int] = []
-        while len(ports) < n:
-            s = stack.enter_context(socket.socket())
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-            if port + 10_000 <= 65_535:
-                ports.append(port)
-    return ports
+def _reserve_ports_with_grpc(n: int) -> tuple[list[int], list[socket.socket]]:
+    """n distinct ports whose port + 10000 (weed's gRPC port of each) is a port too, and the sockets that
+    hold them on this host (bound, not listening) until closed, so no other instance is handed them."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    while len(ports) < n:
+        s = socket.socket()
+        s.bind((HOST, 0))
+        port = int(s.getsockname()[1])
+        if port + 10_000 <= 65_535:
+            held.append(s)
+            ports.append(port)
+        else:
+            s.close()
+    return ports, held
 
 
 def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
@@ -359,7 +359,12 @@ def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
     # not configurable): the file system is not in the network namespace, so two instances on the default
     # ports (the connector tests' and dev's, or two devs) share them and read each other's volumes ("volume
     # 31 not found"). Ports free on this host (and their gRPC ports, +10000) make the names this instance's.
-    master, volume, filer, inner = _ports_with_grpc(4)
+    (master, volume, filer, inner), reserved = _reserve_ports_with_grpc(4)
+    own_sockets = [
+        f"/tmp/seaweedfs-{name}.sock"
+        for name in (f"master-grpc-{master + 10_000}", f"volume-grpc-{volume + 10_000}", f"filer-{filer}",
+                     f"filer-grpc-{filer + 10_000}", f"s3-{inner}", f"s3-grpc-{inner + 10_000}")
+    ]  # fmt: skip
     subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
     process: subprocess.Popen[bytes] | None = None
     forwarder: Forwarder | None = None
@@ -376,11 +381,11 @@ def start_seaweedfs(binary: str, port: int, workdir: Path) -> Server:
                 process.kill()
                 process.wait()
             remove_namespace(ns)
-        for own in (master, volume, filer, inner):  # weed leaves its sockets behind
-            for path in (f"/tmp/seaweedfs-*-{own}.sock", f"/tmp/seaweedfs-*-grpc-{own + 10_000}.sock"):
-                for sock in glob.glob(path):
-                    with contextlib.suppress(OSError):
-                        os.unlink(sock)
+        for path in own_sockets:  # weed leaves them behind
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for held in reserved:
+            held.close()
 
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
