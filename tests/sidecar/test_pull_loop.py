@@ -68,8 +68,9 @@ def test_an_empty_answer_is_quick_unless_it_used_a_good_part_of_the_wait() -> No
     assert answered_at_once(1.0, wait_ms=0)  # a stage whose timeout leaves no room to wait: still backed off
 
 
-async def test_a_source_that_answers_empty_at_once_is_backed_off_not_spun_on_and_still_flows() -> None:
-    source, sink = Queue(long_poll=False), RecordingSink("left")
+async def idle_pulls_then_one_record(long_poll: bool) -> int:
+    """Pulls an idle source got in one second; then one record, which must reach the sink."""
+    source, sink = Queue(long_poll=long_poll), RecordingSink("left")
     async with (
         serving(source) as s1,
         serving(sink) as s2,
@@ -83,25 +84,17 @@ async def test_a_source_that_answers_empty_at_once_is_backed_off_not_spun_on_and
         idle_pulls = source.pulls - before
         source.put()
         await until(lambda: sink.values == [0])
+    return idle_pulls
+
+
+async def test_a_source_that_answers_empty_at_once_is_backed_off_not_spun_on_and_still_flows() -> None:
+    idle_pulls = await idle_pulls_then_one_record(long_poll=False)
     # Backed off to one pull per 50 ms: about 20 a second (a busy loop makes thousands).
     assert 1 <= idle_pulls <= 100, idle_pulls
 
 
 async def test_a_long_polling_source_is_asked_again_at_once_and_answers_when_a_record_comes() -> None:
-    source, sink = Queue(long_poll=True), RecordingSink("left")
-    async with (
-        serving(source) as s1,
-        serving(sink) as s2,
-        sidecar("A", {"queue": s1.address, "left": s2.address}, KINDS) as a,
-    ):
-        dag = spec({"batch_size": "100"})
-        await a.engine.assign(1, assign(dag, {"src": a, "l": a}, a))
-        await until(lambda: source.pulls > 0)
-        before = source.pulls
-        await asyncio.sleep(1.0)
-        idle_pulls = source.pulls - before
-        source.put()
-        await until(lambda: sink.values == [0])
+    idle_pulls = await idle_pulls_then_one_record(long_poll=True)
     # Each pull is held up to PULL_WAIT_MS: a handful a second, and no backoff sleep between them.
     assert idle_pulls <= 2 * (1000 // PULL_WAIT_MS) + 2, idle_pulls
 
