@@ -406,6 +406,30 @@ def test_re_registering_keeps_what_the_sidecar_still_fronts(driver: Driver) -> N
     assert len(remaining) == 2
 
 
+def test_sidecar_services_and_sizes_follow_every_change_and_a_snapshot(driver: Driver) -> None:
+    """sidecar_services() is kept between changes (the control loop reads it every pass): each way a
+    sidecar comes, changes or goes, and a restored snapshot, shows in it at once; sizes() counts."""
+    before = dict(driver.state.sidecar_services())
+    assert driver.state.sizes() == {"sidecars": len(before), "pipelines": 0, "direct_services": 0}
+    driver.ok(sidecar("b", "filter-valid"))
+    driver.ok(sidecar("a", "s3-archive"))
+    services = driver.state.sidecar_services()
+    assert list(services) == sorted(services)  # by id, as placement reads them
+    assert services["a"] == {"s3-archive"} and services["b"] == {"filter-valid"}
+    driver.ok(sidecar("a", "s3-archive", "filter-valid"))
+    assert driver.state.sidecar_services()["a"] == {"s3-archive", "filter-valid"}
+    driver.ok(DeregisterSidecar(sidecar_id="b"))
+    assert dict(driver.state.sidecar_services()) == {**before, "a": frozenset({"s3-archive", "filter-valid"})}
+    driver.ok(ApplyPipelines(definition=ORDERS, filename="o.etl"))
+    assert driver.state.sizes() == {"sidecars": len(before) + 1, "pipelines": 2, "direct_services": 0}
+    snapshot = driver.state.snapshot()
+    driver.ok(sidecar("c", "filter-valid"))
+    assert "c" in driver.state.sidecar_services()
+    driver.state.restore(snapshot)
+    assert "c" not in driver.state.sidecar_services() and "a" in driver.state.sidecar_services()
+    assert driver.state.sizes()["sidecars"] == len(before) + 1
+
+
 def test_fencing_tokens_grow_with_every_placement_change(driver: Driver) -> None:
     driver.ok(sidecar("filter-valid-1", "filter-valid"))
     driver.ok(ApplyPipelines(definition=ORDERS, filename="o.etl"))

@@ -53,6 +53,7 @@ EXPIRED = Counter(
     registry=REGISTRY,
 )
 PLACEMENT_INTERVAL_S = 5.0
+PASS_REST_FACTOR = 2.0  # the control loop rests this many times a pass's duration after it
 PLACEMENT_CHANGES = Counter(
     "etlrouter_router_placement_changes_total", "Replica moves proposed by the leader.", registry=REGISTRY
 )
@@ -135,6 +136,7 @@ class RouterNode:
         self._leader_since_ms = 0
         self._leader_term = 0
         self._poke = asyncio.Event()
+        self._pass_compute_s = 0.0  # CPU-bound part of the last control-loop pass (the loop rests after it)
         self._loop_task: asyncio.Task[None] | None = None
         self._join_task: asyncio.Task[None] | None = None
 
@@ -213,9 +215,8 @@ class RouterNode:
     def _state_changed(self) -> None:
         self._poke.set()
         self.watch.changed()
-        REGISTRY_SIZE.labels("sidecars").set(len(self.state.sidecars()))
-        REGISTRY_SIZE.labels("pipelines").set(len(self.state.pipelines()))
-        REGISTRY_SIZE.labels("direct_services").set(len(self.state.direct_services()))
+        for kind, count in self.state.sizes().items():
+            REGISTRY_SIZE.labels(kind).set(count)
 
     def heard_from_direct_service(self, instance_id: str, ttl_ms: int) -> None:
         self.direct_heartbeats[instance_id] = (
@@ -256,6 +257,11 @@ class RouterNode:
             except Exception:
                 log.exception("leader control loop failed; retrying")
                 await asyncio.sleep(0.5)
+            # A pass computes in O(sidecars), and every applied entry pokes: under a storm of
+            # registrations, passes back to back would take the whole loop. Resting twice as long as
+            # the pass computed keeps them to a third of it (its waits for commits do not count: they
+            # cost nothing, and an expired sidecar's replicas must move on at once).
+            await asyncio.sleep(PASS_REST_FACTOR * self._pass_compute_s)
 
     def note_applied_tokens(self, sidecar_id: str, applied: Mapping[str, int]) -> None:
         """A heartbeat's applied tokens: remember the revocations they confirm, to forget them (leader)."""
@@ -270,7 +276,10 @@ class RouterNode:
 
     async def _leader_duties(self, *, run_placement: bool = True) -> None:
         now = now_ms()
-        for sidecar_id in self.sidecar_liveness.expired(now, self.state.sidecar_services()):
+        started = time.perf_counter()
+        expired = self.sidecar_liveness.expired(now, self.state.sidecar_services())
+        self._pass_compute_s = time.perf_counter() - started
+        for sidecar_id in expired:
             log.warning(
                 "sidecar silent past the timeout: deregistering", extra={"fields": {"sidecar": sidecar_id}}
             )
@@ -291,12 +300,14 @@ class RouterNode:
         await self._forget_confirmed_releases()
         if not run_placement:
             return
+        started = time.perf_counter()
         plan = place(
             self.state.dags(),
             self.sidecar_liveness.views(self.state.sidecar_services()),
             self.state.assignment(),
         )
         command = plan.to_command()
+        self._pass_compute_s += time.perf_counter() - started
         if command is not None:
             PLACEMENT_CHANGES.inc(len(command.assignments))
             result = await self.propose(command)
