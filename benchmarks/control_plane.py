@@ -3,12 +3,15 @@
 
     .venv/bin/python benchmarks/control_plane.py [--sidecars 1000] [--interval 5] [--timeout 15]
                                                  [--window 20] [--fsync on|off|both] [--generators 2]
+                                                 [--heartbeats stream|call]
 
 Three `etlrouter router` processes on loopback (production Raft timing; fsync as asked), and
-`--generators` load-generator processes (asyncio, one RouterClient each) that register the sidecars and
-then heartbeat each of them every `--interval` seconds at its own random phase (spread over time, not in
-lockstep). A simulated sidecar behaves as a real one does towards the router: it applies the Assign and
-Revoke commands it is sent, reports the fencing tokens it applied, its running stages and its load.
+`--generators` load-generator processes (asyncio) that register the sidecars and then heartbeat each of
+them every `--interval` seconds at its own random phase (spread over time, not in lockstep): on a
+HeartbeatStream per sidecar, as `etlrouter sidecar` does (the client's StreamedCall), or with
+`--heartbeats call` one Heartbeat call each (the way before streams); 50 sidecars share a connection.
+A simulated sidecar behaves as a real one does towards the router: it applies the Assign and Revoke
+commands it is sent, reports the fencing tokens it applied, its running stages and its load.
 
 The layout: `--sidecars` sidecars, each fronting one of 20 services (10 sources, 5 transforms, 5 sinks;
 round-robin, so 50 sidecars per service at 1000), and `--pipelines` pipelines
@@ -62,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
-from etlrouter.client.router import RouterClient
+from etlrouter.client.router import RouterClient, StreamedCall
 
 SOURCES, TRANSFORMS, SINKS = 10, 5, 5
 KIND_OF = {
@@ -74,6 +77,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROBE_RATE = 10.0  # GetClusterStatus probes per second during the loaded window
 FLOOR_CALLS = 200
 CATCH_UP_SPREAD = 2.0  # seconds over which sidecars that missed a heartbeat in a pause send it
+SIDECARS_PER_CONNECTION = 50  # simulated sidecars sharing one heartbeat connection
 SCRIPT = str(Path(__file__).resolve())
 
 
@@ -150,6 +154,9 @@ class SimSidecar:
     # has comes without the DagSpec; False emulates a sidecar before that change (full DAG every time).
     reports_specs: bool = True
     specs: dict[str, int] = field(default_factory=dict)
+    # How it heartbeats: on a HeartbeatStream as a sidecar does (StreamedCall), or by call only.
+    heartbeats: StreamedCall | None = None
+    client: RouterClient | None = None
 
     @property
     def id(self) -> str:
@@ -226,8 +233,23 @@ class Sample:
 
 
 class Generator:
-    def __init__(self, addresses: list[str], first: int, count: int, interval: float, seed: int) -> None:
-        self.client = RouterClient(addresses, timeout=10)
+    def __init__(
+        self,
+        addresses: list[str],
+        first: int,
+        count: int,
+        interval: float,
+        seed: int,
+        *,
+        streams: bool = True,
+        per_connection: int = SIDECARS_PER_CONNECTION,
+    ) -> None:
+        self.client = RouterClient(addresses, timeout=10)  # registrations, probes
+        # Heartbeats over one connection per `per_connection` sidecars (a real sidecar has its own; one
+        # for all would queue thousands of streams behind HTTP/2's concurrent-stream limit).
+        self.heartbeat_clients = [
+            RouterClient(addresses, timeout=10) for _ in range(math.ceil(count / per_connection))
+        ]
         self.interval = interval
         rng = random.Random(seed)
         names = list(service_kinds().items())
@@ -242,6 +264,12 @@ class Generator:
             )
             for i in range(first, first + count)
         }
+        for j, sc in enumerate(self.sidecars.values()):
+            sc.client = self.heartbeat_clients[j // per_connection]
+            if streams:
+                sc.heartbeats = StreamedCall(
+                    sc.client, control_grpc.SidecarCoordinatorStub, "Heartbeat", "HeartbeatStream"
+                )
         self.rng = rng
         self.samples: list[Sample] = []
         self.paused = False
@@ -299,7 +327,12 @@ class Generator:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         sc.inflight = done
         try:
-            reply = await self.client.call(stub, "Heartbeat", sc.heartbeat_request(), timeout=10)
+            request = sc.heartbeat_request()
+            if sc.heartbeats is not None:
+                reply = await sc.heartbeats(request, 10)
+            else:
+                assert sc.client is not None
+                reply = await sc.client.call(stub, "Heartbeat", request, timeout=10)
         except Exception:
             self.samples.append(Sample(started, time.monotonic() - started, False, 0, 0, False))
         else:
@@ -406,17 +439,30 @@ class Generator:
             for task in self.tasks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
-            self.client.close()
+            for sc in self.sidecars.values():
+                if sc.heartbeats is not None:
+                    await sc.heartbeats.close()
+            for client in (self.client, *self.heartbeat_clients):
+                client.close()
 
 
 def worker_main(args: argparse.Namespace) -> None:
-    generator_args = (args.addresses.split(","), args.first, args.count, args.interval, args.first)
+    def generator() -> Generator:
+        return Generator(
+            args.addresses.split(","),
+            args.first,
+            args.count,
+            args.interval,
+            args.first,
+            streams=args.heartbeats == "stream",
+        )
+
     try:
         import uvloop
 
-        uvloop.run(Generator(*generator_args).serve())
+        uvloop.run(generator().serve())
     except ImportError:
-        asyncio.run(Generator(*generator_args).serve())
+        asyncio.run(generator().serve())
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -498,7 +544,7 @@ class WorkerProcess:
 
     @classmethod
     async def spawn(
-        cls, workdir: Path, addresses: list[str], first: int, count: int, interval: float
+        cls, workdir: Path, addresses: list[str], first: int, count: int, interval: float, heartbeats: str
     ) -> WorkerProcess:
         log = (workdir / f"generator-{first}.log").open("ab")
         proc = await asyncio.create_subprocess_exec(
@@ -513,6 +559,8 @@ class WorkerProcess:
             str(count),
             "--interval",
             str(interval),
+            "--heartbeats",
+            heartbeats,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
@@ -648,7 +696,11 @@ async def run(args: argparse.Namespace, fsync: bool) -> dict[str, Any]:
             first = g * share
             count = min(share, args.sidecars - first)
             if count > 0:
-                workers.append(await WorkerProcess.spawn(workdir, addresses, first, count, args.interval))
+                workers.append(
+                    await WorkerProcess.spawn(
+                        workdir, addresses, first, count, args.interval, args.heartbeats
+                    )
+                )
         started = time.monotonic()
         await asyncio.gather(*(w.request("register") for w in workers))
         out["register_s"] = time.monotonic() - started
@@ -839,7 +891,7 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(
         f"\n## fsync {'on' if r['fsync'] else 'off'}: {args.sidecars} sidecars, {r['pipelines']} pipelines"
         f" -> {r['dags']} DAGs, {r['stages']} stages, {r['replicas']} replicas; heartbeat interval"
-        f" {args.interval:g} s, timeout {args.timeout:g} s"
+        f" {args.interval:g} s, timeout {args.timeout:g} s; heartbeats by {args.heartbeats}"
     )
     print(
         f"setup: register {args.sidecars} sidecars {r['register_s']:.1f} s"
@@ -984,6 +1036,12 @@ def main() -> None:
     parser.add_argument("--generators", type=int, default=2)
     parser.add_argument("--churn", type=int, default=200, help="pipelines applied and deleted in phase 6")
     parser.add_argument("--fsync", choices=["on", "off", "both"], default="on")
+    parser.add_argument(
+        "--heartbeats",
+        choices=["stream", "call"],
+        default="stream",
+        help="sidecars heartbeat on a HeartbeatStream (as etlrouter sidecar does) or by one call each",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (router logs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--addresses", help=argparse.SUPPRESS)

@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.conftest import free_port
 
 TICK_MS = 50
@@ -119,6 +121,21 @@ class RouterProcesses:
             time.sleep(0.1)
         if pending:
             raise TimeoutError(f"routers not ready after {timeout} s: {pending}; logs in {self.workdir}")
+
+    def metric(self, node: str, name: str, token: str | None = None, **labels: str) -> float:
+        """One sample of a router's /metrics (0 when it has none); `token` for a secured router."""
+        scheme = "https" if self.https else "http"
+        url = f"{scheme}://127.0.0.1:{self.http_ports[node]}/metrics"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=5, context=self.https
+        ) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
 
     def log_of(self, node: str) -> str:
         return (self.workdir / f"{node}.log").read_text(errors="replace")

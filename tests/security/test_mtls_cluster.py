@@ -105,6 +105,7 @@ def test_a_sidecar_acts_only_for_itself(secure_cluster: SecureCluster) -> None:
             control_pb2.RegisterSidecarRequest(sidecar_id="sidecar-clean", data_address="127.0.0.1:1"),
         ),
         ("Heartbeat", control_pb2.SidecarHeartbeatRequest(sidecar_id="sidecar-clean")),
+        ("HeartbeatStream", [control_pb2.SidecarHeartbeatRequest(sidecar_id="sidecar-clean")]),
         ("DeregisterSidecar", control_pb2.DeregisterSidecarRequest(sidecar_id="sidecar-clean")),
     ]
     for method, request in as_b:
@@ -246,6 +247,17 @@ def test_metrics_need_a_viewer_and_denials_are_counted(secure_cluster: SecureClu
         text = r.read().decode()
     denials = [line for line in text.splitlines() if line.startswith("etlrouter_auth_denials_total{")]
     assert any('reason="unauthenticated"' in line and not line.endswith(" 0.0") for line in denials), denials
+
+
+def test_sidecars_heartbeat_on_streams_to_the_leader(secure_cluster: SecureCluster) -> None:
+    """Each sidecar's HeartbeatStream passes the same authorization as its calls (a refused stream would
+    fall back to calls, unseen but for this gauge)."""
+    routers, viewer = secure_cluster.routers, secure_cluster.pki.tokens["viewer"]
+
+    def open_streams() -> float:
+        return sum(routers.metric(n, "etlrouter_sidecar_heartbeat_streams", viewer) for n in routers.ids)
+
+    wait_until(lambda: open_streams() == len(secure_cluster.sidecars), 30, "one stream per sidecar")
 
 
 def test_ctl_tap_needs_the_tap_permission(secure_cluster: SecureCluster) -> None:

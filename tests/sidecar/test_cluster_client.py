@@ -11,8 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from typing import Any
 
 import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server
 
-from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_pb2
+from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
 from etlrouter.client.router import RouterClient
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.sidecar.cluster import ClusterClient, is_stale
@@ -275,6 +279,134 @@ async def test_heartbeats_continue_after_kill_9_of_the_leader(
         finally:
             routers.start(old_leader)
             routers.wait_ready([old_leader])
+
+
+async def leader(admin: RouterClient) -> str:
+    status = await admin.call(
+        admin_grpc.PipelineAdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest()
+    )
+    return str(status.leader_id)
+
+
+def heartbeats_served(routers: RouterProcesses, node: str, method: str) -> float:
+    return routers.metric(node, "etlrouter_api_request_seconds_count", method=method, status="OK")
+
+
+async def test_heartbeats_ride_one_stream_to_the_leader_and_follow_a_leadership_transfer(
+    routers: RouterProcesses, admin: RouterClient
+) -> None:
+    old = await leader(admin)
+    streams = routers.metric(old, "etlrouter_sidecar_heartbeat_streams")
+    async with sidecar(routers, "t7", [svc("t7-a", "sink", 7001)]) as (client, _, _):
+        failed = metric("etlrouter_sidecar_control_heartbeats_total", outcome="failed")
+        await eventually(
+            lambda: routers.metric(old, "etlrouter_sidecar_heartbeat_streams") == streams + 1,
+            what="a heartbeat stream open on the leader",
+        )
+        calls = heartbeats_served(routers, old, "Heartbeat")
+        on_stream = heartbeats_served(routers, old, "HeartbeatStream")
+        await asyncio.sleep(10 * INTERVAL_S)
+        # Ten intervals later: every heartbeat came on the stream, none as a call.
+        assert heartbeats_served(routers, old, "Heartbeat") == calls
+        assert heartbeats_served(routers, old, "HeartbeatStream") >= on_stream + 5
+
+        await admin.call(
+            admin_grpc.PipelineAdminStub,
+            "TransferLeadership",
+            admin_pb2.TransferLeadershipRequest(),
+            write=True,
+        )
+        new = await leader(admin)
+        assert new != old
+        new_streams = routers.metric(new, "etlrouter_sidecar_heartbeat_streams")
+        await eventually(
+            lambda: (
+                client.routers.leader_address == routers.address(new)
+                and routers.metric(new, "etlrouter_sidecar_heartbeat_streams") == new_streams + 1
+            ),
+            what="the heartbeat stream moved to the new leader",
+        )
+        # The old leader ended the stream (the leader trailer); no heartbeat was lost on the way.
+        await eventually(
+            lambda: routers.metric(old, "etlrouter_sidecar_heartbeat_streams") == streams,
+            what="the old leader's stream closed",
+        )
+        assert metric("etlrouter_sidecar_control_heartbeats_total", outcome="failed") == failed
+        seen = await sidecars(admin)
+        assert seen["t7"].last_heartbeat_age_ms < 2000
+
+
+async def test_a_heartbeat_stream_carries_one_sidecars_heartbeats(
+    routers: RouterProcesses, admin: RouterClient
+) -> None:
+    """The router checks the caller against the first request (security/authz.py) and holds the stream
+    to that sidecar: a later request naming another one ends it."""
+    async with sidecar(routers, "t8", [svc("t8-a", "sink", 8001)]), sidecar(routers, "t9", []):
+        host, port = routers.address(await leader(admin)).rsplit(":", 1)
+        channel = Channel(host, int(port))
+        try:
+            # grpclib raises the router's status when the call is left, whether the router's reset
+            # came before or after the client ended its side.
+            with pytest.raises(GRPCError) as refused:
+                async with control_grpc.SidecarCoordinatorStub(channel).HeartbeatStream.open() as stream:
+                    await stream.send_message(control_pb2.SidecarHeartbeatRequest(sidecar_id="t8"))
+                    assert not (await stream.recv_message()).reregister
+                    await stream.send_message(control_pb2.SidecarHeartbeatRequest(sidecar_id="t9"), end=True)
+                    assert await stream.recv_message() is None  # the router ended the stream
+            assert refused.value.status == Status.INVALID_ARGUMENT
+            assert "heartbeats of 't8', not of 't9'" in str(refused.value.message)
+        finally:
+            channel.close()
+
+
+class CallsOnlyCoordinator(control_grpc.SidecarCoordinatorBase):
+    """A router of a version before heartbeat streams: it answers heartbeat calls only (grpclib answers
+    UNIMPLEMENTED for the stream, as for any method a server does not have)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.streams = 0
+
+    async def RegisterSidecar(self, stream: Any) -> None:
+        await stream.recv_message()
+        await stream.send_message(control_pb2.RegisterSidecarResponse(heartbeat_interval_ms=200))
+
+    async def Heartbeat(self, stream: Any) -> None:
+        await stream.recv_message()
+        self.calls += 1
+        await stream.send_message(control_pb2.SidecarHeartbeatResponse())
+
+    async def DeregisterSidecar(self, stream: Any) -> None:
+        await stream.recv_message()
+        await stream.send_message(control_pb2.DeregisterSidecarResponse())
+
+    async def HeartbeatStream(self, stream: Any) -> None:
+        self.streams += 1
+        raise GRPCError(Status.UNIMPLEMENTED, "Method not found")
+
+
+async def test_a_router_without_heartbeat_streams_is_heartbeated_by_call() -> None:
+    coordinator = CallsOnlyCoordinator()
+    server = Server([coordinator])
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    routers = RouterClient([f"127.0.0.1:{port}"], timeout=5)
+    client = ClusterClient(
+        "old", f"127.0.0.1:{free_port()}", routers, RecordingTarget(), heartbeat_interval_s=0.05
+    )
+    try:
+        await client.register([])
+        failed = metric("etlrouter_sidecar_control_heartbeats_total", outcome="failed")
+        for _ in range(5):
+            await client.heartbeat()
+        # The first by call, the second tried the stream (UNIMPLEMENTED) and went by call, then calls only.
+        assert coordinator.calls == 5 and coordinator.streams == 1
+        assert metric("etlrouter_sidecar_control_heartbeats_total", outcome="failed") == failed
+    finally:
+        await client.close()
+        routers.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_sidecar_that_fell_silent_registers_again_by_itself(

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from etlrouter._proto.v1 import admin_grpc, admin_pb2, control_grpc, control_pb2
 from etlrouter.client.router import RETRY_AFTER, SESSION_CLIENT, SESSION_SEQ, leader_trailer
@@ -93,6 +93,11 @@ API_SECONDS = Histogram(
 HEARTBEATS = Counter(
     "etlrouter_sidecar_heartbeats_total", "Sidecar heartbeats received by the leader.", registry=REGISTRY
 )
+HEARTBEAT_STREAMS = Gauge(
+    "etlrouter_sidecar_heartbeat_streams",
+    "Heartbeat streams open on this router (sidecars heartbeating on a stream rather than by call).",
+    registry=REGISTRY,
+)
 
 
 def handles_errors(handler: _Handler) -> _Handler:
@@ -114,35 +119,50 @@ def handles_errors(handler: _Handler) -> _Handler:
     return wrapper  # type: ignore[return-value]
 
 
+def _refusal(error: Exception) -> tuple[Status, str, dict[str, str] | None] | None:
+    """The gRPC status, message and trailing metadata a router exception is answered with (None: not one
+    of the router's own, left to grpclib). The one mapping of unary calls and of heartbeat streams."""
+    if isinstance(error, NotLeader):
+        return Status.FAILED_PRECONDITION, str(error), leader_trailer(error.leader_id, error.leader_address)
+    if isinstance(error, InvalidRequestError):
+        return Status.INVALID_ARGUMENT, str(error), None
+    if isinstance(error, NotFoundError):
+        return Status.NOT_FOUND, str(error), None
+    if isinstance(error, CommandRejectedError):
+        return _STATUS_OF_CODE.get(error.code, Status.UNKNOWN), error.message, None
+    if isinstance(error, OverloadedError):
+        return Status.RESOURCE_EXHAUSTED, str(error), {RETRY_AFTER: f"{error.retry_after_s:g}"}
+    if isinstance(error, NodeUnavailableError):  # starting or failed: another router can answer
+        return Status.UNAVAILABLE, str(error), None
+    if isinstance(error, WorkTimeoutError):  # before TimeoutError: answered, it gave up on the work
+        return Status.DEADLINE_EXCEEDED, f"the router stopped this request: {error}", None
+    if isinstance(error, UnknownOutcomeError):
+        return Status.UNAVAILABLE, f"outcome unknown: {error}; retry with the same session", None
+    if isinstance(error, TimeoutError):
+        return Status.UNAVAILABLE, NO_QUORUM, None
+    return None
+
+
+def _status_name(error: Exception) -> str:
+    if isinstance(error, GRPCError):
+        return error.status.name
+    refusal = _refusal(error)
+    return refusal[0].name if refusal is not None else Status.UNKNOWN.name
+
+
 async def _map_errors(handler: Callable[..., Awaitable[None]], self: Any, stream: Stream[Any, Any]) -> None:
     try:
         await handler(self, stream)
-    except NotLeader as e:
-        await stream.send_trailing_metadata(
-            status=Status.FAILED_PRECONDITION,
-            status_message=str(e),
-            metadata=leader_trailer(e.leader_id, e.leader_address),
-        )
-    except InvalidRequestError as e:
-        raise GRPCError(Status.INVALID_ARGUMENT, str(e)) from None
-    except NotFoundError as e:
-        raise GRPCError(Status.NOT_FOUND, str(e)) from None
-    except CommandRejectedError as e:
-        raise GRPCError(_STATUS_OF_CODE.get(e.code, Status.UNKNOWN), e.message) from None
-    except OverloadedError as e:
-        await stream.send_trailing_metadata(
-            status=Status.RESOURCE_EXHAUSTED,
-            status_message=str(e),
-            metadata={RETRY_AFTER: f"{e.retry_after_s:g}"},
-        )
-    except NodeUnavailableError as e:  # starting or failed: another router can answer
-        raise GRPCError(Status.UNAVAILABLE, str(e)) from None
-    except WorkTimeoutError as e:  # before TimeoutError: the leader answered, it gave up on the work
-        raise GRPCError(Status.DEADLINE_EXCEEDED, f"the router stopped this request: {e}") from None
-    except UnknownOutcomeError as e:
-        raise GRPCError(Status.UNAVAILABLE, f"outcome unknown: {e}; retry with the same session") from None
-    except TimeoutError:
-        raise GRPCError(Status.UNAVAILABLE, NO_QUORUM) from None
+    except GRPCError:
+        raise
+    except Exception as e:
+        refusal = _refusal(e)
+        if refusal is None:
+            raise
+        status, message, trailers = refusal
+        if trailers is None:
+            raise GRPCError(status, message) from None
+        await stream.send_trailing_metadata(status=status, status_message=message, metadata=trailers)
 
 
 def session_of(stream: Stream[Any, Any]) -> ClientSession | None:
@@ -288,13 +308,50 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
     @handles_errors
     async def Heartbeat(self, stream: Stream[Any, Any]) -> None:
         request: control_pb2.SidecarHeartbeatRequest = await recv(stream)
+        await stream.send_message(await self._beat(request))
+
+    async def HeartbeatStream(self, stream: Stream[Any, Any]) -> None:
+        # Not @handles_errors: that would time the whole stream as one call. Each heartbeat on it is
+        # timed on its own; errors end the stream with the status a unary Heartbeat would get.
+        HEARTBEAT_STREAMS.inc()
+        try:
+            await _map_errors(CoordinatorService._heartbeat_stream, self, stream)
+        finally:
+            HEARTBEAT_STREAMS.dec()
+
+    async def _heartbeat_stream(self, stream: Stream[Any, Any]) -> None:
+        sidecar_id = ""
+        while (request := await stream.recv_message()) is not None:
+            started = time.perf_counter()
+            status = "OK"
+            try:
+                # The caller's identity was checked against the first request's sidecar id
+                # (security/authz.py): the stream stays that sidecar's.
+                if sidecar_id and request.sidecar_id != sidecar_id:
+                    raise GRPCError(
+                        Status.INVALID_ARGUMENT,
+                        f"sidecar_id: this heartbeat stream carries the heartbeats of {sidecar_id!r},"
+                        f" not of {request.sidecar_id!r}",
+                    )
+                reply = await self._beat(request)
+                sidecar_id = request.sidecar_id
+            except Exception as e:
+                status = _status_name(e)
+                raise
+            finally:
+                API_SECONDS.labels("HeartbeatStream", status).observe(time.perf_counter() - started)
+            await stream.send_message(reply)
+
+    async def _beat(
+        self, request: control_pb2.SidecarHeartbeatRequest
+    ) -> control_pb2.SidecarHeartbeatResponse:
+        """One heartbeat: note the sidecar alive with its load and stage reports; the commands it lacks."""
         sidecar_id = require_name(request.sidecar_id, "sidecar_id")
         self.node.require_leader()
         HEARTBEATS.inc()
         state = self.node.state
         if state.sidecar(sidecar_id) is None:
-            await stream.send_message(control_pb2.SidecarHeartbeatResponse(reregister=True))
-            return
+            return control_pb2.SidecarHeartbeatResponse(reregister=True)
         self.node.sidecar_liveness.heartbeat(
             sidecar_id,
             now_ms(),
@@ -334,12 +391,10 @@ class CoordinatorService(_Base, control_grpc.SidecarCoordinatorBase):
             applied[report.dag_id] = max(applied.get(report.dag_id, 0), report.fencing_token)
         commands = state.commands_for_sidecar(sidecar_id, applied)
         self.node.note_applied_tokens(sidecar_id, applied)
-        await stream.send_message(
-            control_pb2.SidecarHeartbeatResponse(
-                commands=[command_to_proto(c, dict(request.spec_generations)) for c in commands],
-                rejected_services=rejected,
-                forget_dags=state.forgettable_dags(sidecar_id, dict(request.applied_tokens)),
-            )
+        return control_pb2.SidecarHeartbeatResponse(
+            commands=[command_to_proto(c, dict(request.spec_generations)) for c in commands],
+            rejected_services=rejected,
+            forget_dags=state.forgettable_dags(sidecar_id, dict(request.applied_tokens)),
         )
 
     @handles_errors

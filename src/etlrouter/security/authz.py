@@ -69,6 +69,10 @@ GRPC_RULES: dict[str, Rule] = {
     "/etlrouter.v1.SidecarCoordinator/Heartbeat": Rule(
         routers=True, sidecars="self", self_field="sidecar_id"
     ),
+    # The first request's sidecar id is checked here; the handler holds the stream to that id.
+    "/etlrouter.v1.SidecarCoordinator/HeartbeatStream": Rule(
+        routers=True, sidecars="self", self_field="sidecar_id"
+    ),
     "/etlrouter.v1.SidecarCoordinator/DeregisterSidecar": Rule(
         Permission.ADMIN, routers=True, sidecars="self", self_field="sidecar_id"
     ),

@@ -6,7 +6,10 @@
 - `run()` heartbeats every interval with health, load, stage reports and the highest fencing token applied
   per DAG, sends the service list when discovery changed it (`update_services`), applies the answers'
   commands, registers again when the router says `reregister`, and rides out leader changes and outages
-  (the data plane keeps running; one warning per outage; retries with backoff).
+  (the data plane keeps running; one warning per outage; retries with backoff). Heartbeats travel on one
+  long-lived HeartbeatStream to the leader, opened after a heartbeat call found it; when the stream
+  ends (a leader change, a refusal) that heartbeat goes as a call, which follows the leader and reports
+  refusals exactly as before, and the stream is opened again to whoever answered.
 - `deregister()` leaves the cluster after draining.
 - Services the router leaves out of the registration (their name is registered elsewhere with another
   kind) are `rejected`: logged once per change, counted in a gauge, shown in readiness; the rest run.
@@ -33,7 +36,7 @@ from prometheus_client import Counter, Gauge
 
 from etlrouter import __version__
 from etlrouter._proto.v1 import control_grpc, control_pb2
-from etlrouter.client.router import ClusterUnreachableError, RouterClient
+from etlrouter.client.router import ClusterUnreachableError, RouterClient, StreamedCall
 from etlrouter.core.metrics import REGISTRY
 from etlrouter.flow.retry import Backoff
 from etlrouter.sidecar.model import AssignmentTarget, LocalService, ServiceKind
@@ -235,6 +238,9 @@ class ClusterClient:
         self._wake = asyncio.Event()
         self._stopping = False
         self._outage = False
+        self._heartbeats = StreamedCall(
+            routers, control_grpc.SidecarCoordinatorStub, "Heartbeat", "HeartbeatStream"
+        )
 
     # --- services ------------------------------------------------------------------------------------
 
@@ -386,11 +392,8 @@ class ClusterClient:
         version = self._services_version
         request = self.heartbeat_request()
         try:
-            reply: control_pb2.SidecarHeartbeatResponse = await self.routers.call(
-                control_grpc.SidecarCoordinatorStub,
-                "Heartbeat",
-                request,
-                timeout=self._call_timeout(),
+            reply: control_pb2.SidecarHeartbeatResponse = await self._heartbeats(
+                request, self._call_timeout()
             )
         except GRPCError as e:
             HEARTBEATS.labels("failed").inc()
@@ -425,6 +428,12 @@ class ClusterClient:
 
     async def run(self) -> None:
         """Register (if not yet) and heartbeat until `deregister()` or cancellation."""
+        try:
+            await self._heartbeat_loop()
+        finally:
+            await self._heartbeats.close()
+
+    async def _heartbeat_loop(self) -> None:
         failures = 0
         while not self._stopping:
             try:

@@ -100,6 +100,10 @@ class SidecarCoordinatorBase(abc.ABC):
         pass
 
     @abc.abstractmethod
+    async def HeartbeatStream(self, stream: 'grpclib.server.Stream[etlrouter._proto.v1.control_pb2.SidecarHeartbeatRequest, etlrouter._proto.v1.control_pb2.SidecarHeartbeatResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
     async def DeregisterSidecar(self, stream: 'grpclib.server.Stream[etlrouter._proto.v1.control_pb2.DeregisterSidecarRequest, etlrouter._proto.v1.control_pb2.DeregisterSidecarResponse]') -> None:
         pass
 
@@ -114,6 +118,12 @@ class SidecarCoordinatorBase(abc.ABC):
             '/etlrouter.v1.SidecarCoordinator/Heartbeat': grpclib.const.Handler(
                 self.Heartbeat,
                 grpclib.const.Cardinality.UNARY_UNARY,
+                etlrouter._proto.v1.control_pb2.SidecarHeartbeatRequest,
+                etlrouter._proto.v1.control_pb2.SidecarHeartbeatResponse,
+            ),
+            '/etlrouter.v1.SidecarCoordinator/HeartbeatStream': grpclib.const.Handler(
+                self.HeartbeatStream,
+                grpclib.const.Cardinality.STREAM_STREAM,
                 etlrouter._proto.v1.control_pb2.SidecarHeartbeatRequest,
                 etlrouter._proto.v1.control_pb2.SidecarHeartbeatResponse,
             ),
@@ -138,6 +148,12 @@ class SidecarCoordinatorStub:
         self.Heartbeat = grpclib.client.UnaryUnaryMethod(
             channel,
             '/etlrouter.v1.SidecarCoordinator/Heartbeat',
+            etlrouter._proto.v1.control_pb2.SidecarHeartbeatRequest,
+            etlrouter._proto.v1.control_pb2.SidecarHeartbeatResponse,
+        )
+        self.HeartbeatStream = grpclib.client.StreamStreamMethod(
+            channel,
+            '/etlrouter.v1.SidecarCoordinator/HeartbeatStream',
             etlrouter._proto.v1.control_pb2.SidecarHeartbeatRequest,
             etlrouter._proto.v1.control_pb2.SidecarHeartbeatResponse,
         )
