@@ -324,15 +324,12 @@ class StreamedCall:
         self._stream: LeaderStream | None = None
         self._no_streams_at: str | None = None
 
-    @property
-    def streaming(self) -> bool:
-        return self._stream is not None
-
     async def __call__(self, request: Any, timeout: float) -> Any:
         stream = self._stream
         if stream is not None:
             try:
-                # Half the time for the stream: a call to another router must still fit.
+                # Half the timeout: a router that stopped answering costs less before the call,
+                # which gets the whole timeout, tries the others.
                 return await stream.exchange(request, timeout / 2)
             except StreamEndedError as e:
                 self._stream = None
