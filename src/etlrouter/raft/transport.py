@@ -415,8 +415,12 @@ class _Peer:
             return False
         stream = self.stub.AppendEntries.open()
         try:
-            await stream.__aenter__()
-            await stream.send_request()
+            # Bounded like the unary calls: a connect whose SYNs go unanswered (a pod gone, its name
+            # still resolving to its old address) would otherwise hold this peer's queue for the
+            # kernel's two-minute SYN retry, and the restarted peer would hear nothing for as long.
+            async with asyncio.timeout(self.t.rpc_timeout_s):
+                await stream.__aenter__()
+                await stream.send_request()
         except _CONNECTION_ERRORS as e:
             self._failed(e)
             with contextlib.suppress(Exception):
