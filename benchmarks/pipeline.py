@@ -2,12 +2,13 @@
 """The routed pipeline (source -> transform -> sink across three sidecars) against the direct chain.
 
     python benchmarks/pipeline.py [--records 300000] [--record-size 250] [--rounds 3] [--inflight 4]
+    python benchmarks/pipeline.py --batch-sizes 100 1000 5000 --records 200000 --rounds 2
     python benchmarks/pipeline.py --modes routed --records 1000000 --rounds 1 --keep --profile DIR
 
 Every part is its own process on loopback: a 3-node router cluster (fsync off) for control, the
-`generator` source (1000-record batches of ~250 B values), the `filter` transform with an always-true
-expression, and a counting SDK sink defined in this file (`pipeline.py sink`), which keeps per-batch
-arrival times in a small stats file.
+`generator` source (batches of --batch-sizes records, 1000 by default, ~250 B values), the `filter`
+transform with an always-true expression, and a counting SDK sink defined in this file (`pipeline.py
+sink`), which keeps per-batch arrival times in a small stats file.
 
 - direct:  one driver process (`pipeline.py driver`) pulls from the source, calls ProcessBatch, calls
   WriteBatch and acknowledges in source order, with --inflight batches in flight, over grpclib with the
@@ -23,7 +24,9 @@ histogram (pull answered -> every branch DONE) and interpolated within its bucke
 histogram_quantile. CPU seconds per process come from /proc/PID/stat over the run; "other load" is the
 rest of the machine's busy CPU over the same time (the routers, and anything else running: on a shared
 machine a round with other load is not comparable). The sink records each batch's offset range, so every
-round also reports offsets never written and records written twice.
+round also reports offsets never written and records written twice. A second table per batch size gives
+each process's CPU microseconds per record written, and the mean over the three sidecars: the cost of one
+forwarding hop (target, issue #20: <= 2 us; routed total CPU within 15% of direct).
 
 --tls on|both runs the routed pipeline with mutual TLS on every part (a throw-away CA, as in
 tests/security/pki.py; "both": plaintext and mTLS rounds alternate, each against its own 3-router
@@ -66,7 +69,7 @@ if str(ROOT) not in sys.path:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PIPELINE = """
 pipeline bench {
-  source orders (batch_size = 1000)
+  source orders (batch_size = %d)
   | transform pass (config.expr = "true")
   | sink count
 }
@@ -129,7 +132,9 @@ def run_sink(name: str, port: int, stats: Path) -> None:
 # Child process: the direct chain's driver.
 
 
-async def drive(source: str, transform: str, sink: str, inflight: int, expr: str) -> dict[str, Any]:
+async def drive(
+    source: str, transform: str, sink: str, inflight: int, expr: str, batch_size: int
+) -> dict[str, Any]:
     from etlrouter._proto.v1 import services_pb2
     from etlrouter.core.grpc import open_channel
     from etlrouter.sidecar.wire import ServiceClient
@@ -163,7 +168,7 @@ async def drive(source: str, transform: str, sink: str, inflight: int, expr: str
         while not finished:
             async with pull_lock:  # pulls in order, so the batches leave the source in offset order
                 reply = await src.pull(
-                    services_pb2.PullRecordsRequest(max_records=1000, wait_ms=500, max_bytes=4 << 20)
+                    services_pb2.PullRecordsRequest(max_records=batch_size, wait_ms=500, max_bytes=16 << 20)
                 )
             batch = reply.batch
             if not batch.records:
@@ -445,7 +450,10 @@ def run_direct(procs: Procs, base: Path, args: argparse.Namespace, n: int) -> di
     addresses = [f"127.0.0.1:{svc['ports'][k]}" for k in ("src", "mid", "sink")]
     procs.start(
         f"direct{n}-driver",
-        [__file__, "driver", *addresses, "--inflight", str(args.inflight), "--out", str(out)],
+        [
+            *(__file__, "driver", *addresses, "--inflight", str(args.inflight)),
+            *("--batch-size", str(args.batch_size), "--out", str(out)),
+        ],
     )
     wait_until(lambda: out.exists(), 300, "the driver to finish")
     result = json.loads(out.read_text())
@@ -523,7 +531,7 @@ def run_routed(
         for name, pid in (pids.items() if args.profile else ())
     ]
     busy0, started = machine_busy(), time.monotonic()
-    apply(routers.addresses, PIPELINE, pki)
+    apply(routers.addresses, PIPELINE % args.batch_size, pki)
     # Until every offset is at the sink, or nothing more arrives for 20 s.
     written, progress_at, missing = 0, time.monotonic(), args.records
     while missing and time.monotonic() - progress_at < 20:
@@ -604,31 +612,39 @@ def main_bench(args: argparse.Namespace) -> None:
             )
         modes = [m for mode in modes for m in (tracing_modes if mode == "routed" else [mode])]
     procs = Procs(base)
-    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    results: dict[tuple[int, str], list[dict[str, Any]]] = {
+        (size, mode): [] for size in args.batch_sizes for mode in modes
+    }
     for cluster in clusters.values():
         cluster.start_all()
     try:
         for cluster in clusters.values():
             cluster.wait_ready()
-        for n in range(args.rounds):
-            for mode in modes:
-                if mode == "direct":
-                    result = run_direct(procs, base, args, n)
-                elif mode in tracing_modes:
-                    result = run_routed(procs, base, args, n, clusters["routed"], None, tracing_modes[mode])
-                else:
-                    tls = pki if mode == "routed+mtls" else None
-                    result = run_routed(procs, base, args, n, clusters[mode], tls)
-                stop_round(procs)
-                results[mode].append(result)
-                cpu = ", ".join(f"{k} {v:.1f}" for k, v in result["cpu"].items())
-                print(
-                    f"round {n} {mode:11}: {result['rate']:9.0f} rec/s  p50 {result['p50'] * 1000:6.1f} ms  "
-                    f"p99 {result['p99'] * 1000:6.1f} ms  ({result['records']} records written, "
-                    f"{result['missing']} offsets missing, {result['duplicates']} duplicates; CPU s: {cpu}; "
-                    f"other load {result['other_cores']:.2f} cores)",
-                    flush=True,
-                )
+        for i, size in enumerate(args.batch_sizes):
+            args.batch_size = size
+            for r in range(args.rounds):
+                n = i * args.rounds + r  # names processes, sidecar ids and work directories: unique per run
+                for mode in modes:
+                    if mode == "direct":
+                        result = run_direct(procs, base, args, n)
+                    elif mode in tracing_modes:
+                        result = run_routed(
+                            procs, base, args, n, clusters["routed"], None, tracing_modes[mode]
+                        )
+                    else:
+                        tls = pki if mode == "routed+mtls" else None
+                        result = run_routed(procs, base, args, n, clusters[mode], tls)
+                    stop_round(procs)
+                    results[size, mode].append(result)
+                    cpu = ", ".join(f"{k} {v:.1f}" for k, v in result["cpu"].items())
+                    print(
+                        f"{size}-record batches, round {r} {mode:11}: {result['rate']:9.0f} rec/s  "
+                        f"p50 {result['p50'] * 1000:6.1f} ms  p99 {result['p99'] * 1000:6.1f} ms  "
+                        f"({result['records']} records written, {result['missing']} offsets missing, "
+                        f"{result['duplicates']} duplicates; CPU s: {cpu}; "
+                        f"other load {result['other_cores']:.2f} cores)",
+                        flush=True,
+                    )
     finally:
         procs.stop_all()
         for cluster in clusters.values():
@@ -640,44 +656,85 @@ def main_bench(args: argparse.Namespace) -> None:
             shutil.rmtree(base, ignore_errors=True)
         else:
             print(f"logs kept in {base}")
+    for size in args.batch_sizes:
+        print_tables(args, size, modes, tracing_modes, {mode: results[size, mode] for mode in modes})
+
+
+SIDECARS = ("sc-src", "sc-mid", "sc-sink")
+
+
+def print_tables(
+    args: argparse.Namespace,
+    size: int,
+    modes: Sequence[str],
+    tracing_modes: Mapping[str, Any],
+    results: Mapping[str, list[dict[str, Any]]],
+) -> None:
+    def median_rate(mode: str) -> float:
+        return statistics.median(r["rate"] for r in results[mode]) if results.get(mode) else 0.0
+
+    def us_per_record(mode: str, process: str) -> float:
+        """Median over the rounds of the process's CPU microseconds per record written."""
+        values = [r["cpu"][process] / r["records"] * 1e6 for r in results[mode] if r["records"]]
+        return statistics.median(values) if values else float("nan")
+
+    def label(mode: str) -> str:
+        return {
+            "direct": f"direct (driver, {args.inflight} in flight)",
+            "routed": "routed (3 sidecars)" + (", tracing off" if tracing_modes else ""),
+            "routed+mtls": "routed (3 sidecars), mutual TLS",
+        }.get(mode, f"routed (3 sidecars), tracing {mode.removeprefix('routed+trace')} sampled")
+
     print()
-    print(f"{args.records} records of ~{args.record_size} B in 1000-record batches, {args.rounds} round(s)")
+    print(f"{args.records} records of ~{args.record_size} B in {size}-record batches, {args.rounds} round(s)")
     print(
         "| pipeline | records/s (median) | p50 batch latency | p99 batch latency | CPU s per 100k records |"
     )
     print("|---|---|---|---|---|")
     for mode in modes:
         rs = results[mode]
-        rate = statistics.median(r["rate"] for r in rs)
         p50 = statistics.median(r["p50"] for r in rs) * 1000
         p99 = statistics.median(r["p99"] for r in rs) * 1000
         cpu = sum(v for r in rs for v in r["cpu"].values() if v == v) / (len(rs) * args.records / 100_000)
-        label = {
-            "direct": f"direct (driver, {args.inflight} in flight)",
-            "routed": "routed (3 sidecars)" + (", tracing off" if tracing_modes else ""),
-            "routed+mtls": "routed (3 sidecars), mutual TLS",
-        }.get(mode, f"routed (3 sidecars), tracing {mode.removeprefix('routed+trace')} sampled")
-        print(f"| {label} | {rate:,.0f} | {p50:.1f} ms | {p99:.1f} ms | {cpu:.2f} |")
+        print(f"| {label(mode)} | {median_rate(mode):,.0f} | {p50:.1f} ms | {p99:.1f} ms | {cpu:.2f} |")
+    # CPU per record, per process: the services are the same programs in every mode; what differs is
+    # who carries the batches between them (one driver, or a sidecar per service).
+    processes = ["source", "transform", "sink", "driver", *SIDECARS]
+    print()
+    print(f"CPU us per record written, {size}-record batches (median of the rounds)")
+    print("| pipeline | " + " | ".join(processes) + " | per sidecar hop (mean) | total |")
+    print("|---|" + "---|" * (len(processes) + 2))
+    totals: dict[str, float] = {}
+    for mode in modes:
+        cells = {p: us_per_record(mode, p) if p in results[mode][0]["cpu"] else None for p in processes}
+        hops = [v for p, v in cells.items() if p in SIDECARS and v is not None]
+        totals[mode] = sum(v for v in cells.values() if v is not None and v == v)
+        row = " | ".join("" if v is None else f"{v:.1f}" for v in cells.values())
+        hop = f"{statistics.mean(hops):.1f}" if hops else ""
+        print(f"| {label(mode)} | {row} | {hop} | {totals[mode]:.1f} |")
+    met = {True: "met", False: "NOT met"}
     if results.get("routed") and results.get("routed+mtls"):
-        plain = statistics.median(r["rate"] for r in results["routed"])
-        secure = statistics.median(r["rate"] for r in results["routed+mtls"])
-        share = secure / plain if plain else 0.0
+        share = median_rate("routed+mtls") / median_rate("routed") if median_rate("routed") else 0.0
         print()
-        print(f"mTLS / plaintext = {share:.0%} (target >= 85%): {'met' if share >= 0.85 else 'NOT met'}")
-    plain_rate = statistics.median(r["rate"] for r in results["routed"]) if results.get("routed") else 0.0
+        print(f"mTLS / plaintext = {share:.0%} (target >= 85%): {met[share >= 0.85]}")
+    plain_rate = median_rate("routed")
     for mode in tracing_modes:
         if mode != "routed" and results.get(mode) and plain_rate:
-            share = statistics.median(r["rate"] for r in results[mode]) / plain_rate
-            print(f"{mode} / tracing off = {share:.0%}")
+            print(f"{mode} / tracing off = {median_rate(mode) / plain_rate:.0%}")
     if results.get("direct") and results.get("routed"):
-        direct = statistics.median(r["rate"] for r in results["direct"])
-        routed = statistics.median(r["rate"] for r in results["routed"])
+        direct, routed = median_rate("direct"), median_rate("routed")
         ratio = routed / direct if direct else 0.0
-        print()
-        print(f"routed / direct = {ratio:.0%} (target >= 60%): {'met' if ratio >= 0.6 else 'NOT met'}")
-        print(
-            f"routed = {routed:,.0f} records/s (target >= 50,000): {'met' if routed >= 50_000 else 'NOT met'}"
+        hop_us = statistics.mean(us_per_record("routed", p) for p in SIDECARS)
+        cpu_ratio = totals["routed"] / totals["direct"] if totals["direct"] else float("nan")
+        p99_ratio = statistics.median(r["p99"] for r in results["routed"]) / statistics.median(
+            r["p99"] for r in results["direct"]
         )
+        print()
+        print(f"routed / direct = {ratio:.0%} (target >= 60%): {met[ratio >= 0.6]}")
+        print(f"routed = {routed:,.0f} records/s (target >= 50,000): {met[routed >= 50_000]}")
+        print(f"sidecar hop = {hop_us:.1f} us CPU per record (target <= 2): {met[hop_us <= 2]}")
+        print(f"routed CPU / direct CPU = {cpu_ratio:.2f} (target <= 1.15): {met[cpu_ratio <= 1.15]}")
+        print(f"routed p99 / direct p99 = {p99_ratio:.1f} (target <= 2): {met[p99_ratio <= 2]}")
 
 
 def main() -> None:
@@ -694,10 +751,18 @@ def main() -> None:
     driver.add_argument("transform")
     driver.add_argument("sink")
     driver.add_argument("--inflight", type=int, default=4)
+    driver.add_argument("--batch-size", type=int, default=1000)
     driver.add_argument("--out", type=Path, required=True)
     parser.add_argument("--records", type=int, default=300_000)
     parser.add_argument("--record-size", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1000],
+        help="records per batch; every size runs its own rounds (the tables come per size)",
+    )
     parser.add_argument("--inflight", type=int, default=4, help="batches in flight in the direct chain")
     parser.add_argument("--modes", nargs="+", default=["direct", "routed"], choices=["direct", "routed"])
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs")
@@ -725,7 +790,9 @@ def main() -> None:
     elif args.command == "driver":
         from etlrouter.core.lifecycle import run_loop
 
-        result = run_loop(lambda: drive(args.source, args.transform, args.sink, args.inflight, "true"))
+        result = run_loop(
+            lambda: drive(args.source, args.transform, args.sink, args.inflight, "true", args.batch_size)
+        )
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(args.out)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
+import platform
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -52,8 +56,37 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
+# glibc serves an allocation above its mmap threshold (128 KiB at first) with a fresh mmap(), and gives
+# the top of the heap back to the kernel once more than the trim threshold is free there. A batch is a
+# few 100 KB buffers allocated and freed several times per hop (encode, frame, read, decode), so by
+# default each of them cost page faults and zeroed pages: 25-30% of a forwarding process's CPU, measured
+# (docs/adr/0002-transport-tuning.md). Fixed thresholds keep such buffers in the heap and reuse them.
+MALLOC_MMAP_THRESHOLD = 4 << 20
+MALLOC_TRIM_THRESHOLD = 16 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameter numbers (malloc.h)
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_batch_buffers_in_heap() -> bool:
+    """Set glibc's mmap and trim thresholds (above) for this process; True when set. Not on other C
+    libraries, and not when the operator set either threshold in the environment (glibc reads those)."""
+    if (
+        sys.platform != "linux"
+        or platform.libc_ver()[0] != "glibc"
+        or any(k in os.environ for k in _MALLOC_ENV)
+    ):
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    )
+
+
 def run_loop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     """Run main() on uvloop when it is installed, else on the default asyncio loop."""
+    keep_batch_buffers_in_heap()
     try:
         import uvloop
     except ImportError:  # non-Linux platforms
