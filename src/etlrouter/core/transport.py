@@ -6,6 +6,10 @@ Two measured costs (docs/adr/0002-transport-tuning.md, benchmarks/transport.py):
   over every byte received. We give DATA frames a constant-cost repr.
 - h2 advertises the RFC's 16 KiB SETTINGS_MAX_FRAME_SIZE, so a 300 KB batch arrives as ~19 frames, each
   paying h2's per-frame Python overhead. We advertise 1 MiB (peers may then send frames up to that size).
+- Sending a message, grpclib prepends the 5-byte gRPC prefix by concatenation, then h2 copies the body
+  into the frame, the frame into its outbound buffer and the buffer into the bytes handed to the socket:
+  four copies of every batch sent. The tuned path hands the prefix, the encoded message and a 9-byte frame
+  header to the transport as they are (`writelines`), doing h2's flow-control and stream bookkeeping.
 
 And one safety limit grpclib lacks: a maximum message size, checked from the 5-byte gRPC message prefix
 before any of the message is buffered, so a peer cannot make us allocate an arbitrary amount of memory.
@@ -14,12 +18,15 @@ before any of the message is buffered, so a peer cannot make us allocate an arbi
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpclib.client
 import grpclib.protocol
 import grpclib.server
+import grpclib.stream
 import h2.connection
+import h2.exceptions
 import h2.settings
 import hyperframe.frame
 from grpclib.config import Configuration
@@ -35,7 +42,13 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 _original_data_body_repr = hyperframe.frame.DataFrame._body_repr
 _original_h2_connection = h2.connection.H2Connection
+_original_send_data = grpclib.protocol.Stream.send_data
+_original_send_message = grpclib.stream.send_message
 _max_message_bytes = 64 << 20
+_MESSAGE_PREFIX = struct.Struct(">?I")  # compressed flag, length
+_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length (high 16, low 8 bits), type, flags, stream id
+_DATA, _END_STREAM = 0x0, 0x1
+Buffer = bytes | memoryview
 
 
 def _cheap_data_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -57,8 +70,104 @@ def _tuned_connection_class(max_frame_size: int) -> type[h2.connection.H2Connect
             # Accept large frames at once: a peer may use our setting as soon as it has read it, before
             # we receive its acknowledgement.
             self.max_inbound_frame_size = max_frame_size
+            self._chunks: list[Buffer] = []  # what to write, in order, ahead of `_data_to_send`
+
+        def send_data_parts(self, stream_id: int, parts: Sequence[Buffer], end_stream: bool) -> None:
+            """h2's `send_data` (without padding) for a frame body given in parts, which are queued as
+            they are instead of being copied into one frame; `chunks_to_send` hands them out."""
+            size = sum(len(part) for part in parts)
+            if size > 0 and size > self.local_flow_control_window(stream_id):
+                window = self.local_flow_control_window(stream_id)
+                raise h2.exceptions.FlowControlError(
+                    f"Cannot send {size} bytes, flow control window is {window}"
+                )
+            if size > self.max_outbound_frame_size:
+                limit = self.max_outbound_frame_size
+                raise h2.exceptions.FrameTooLargeError(f"Cannot send frame size {size}, max is {limit}")
+            self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+            stream = self.streams[stream_id]
+            # The stream's state machine (and END_STREAM) as for any DATA frame; its window by hand.
+            (frame,) = stream.send_data(b"", end_stream)
+            stream.outbound_flow_control_window -= size
+            self.outbound_flow_control_window -= size
+            flags = _END_STREAM if "END_STREAM" in frame.flags else 0
+            if self._data_to_send:  # frames queued before this one go first
+                self._chunks.append(bytes(self._data_to_send))
+                self._data_to_send = bytearray()
+            self._chunks.append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id))
+            self._chunks.extend(parts)
+
+        def chunks_to_send(self) -> list[Buffer]:
+            """Everything queued to send, in order, as separate buffers (for `transport.writelines`)."""
+            chunks, self._chunks = self._chunks, []
+            if self._data_to_send:
+                chunks.append(bytes(self._data_to_send))
+                self._data_to_send = bytearray()
+            return chunks
+
+        def data_to_send(self, amount: int | None = None) -> bytes:
+            if self._chunks:  # parts still queued: they come first, joined for a caller that wants bytes
+                self._data_to_send = bytearray(b"".join(self.chunks_to_send()))
+            return super().data_to_send(amount)
 
     return TunedH2Connection
+
+
+def _parts_slice(parts: Sequence[Buffer], start: int, size: int) -> list[Buffer]:
+    """The bytes [start, start + size) of the concatenated parts, as views (no copy)."""
+    out: list[Buffer] = []
+    for part in parts:
+        if size <= 0:
+            break
+        if start >= len(part):
+            start -= len(part)
+            continue
+        piece = memoryview(part)[start : start + size]
+        out.append(piece)
+        size -= len(piece)
+        start = 0
+    return out
+
+
+async def _send_parts(stream: Any, parts: Sequence[Buffer], end_stream: bool) -> None:
+    """grpclib's `Stream.send_data` (flow-control waits, frame-size splitting, sent-bytes accounting) for a
+    body in parts, written without joining them. Any other H2Connection: grpclib's own way."""
+    connection = stream._h2_connection
+    if not hasattr(connection, "send_data_parts"):
+        await _original_send_data(stream, b"".join(parts), end_stream=end_stream)
+        return
+    assert stream.id is not None
+    total, sent = sum(len(part) for part in parts), 0
+    while True:
+        await stream.connection.write_ready.wait()
+        window = connection.local_flow_control_window(stream.id)
+        if not window > 0:  # may be negative
+            stream.window_updated.clear()
+            await stream.window_updated.wait()
+            # other streams may have sent meanwhile: look at the window again
+            continue
+        size = min(window, connection.max_outbound_frame_size, total - sent)
+        last = sent + size == total
+        frame_parts = parts if size == total else _parts_slice(parts, sent, size)
+        connection.send_data_parts(stream.id, frame_parts, end_stream=end_stream and last)
+        stream._transport.writelines(connection.chunks_to_send())
+        sent += size
+        stream.data_sent += size
+        stream.connection.data_sent += size
+        stream.connection.data_send_process()
+        if last:
+            return
+
+
+async def _send_data(self: Any, data: bytes, end_stream: bool = False) -> None:
+    await _send_parts(self, (data,), end_stream)
+
+
+async def _send_message(
+    stream: Stream, codec: CodecBase, message: Any, message_type: Any, *, end: bool = False
+) -> None:
+    body = codec.encode(message, message_type)
+    await _send_parts(stream, (_MESSAGE_PREFIX.pack(False, len(body)), body), end)
 
 
 async def _bounded_recv_message(stream: Stream, codec: CodecBase, message_type: type[_T]) -> _T | None:
@@ -92,6 +201,11 @@ def install(config: TransportConfig) -> None:
     setattr(hyperframe.frame.DataFrame, "_body_repr", body_repr)  # noqa: B010
     connection_class = _tuned_connection_class(config.max_frame_size) if tuned else _original_h2_connection
     setattr(grpclib.protocol, "H2Connection", connection_class)  # noqa: B010
+    # Messages go out as their parts (see above); grpclib imports send_message by name, like recv_message.
+    send_message = _send_message if tuned else _original_send_message
+    setattr(grpclib.server, "send_message", send_message)  # noqa: B010
+    setattr(grpclib.client, "send_message", send_message)  # noqa: B010
+    setattr(grpclib.protocol.Stream, "send_data", _send_data if tuned else _original_send_data)  # noqa: B010
 
 
 def grpc_configuration(config: TransportConfig) -> Configuration:
