@@ -103,6 +103,11 @@ def test_error_indexes_and_one_to_one() -> None:
     for o in (10, 12):
         reply.batch.records.records.add(offset=o)
     assert judge.one_to_one_problems(inputs, reply) == []
+    assert judge.record_count_problems(reply.batch) == []  # not said
+    reply.batch.header.record_count = 2
+    assert judge.record_count_problems(reply.batch) == []
+    reply.batch.header.record_count = 3
+    assert judge.record_count_problems(reply.batch) == ["header.record_count is 3, the batch holds 2 records"]
     reply.batch.records.records[0].offset, reply.batch.records.records[1].offset = 12, 10
     assert judge.one_to_one_problems(inputs, reply) == [
         "outputs are not in input order (their offsets differ from the inputs')"

@@ -516,7 +516,9 @@ async def transform_checks(
             ]
             + await _transform_limits(session, caps, options)
         )
-    problems = judge.error_index_problems(clean.errors, len(sample))
+    problems = judge.error_index_problems(clean.errors, len(sample)) + judge.record_count_problems(
+        clean.batch
+    )
     results.append(
         verdict(
             problems,

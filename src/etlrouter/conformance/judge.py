@@ -92,6 +92,13 @@ def error_index_problems(errors: Sequence[records_pb2.RecordError], count: int) 
     return problems
 
 
+def record_count_problems(batch: records_pb2.RecordBatch) -> list[str]:
+    """A transform's answer may say how many records it holds; the sidecar then takes that instead of
+    counting, so it must be right (0 = not said)."""
+    said, held = batch.header.record_count, len(batch.records.records)
+    return [f"header.record_count is {said}, the batch holds {held} records"] if said and said != held else []
+
+
 def same_record(a: records_pb2.Record, b: records_pb2.Record) -> bool:
     """The same source record, delivered again: key, value and offset (headers a source stamps on each
     delivery, such as a delivery time, may differ)."""

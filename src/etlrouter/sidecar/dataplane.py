@@ -57,11 +57,11 @@ class DataPlaneService(dataplane_grpc.SidecarDataPlaneBase):
             )
         )
 
-        async def handle(batch: records_pb2.RawRecordBatch) -> None:
+        async def handle(batch: records_pb2.RawRecordBatch, nbytes: int) -> None:
             result = await self.engine.receive(
                 edge.dag_id, edge.stage_id, batch, sender=f"{edge.sender_sidecar_id}/{edge.from_stage_id}"
             )
-            grant = buffer.on_consumed(batch.header.record_count, len(batch.records))
+            grant = buffer.on_consumed(batch.header.record_count, nbytes)
             frame = dataplane_pb2.ControlFrame(
                 grant=records_pb2.Credits(records=grant.records, bytes=grant.nbytes),
                 outcomes=[
@@ -82,9 +82,10 @@ class DataPlaneService(dataplane_grpc.SidecarDataPlaneBase):
             async for frame in stream:
                 if frame.HasField("batch"):
                     batch = frame.batch
+                    nbytes = len(batch.records)  # reading `records` copies them (upb): once per batch
                     # A sender beyond its credits raises CreditViolation: a protocol bug, ends the edge.
-                    buffer.on_received(batch.header.record_count, len(batch.records))
-                    task = asyncio.ensure_future(handle(batch))
+                    buffer.on_received(batch.header.record_count, nbytes)
+                    task = asyncio.ensure_future(handle(batch, nbytes))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 elif frame.HasField("close"):

@@ -214,10 +214,11 @@ class StageRunner:
 
     def note_input(self, batch: records_pb2.RawRecordBatch) -> None:
         """Count a batch handed to this stage, and offer it to the taps."""
+        nbytes = len(batch.records)  # a copy of the records (upb): once
         self.stats.records_in += batch.header.record_count
-        self.stats.bytes_in += len(batch.records)
+        self.stats.bytes_in += nbytes
         self._received.inc(batch.header.record_count)
-        self._received_bytes.inc(len(batch.records))
+        self._received_bytes.inc(nbytes)
         self.host.tap(self.stage.id, batch)
 
     def note_output(self, records: int, nbytes: int) -> None:
@@ -418,9 +419,12 @@ class TransformRunner(StageRunner):
         dead = await self.dead_letter_failed_records(batch, reply.errors, "error", "transform")
         if isinstance(dead, BatchResult):
             return dead
-        out = records_pb2.RawRecordBatch(header=batch.header, records=reply.batch.records)
-        out.header.record_count = reply.batch.header.record_count or count_records(out.records)
-        out.header.byte_size = len(out.records)
+        # The answer's batch, with the input's header: reading `records` copies them (upb), so once.
+        out, records = reply.batch, reply.batch.records
+        said = out.header.record_count
+        out.header.CopyFrom(batch.header)
+        out.header.record_count = said or count_records(records)
+        out.header.byte_size = len(records)
         filtered = batch.header.record_count - out.header.record_count - dead
         if filtered > 0:
             DISCARDED.labels(*self.labels, "filtered", "true").inc(filtered)
@@ -448,8 +452,9 @@ class LookupRunner(StageRunner):
             if result.found:
                 for name, value in result.fields.items():
                     record.headers[f"{self.stage.service}.{name}"] = value
-        out = records_pb2.RawRecordBatch(header=batch.header, records=encode_records(records))
-        out.header.byte_size = len(out.records)
+        encoded = encode_records(records)
+        out = records_pb2.RawRecordBatch(header=batch.header, records=encoded)
+        out.header.byte_size = len(encoded)
         return await self.forward(out)
 
 
