@@ -24,9 +24,11 @@ histogram (pull answered -> every branch DONE) and interpolated within its bucke
 histogram_quantile. CPU seconds per process come from /proc/PID/stat over the run; "other load" is the
 rest of the machine's busy CPU over the same time (the routers, and anything else running: on a shared
 machine a round with other load is not comparable). The sink records each batch's offset range, so every
-round also reports offsets never written and records written twice. A second table per batch size gives
-each process's CPU microseconds per record written, and the mean over the three sidecars: the cost of one
-forwarding hop (target, issue #20: <= 2 us; routed total CPU within 15% of direct).
+round also reports offsets never written and records written twice. --max-inflight N sets the source
+stage's `max_inflight` option in the routed rounds (the direct driver always keeps --inflight batches).
+A second table per batch size gives each process's CPU microseconds per record written, and the mean
+over the three sidecars: the cost of one forwarding hop (target, issue #20: <= 2 us; routed total CPU
+within 15% of direct).
 
 --tls on|both runs the routed pipeline with mutual TLS on every part (a throw-away CA, as in
 tests/security/pki.py; "both": plaintext and mTLS rounds alternate, each against its own 3-router
@@ -69,7 +71,7 @@ if str(ROOT) not in sys.path:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PIPELINE = """
 pipeline bench {
-  source orders (batch_size = %d)
+  source orders (%s)
   | transform pass (config.expr = "true")
   | sink count
 }
@@ -531,7 +533,10 @@ def run_routed(
         for name, pid in (pids.items() if args.profile else ())
     ]
     busy0, started = machine_busy(), time.monotonic()
-    apply(routers.addresses, PIPELINE % args.batch_size, pki)
+    source_options = f"batch_size = {args.batch_size}" + (
+        f", max_inflight = {args.max_inflight}" if args.max_inflight else ""
+    )
+    apply(routers.addresses, PIPELINE % source_options, pki)
     # Until every offset is at the sink, or nothing more arrives for 20 s.
     written, progress_at, missing = 0, time.monotonic(), args.records
     while missing and time.monotonic() - progress_at < 20:
@@ -756,6 +761,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=300_000)
     parser.add_argument("--record-size", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--max-inflight",
+        type=int,
+        default=0,
+        help="the source stage's max_inflight in the routed rounds (default: the sidecar's two windows)",
+    )
     parser.add_argument(
         "--batch-sizes",
         type=int,

@@ -2,11 +2,18 @@
 """grpclib throughput for 1000-record batches between two processes, with and without the h2 tuning.
 
     python benchmarks/transport.py [--batches 400] [--rounds 3] [--inflight 4]
+    python benchmarks/transport.py --relay [--batches 400] [--rounds 3]
 
 A sink process serves SinkService.WriteBatch (decodes the batch, counts the records); this process sends
 batches of 1000 records (16 B key, 200 B value, two string headers, an event time: ~290 KB) with a fixed
 number of requests in flight. Variants alternate round by round (A/B/A/B) so machine noise hits both;
 the table reports medians and the tuned/untuned ratios. CPU is measured per process from /proc.
+
+--relay measures the floor of a forwarding hop: this process -> relay -> sink, where the relay (tuned)
+receives WriteBatch with the records left encoded, makes the same call to the sink and answers with its
+reply — one inbound and one outbound unary call per batch, nothing else. Batches of 1 record give its cost
+per call, batches of 1000 its cost per record; a sidecar hop does at least this much (issue #20's 2 us per
+record is measured against it).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import sys
 import time
 from typing import Any
 
+from grpclib.client import UnaryUnaryMethod
+from grpclib.const import Handler
 from grpclib.server import Stream
 
 from etlrouter._proto.v1 import records_pb2, services_grpc, services_pb2
@@ -29,6 +38,7 @@ from etlrouter.core.grpc import GrpcServer, open_channel
 from etlrouter.core.lifecycle import run_loop
 
 RECORDS_PER_BATCH = 1000
+WRITE_BATCH = "/etlrouter.v1.SinkService/WriteBatch"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -50,20 +60,45 @@ class CountingSink(services_grpc.SinkServiceBase):
         await stream.send_message(records_pb2.GetCapabilitiesResponse())
 
 
-async def serve(port: int, tuned: bool) -> None:
+class Relay(CountingSink):
+    """WriteBatch with the records left encoded (as a sidecar receives them), forwarded as it came."""
+
+    def __init__(self, forward: int) -> None:
+        super().__init__()
+        self.channel = open_channel(f"127.0.0.1:{forward}")
+        self.forward = UnaryUnaryMethod(
+            self.channel, WRITE_BATCH, services_pb2.RawWriteBatchRequest, services_pb2.WriteBatchResponse
+        )
+
+    async def WriteBatch(self, stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await stream.send_message(await self.forward(request))
+
+    def __mapping__(self) -> dict[str, Handler]:
+        mapping = super().__mapping__()
+        handler = mapping[WRITE_BATCH]
+        mapping[WRITE_BATCH] = Handler(
+            handler.func, handler.cardinality, services_pb2.RawWriteBatchRequest, handler.reply_type
+        )
+        return mapping
+
+
+async def serve(port: int, tuned: bool, forward: int = 0) -> None:
+    service = Relay(forward) if forward else CountingSink()
     server = GrpcServer(
-        [CountingSink()], host="127.0.0.1", port=port, transport_config=TransportConfig(h2_tuning=tuned)
+        [service], host="127.0.0.1", port=port, transport_config=TransportConfig(h2_tuning=tuned)
     )
     await server.start()
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 
-def make_request() -> services_pb2.WriteBatchRequest:
+def make_request(records: int = RECORDS_PER_BATCH) -> services_pb2.WriteBatchRequest:
     request = services_pb2.WriteBatchRequest()
     header = request.batch.header
-    header.batch_id, header.record_count, header.source_id = "bench", RECORDS_PER_BATCH, "gen"
-    for i in range(RECORDS_PER_BATCH):
+    header.batch_id, header.record_count, header.source_id = "bench", records, "gen"
+    for i in range(records):
         record = request.batch.records.records.add()
         record.key = f"key-{i:012d}".encode()
         record.value = bytes(200)
@@ -80,12 +115,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-async def drive(port: int, tuned: bool, batches: int, inflight: int, server_pid: int) -> dict[str, float]:
+async def drive(
+    port: int, tuned: bool, batches: int, inflight: int, server_pid: int, records: int = RECORDS_PER_BATCH
+) -> dict[str, float]:
     config = TransportConfig(h2_tuning=tuned)
     transport.install(config)
     channel = open_channel(f"127.0.0.1:{port}", config)
     stub = services_grpc.SinkServiceStub(channel)
-    request = make_request()
+    request = make_request(records)
     for _ in range(8):  # warm up the connection and both interpreters
         await stub.WriteBatch(request, timeout=30)
     remaining = batches
@@ -98,7 +135,7 @@ async def drive(port: int, tuned: bool, batches: int, inflight: int, server_pid:
             t0 = time.perf_counter()
             reply = await stub.WriteBatch(request, timeout=30)
             latencies.append(time.perf_counter() - t0)
-            assert reply.written == RECORDS_PER_BATCH
+            assert reply.written == records
 
     server_cpu0, client_cpu0 = cpu_seconds(server_pid), time.process_time()
     t0 = time.perf_counter()
@@ -108,7 +145,7 @@ async def drive(port: int, tuned: bool, batches: int, inflight: int, server_pid:
     channel.close()
     latencies.sort()
     return {
-        "records_per_s": batches * RECORDS_PER_BATCH / elapsed,
+        "records_per_s": batches * records / elapsed,
         "server_cpu_ms_per_batch": 1000 * server_cpu / batches,
         "client_cpu_ms_per_batch": 1000 * client_cpu / batches,
         "p50_ms": 1000 * latencies[len(latencies) // 2],
@@ -124,19 +161,66 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_variant(tuned: bool, batches: int, inflight: int) -> dict[str, float]:
-    port = free_port()
+def start_server(port: int, tuned: bool, forward: int = 0) -> subprocess.Popen[str]:
     child = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port), "--tuned", str(int(tuned))],
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            str(port),
+            "--tuned",
+            str(int(tuned)),
+            "--forward",
+            str(forward),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    return child
+
+
+def run_variant(tuned: bool, batches: int, inflight: int) -> dict[str, float]:
+    port = free_port()
+    child = start_server(port, tuned)
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         return run_loop(lambda: drive(port, tuned, batches, inflight, child.pid))
     finally:
         child.terminate()
         child.wait()
+
+
+def run_relay(records: int, batches: int, inflight: int) -> dict[str, float]:
+    """This process -> relay -> sink; the 'server' figures are the relay's."""
+    sink_port, relay_port = free_port(), free_port()
+    children = [start_server(sink_port, True)]
+    try:
+        children.append(start_server(relay_port, True, forward=sink_port))
+        return run_loop(lambda: drive(relay_port, True, batches, inflight, children[1].pid, records))
+    finally:
+        for child in children:
+            child.terminate()
+            child.wait()
+
+
+def main_relay(args: argparse.Namespace) -> None:
+    sizes = (1, RECORDS_PER_BATCH)
+    results: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
+    for _ in range(args.rounds):
+        for n in sizes:  # ten times the calls of one record: the same wall time, roughly
+            results[n].append(run_relay(n, args.batches * (10 if n == 1 else 1), args.inflight))
+
+    def us_per_batch(n: int) -> float:
+        return statistics.median(r["server_cpu_ms_per_batch"] for r in results[n]) * 1000
+
+    print(f"bare grpclib relay (tuned), {args.inflight} in flight, {args.rounds} rounds (medians)")
+    print("| records per batch | records/s | relay CPU us per batch | relay CPU us per record |")
+    print("|---|---|---|---|")
+    for n in sizes:
+        rate = statistics.median(r["records_per_s"] for r in results[n])
+        print(f"| {n} | {rate:,.0f} | {us_per_batch(n):,.0f} | {us_per_batch(n) / n:,.2f} |")
+    per_record = (us_per_batch(RECORDS_PER_BATCH) - us_per_batch(1)) / RECORDS_PER_BATCH
+    print(f"per call pair (in + out) {us_per_batch(1):,.0f} us; per record beyond it {per_record:.2f} us")
 
 
 def main() -> None:
@@ -148,9 +232,14 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=4)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tuned", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--forward", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--relay", action="store_true", help="the floor of a forwarding hop (see above)")
     args = parser.parse_args()
     if args.serve:
-        run_loop(lambda: serve(args.serve, bool(args.tuned)))
+        run_loop(lambda: serve(args.serve, bool(args.tuned), args.forward))
+        return
+    if args.relay:
+        main_relay(args)
         return
 
     size = len(make_request().batch.SerializeToString())

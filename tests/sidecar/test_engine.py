@@ -156,8 +156,10 @@ async def sidecar(name: str, services: dict[str, str], kinds: dict[str, str]) ->
         await server.stop()
 
 
-def dag(stages: list[tuple[str, int, str, list[str], int]]) -> control_pb2.DagSpec:
-    """(id, kind, service, downstream, shed_after_ms) -> DagSpec."""
+def dag(
+    stages: list[tuple[str, int, str, list[str], int]], source_options: dict[str, str] | None = None
+) -> control_pb2.DagSpec:
+    """(id, kind, service, downstream, shed_after_ms) -> DagSpec; `source_options` for the source stage."""
     return control_pb2.DagSpec(
         id="dag-1",
         generation=1,
@@ -169,7 +171,7 @@ def dag(stages: list[tuple[str, int, str, list[str], int]]) -> control_pb2.DagSp
                 downstream=d,
                 parallelism=1,
                 shed_after_ms=shed,
-                options={"batch_size": "100"},
+                options={"batch_size": "100", **((source_options or {}) if k == SOURCE else {})},
                 pipelines=["p"],
             )
             for i, k, s, d, shed in stages
@@ -306,6 +308,25 @@ async def test_a_blocked_branch_holds_the_source_back() -> None:
         assert source.acked == -1  # nothing acknowledged while one branch has written nothing
         stall.set()
         await until(lambda: source.acked >= pulled_while_stalled - 1)
+
+
+async def test_max_inflight_bounds_the_batches_a_source_holds() -> None:
+    source = CountingSource(100_000)
+    stall = asyncio.Event()
+    stuck = RecordingSink("right", stall=stall)
+    async with (
+        serving(source) as s1,
+        serving(stuck) as s3,
+        sidecar("A", {"numbers": s1.address, "right": s3.address}, KINDS) as a,
+    ):
+        spec = dag([("src", SOURCE, "numbers", ["r"], 0), ("r", SINK, "right", [], 0)], {"max_inflight": "3"})
+        await a.engine.assign(1, assign(spec, {"src": a, "r": a}, a))
+        await asyncio.sleep(1.0)
+        # Three batches of 100, where two edge windows (3000 records here) would be 60 without the option.
+        assert source.next == 300, source.next
+        stall.set()
+        await until(lambda: source.acked >= 299)
+        await until(lambda: source.next > 300)  # pulling again once batches were acknowledged
 
 
 @pytest.mark.parametrize("poison", [{3}])

@@ -57,6 +57,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("batch_bytes", OptionType.SIZE, _BATCHING, "bytes per batch", 1, 64 << 20),
     OptionSpec("linger", OptionType.DURATION, _BATCHING, "wait to fill a batch", 0, 60_000),
     OptionSpec(
+        "max_inflight", OptionType.INT, ("source",), "batches pulled and not yet acknowledged", 1, 10_000
+    ),
+    OptionSpec(
         "start",
         OptionType.CHOICE,
         ("source",),

@@ -82,10 +82,12 @@ class SourceRunner(StageRunner):
     ) -> None:
         super().__init__(host, stage, replica, service)
         self.ledger = AckLedger()
-        # Batches pulled and not yet acknowledged. Twice one edge's window: a branch that hangs can hold a
-        # full window of batches, and its siblings (and its own shed policy) still need room to work.
+        # Batches pulled and not yet acknowledged. By default twice one edge's window: a branch that hangs
+        # can hold a full window of batches, and its siblings (and its own shed policy) still need room to
+        # work. Every batch in flight beyond what keeps the slowest stage busy only waits in a queue: the
+        # `max_inflight` option trades that room for latency (docs/adr/0006-data-plane.md, round two).
         window_batches = max(1, self.host.config.edge_buffer_records // max(1, self.options.batch_size))
-        self.inflight = asyncio.Semaphore(2 * window_batches)
+        self.inflight = asyncio.Semaphore(self.options.max_inflight or 2 * window_batches)
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self._stopping = False

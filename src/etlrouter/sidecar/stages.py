@@ -115,6 +115,7 @@ class StageOptions:
     backoff_max_s: float = 5.0
     timeout_s: float = 30.0
     linger_s: float = 0.0  # a source: how long a short batch may wait for the batches in flight (source.py)
+    max_inflight: int = 0  # a source: batches pulled and not yet acknowledged; 0 = two edge windows
     flush: bool | None = None  # None: as the sink's capabilities say
     lookup_key: str = ""
     dlq: str = ""  # a sink service that receives this stage's dead letters ("" = the sidecar's local store)
@@ -135,6 +136,7 @@ class StageOptions:
             backoff_max_s=seconds(high) if high else 5.0,
             timeout_s=seconds(options["timeout"]) if "timeout" in options else 30.0,
             linger_s=seconds(options["linger"]) if "linger" in options else 0.0,
+            max_inflight=int(options.get("max_inflight", 0)),
             flush={"true": True, "false": False}.get(options.get("flush", "")),
             lookup_key=options.get("key", ""),
             dlq=options.get("dlq", ""),
