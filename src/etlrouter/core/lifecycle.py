@@ -59,7 +59,7 @@ class Component(Protocol):
 # glibc serves an allocation above its mmap threshold (128 KiB at first) with a fresh mmap(), and gives
 # the top of the heap back to the kernel once more than the trim threshold is free there. A batch is a
 # few 100 KB buffers allocated and freed several times per hop (encode, frame, read, decode), so by
-# default each of them cost page faults and zeroed pages: 25-30% of a forwarding process's CPU, measured
+# default each of them cost page faults and zeroed pages: 20-30% of a forwarding process's CPU, measured
 # (docs/adr/0002-transport-tuning.md). Fixed thresholds keep such buffers in the heap and reuse them.
 MALLOC_MMAP_THRESHOLD = 4 << 20
 MALLOC_TRIM_THRESHOLD = 16 << 20
