@@ -48,6 +48,7 @@ _max_message_bytes = 64 << 20
 _MESSAGE_PREFIX = struct.Struct(">?I")  # compressed flag, length
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length (high 16, low 8 bits), type, flags, stream id
 _DATA, _END_STREAM = 0x0, 0x1
+_JOIN_BELOW = 64 << 10  # frame bodies smaller than this are joined: the copy is cheaper than the writes
 Buffer = bytes | memoryview
 
 
@@ -150,7 +151,11 @@ async def _send_parts(stream: Any, parts: Sequence[Buffer], end_stream: bool) ->
         last = sent + size == total
         frame_parts = parts if size == total else _parts_slice(parts, sent, size)
         connection.send_data_parts(stream.id, frame_parts, end_stream=end_stream and last)
-        stream._transport.writelines(connection.chunks_to_send())
+        chunks = connection.chunks_to_send()
+        if size < _JOIN_BELOW:  # a small message: one write (one TLS record), as grpclib would
+            stream._transport.write(b"".join(chunks))
+        else:
+            stream._transport.writelines(chunks)
         sent += size
         stream.data_sent += size
         stream.connection.data_sent += size
