@@ -321,7 +321,8 @@ async def test_max_inflight_bounds_the_batches_a_source_holds() -> None:
     ):
         spec = dag([("src", SOURCE, "numbers", ["r"], 0), ("r", SINK, "right", [], 0)], {"max_inflight": "3"})
         await a.engine.assign(1, assign(spec, {"src": a, "r": a}, a))
-        await asyncio.sleep(1.0)
+        await until(lambda: source.next >= 300)
+        await asyncio.sleep(0.5)  # room to pull more, were the bound not holding it
         # Three batches of 100, where two edge windows (3000 records here) would be 60 without the option.
         assert source.next == 300, source.next
         stall.set()

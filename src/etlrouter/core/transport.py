@@ -49,7 +49,7 @@ _MESSAGE_PREFIX = struct.Struct(">?I")  # compressed flag, length
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length (high 16, low 8 bits), type, flags, stream id
 _DATA, _END_STREAM = 0x0, 0x1
 _JOIN_BELOW = 64 << 10  # frame bodies smaller than this are joined: the copy is cheaper than the writes
-Buffer = bytes | memoryview
+_Chunk = bytes | memoryview  # a piece of what goes on the wire
 
 
 def _cheap_data_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -71,9 +71,9 @@ def _tuned_connection_class(max_frame_size: int) -> type[h2.connection.H2Connect
             # Accept large frames at once: a peer may use our setting as soon as it has read it, before
             # we receive its acknowledgement.
             self.max_inbound_frame_size = max_frame_size
-            self._chunks: list[Buffer] = []  # what to write, in order, ahead of `_data_to_send`
+            self._chunks: list[_Chunk] = []  # what to write, in order, ahead of `_data_to_send`
 
-        def send_data_parts(self, stream_id: int, parts: Sequence[Buffer], end_stream: bool) -> None:
+        def send_data_parts(self, stream_id: int, parts: Sequence[_Chunk], end_stream: bool) -> None:
             """h2's `send_data` (without padding) for a frame body given in parts, which are queued as
             they are instead of being copied into one frame; `chunks_to_send` hands them out."""
             size = sum(len(part) for part in parts)
@@ -98,7 +98,7 @@ def _tuned_connection_class(max_frame_size: int) -> type[h2.connection.H2Connect
             self._chunks.append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id))
             self._chunks.extend(parts)
 
-        def chunks_to_send(self) -> list[Buffer]:
+        def chunks_to_send(self) -> list[_Chunk]:
             """Everything queued to send, in order, as separate buffers (for `transport.writelines`)."""
             chunks, self._chunks = self._chunks, []
             if self._data_to_send:
@@ -114,9 +114,9 @@ def _tuned_connection_class(max_frame_size: int) -> type[h2.connection.H2Connect
     return TunedH2Connection
 
 
-def _parts_slice(parts: Sequence[Buffer], start: int, size: int) -> list[Buffer]:
+def _parts_slice(parts: Sequence[_Chunk], start: int, size: int) -> list[_Chunk]:
     """The bytes [start, start + size) of the concatenated parts, as views (no copy)."""
-    out: list[Buffer] = []
+    out: list[_Chunk] = []
     for part in parts:
         if size <= 0:
             break
@@ -130,7 +130,7 @@ def _parts_slice(parts: Sequence[Buffer], start: int, size: int) -> list[Buffer]
     return out
 
 
-async def _send_parts(stream: Any, parts: Sequence[Buffer], end_stream: bool) -> None:
+async def _send_parts(stream: Any, parts: Sequence[_Chunk], end_stream: bool) -> None:
     """grpclib's `Stream.send_data` (flow-control waits, frame-size splitting, sent-bytes accounting) for a
     body in parts, written without joining them. Any other H2Connection: grpclib's own way."""
     connection = stream._h2_connection
