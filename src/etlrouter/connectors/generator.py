@@ -17,9 +17,10 @@ rewound to its first unacknowledged offset (like a visibility timeout), which co
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import os
 from collections.abc import Sequence
+from hashlib import blake2b
 from pathlib import Path
 
 import click
@@ -31,6 +32,7 @@ from etlrouter.sdk.records import encoded_size
 
 COUNTRIES = ("DE", "FR", "US", "JP", "BR", "IN", "GB", "ES")
 _PAD_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_CENTS = tuple(repr(c / 100)[1:] for c in range(100))  # ".0", ".01", ... ".1", ... ".99"
 
 
 class GeneratorConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,23 +67,30 @@ class GeneratorConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 def make_record(config: GeneratorConfig, partition: int, offset: int) -> Record:
     """Record `offset` of `partition`: a pure function of the configuration."""
-    digest = hashlib.blake2b(b"%d:%d:%d" % (config.seed, partition, offset), digest_size=16).digest()
+    digest = blake2b(b"%d:%d:%d" % (config.seed, partition, offset), digest_size=16).digest()
     h = int.from_bytes(digest, "little")
     sequence = offset * config.partitions + partition
     skew = (h >> 64) % (config.event_time_skew_ms + 1) if config.event_time_skew_ms else 0
     event_time = config.event_time_start_ms + sequence * config.event_time_step_ms - skew
-    amount = (h >> 16) % 100_000 / 100
+    cents = (h >> 16) % 100_000
     country = COUNTRIES[(h >> 40) % len(COUNTRIES)]
+    # The amount as Python prints cents / 100 (123.45, 5.0, 7.1), without formatting a float.
+    amount = f"{cents // 100}{_CENTS[cents % 100]}"
     head = f'{{"id":{sequence},"partition":{partition},"amount":{amount},"country":"{country}"'
-    pad_len = config.record_size - len(head) - len(',"pad":""}')
+    pad_len = config.record_size - len(head) - 10  # len(',"pad":""}')
     if pad_len > 0:
-        start = h % len(_PAD_ALPHABET)
-        pad = (_PAD_ALPHABET[start:] + _PAD_ALPHABET[:start]) * (pad_len // len(_PAD_ALPHABET) + 1)
-        value = f'{head},"pad":"{pad[:pad_len]}"}}'
+        value = f'{head},"pad":"{_pads(config.record_size)[h % len(_PAD_ALPHABET)][:pad_len]}"}}'
     else:
         value = head + "}"
     key = b"key-%08d" % (h % config.key_space)
     return Record(key, value.encode(), {"content-type": "application/json"}, event_time, offset)
+
+
+@functools.lru_cache(maxsize=8)
+def _pads(record_size: int) -> tuple[str, ...]:
+    """The pad alphabet rotated to each start, repeated to at least `record_size` characters."""
+    count = record_size // len(_PAD_ALPHABET) + 2
+    return tuple((_PAD_ALPHABET[s:] + _PAD_ALPHABET[:s]) * count for s in range(len(_PAD_ALPHABET)))
 
 
 class GeneratorCore:
@@ -174,9 +183,10 @@ class GeneratorCore:
             total = 0
             for offset in range(start, end):
                 record = make_record(self.config, partition, offset)
-                total += encoded_size(record)
-                if max_bytes and records and total > max_bytes:
-                    break
+                if max_bytes:
+                    total += encoded_size(record)
+                    if records and total > max_bytes:
+                        break
                 records.append(record)
             if records:
                 if self.next_offset[partition] == self.acked[partition] + 1:

@@ -26,7 +26,13 @@ from etlrouter.sdk.errors import (
     RetryableError,
     errors_to_proto,
 )
-from etlrouter.sdk.records import OffsetOrderError, records_from_proto, records_to_proto, source_batch
+from etlrouter.sdk.records import (
+    OffsetOrderError,
+    Origins,
+    records_from_proto,
+    records_to_proto,
+    source_batch,
+)
 from etlrouter.sdk.services import (
     Lookup,
     LookupResult,
@@ -250,7 +256,8 @@ class TransformAdapter(services_grpc.TransformServiceBase):
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
-        records = records_from_proto(request.batch.records)
+        origins = Origins(request.batch.records)
+        records = origins.records
         with _call_errors("ProcessBatch"):
             try:
                 processed = await self.transform.process(records, dict(request.options))
@@ -258,7 +265,7 @@ class TransformAdapter(services_grpc.TransformServiceBase):
                 processed = Processed([], _whole_batch_failed(exc, len(records)))
             _check_error_indexes("ProcessBatch", processed.errors, len(records))
             response = services_pb2.ProcessBatchResponse(errors=errors_to_proto(processed.errors))
-            records_to_proto(processed.records, into=response.batch.records)
+            records_to_proto(processed.records, into=response.batch.records, origins=origins)
             # The count spares the sidecar a parse of every record to learn it (services.proto).
             response.batch.header.record_count = len(processed.records)
         await stream.send_message(response)
