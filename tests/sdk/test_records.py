@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 from etlrouter._proto.v1 import records_pb2
 from etlrouter.sdk import Record, WrittenBatches, records_from_proto, records_to_proto, source_batch
-from etlrouter.sdk import records as records_module
-from etlrouter.sdk.records import OffsetOrderError, Origins
+from etlrouter.sdk.records import OffsetOrderError, copy_records
 
 records_strategy = st.lists(
     st.builds(
@@ -87,64 +86,11 @@ def test_written_batches_persist_across_reopen(tmp_path: Path) -> None:
     reopened.close()
 
 
-# What a transform may do to each record it returns: nothing, change it in place (each field), or
-# return another record (a copy with equal fields, a fresh one).
-_EDITS = ("same", "value", "key", "header", "drop-header", "offset", "event-time", "copy", "fresh")
-
-
-@given(
-    records_strategy,
-    st.lists(st.tuples(st.integers(min_value=0, max_value=19), st.sampled_from(_EDITS)), max_size=25),
-)
-def test_a_transforms_output_encodes_the_same_with_origins(
-    records: list[Record], picks: list[tuple[int, str]]
-) -> None:
-    origins = Origins(records_to_proto(records))
-    decoded = origins.records
-    output: list[Record] = []
-    for pick, edit in picks:
-        if not decoded:
-            break
-        record = decoded[pick % len(decoded)]
-        if edit == "value":
-            record.value = record.value + b"!"
-        elif edit == "key":
-            record.key = b"k" + record.key
-        elif edit == "header":
-            record.headers["added"] = "1"
-        elif edit == "drop-header":
-            record.headers.clear()
-        elif edit == "offset":
-            record.offset = (record.offset + 1) % 2**64
-        elif edit == "event-time":
-            record.event_time_ms = 1 if record.event_time_ms != 1 else 2
-        elif edit == "copy":
-            record = Record(
-                record.key, record.value, dict(record.headers), record.event_time_ms, record.offset
-            )
-        elif edit == "fresh":
-            record = Record(b"new", b"fresh", {"n": "1"}, 5, 6)
-        output.append(record)
-    # The reference: every record encoded field by field, as it is now.
-    assert records_to_proto(output, origins=origins) == records_to_proto(output)
-
-
-def test_records_a_filter_keeps_are_copied_not_encoded_field_by_field(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    records = [Record(b"k%d" % i, b"v" * i, {"h": str(i)}, 1000 + i, i) for i in range(10)]
-    origins = Origins(records_to_proto(records))
-    decoded = origins.records
-    encoded_by_field: list[Record] = []
-    real_add = records_module._add_records
-    monkeypatch.setattr(
-        records_module, "_add_records", lambda add, rs: (encoded_by_field.extend(rs), real_add(add, rs))
-    )
-    kept = [decoded[i] for i in (0, 3, 4, 9)]
-    assert records_to_proto(kept, origins=origins) == records_to_proto([records[i] for i in (0, 3, 4, 9)])
-    assert encoded_by_field == [records[i] for i in (0, 3, 4, 9)]  # only by the reference call
-    encoded_by_field.clear()
-    decoded[4].value = b"changed"
-    reordered = [decoded[9], decoded[0], decoded[4]]
-    records_to_proto(reordered, origins=origins)
-    assert encoded_by_field == [decoded[4]]  # the changed one only; 9 and 0 copied out of order
+@given(records_strategy, st.lists(st.integers(min_value=0, max_value=19), max_size=25))
+def test_copied_records_are_the_records_at_those_indexes(records: list[Record], picks: list[int]) -> None:
+    encoded = records_to_proto(records)
+    for indexes in (sorted(set(picks)), picks):  # in batch order (copy and cut), and any order
+        indexes = [i % len(records) for i in indexes] if records else []
+        into = records_pb2.RecordList()
+        copy_records(encoded, indexes, into)
+        assert records_from_proto(into) == [records[i] for i in indexes]

@@ -170,6 +170,43 @@ async def test_error_index_outside_the_batch_is_internal() -> None:
     assert "record index 1, but the batch has 1 records" in str(err.value.message)
 
 
+class Keeping(Transform):
+    """Passes records on by index (Processed.kept); first changes one in place, which must not show."""
+
+    def __init__(self, kept: list[int], records: list[Record] | None = None) -> None:
+        self.kept = kept
+        self.records = records or []
+
+    async def process(self, records: list[Record], options: Mapping[str, str]) -> Processed:
+        records[0].value = b"changed in place"
+        return Processed(self.records, [RecordError(1, ErrorClass.PERMANENT, "no")], kept=self.kept)
+
+
+@pytest.mark.parametrize("kept", [[0, 2, 3], [3, 0, 0]])
+async def test_kept_records_go_on_as_they_came_in_the_order_given(kept: list[int]) -> None:
+    inputs = [Record(b"k%d" % i, b"v%d" % i, {"h": str(i)}, 1000 + i, i) for i in range(4)]
+    async with serving(Keeping(kept)) as host, channel_to(host.address) as channel:
+        output, errors = await process(channel, inputs)
+    assert output == [inputs[i] for i in kept]  # grpc_helpers checks record_count too
+    assert [e.index for e in errors] == [1]
+
+
+@pytest.mark.parametrize(
+    ("transform", "message"),
+    [
+        (Keeping([0, 4]), "kept record index 4, but the batch has 4 records"),
+        (Keeping([-1]), "kept record index -1, but the batch has 4 records"),
+        (Keeping([0], [Record()]), "returned 1 records and 1 kept indexes"),
+    ],
+)
+async def test_kept_indexes_that_cannot_be_right_are_internal(transform: Transform, message: str) -> None:
+    async with serving(transform) as host, channel_to(host.address) as channel:
+        with pytest.raises(GRPCError) as err:
+            await process(channel, [Record(offset=i) for i in range(4)])
+    assert err.value.status == Status.INTERNAL
+    assert message in str(err.value.message)
+
+
 class MemorySink(Sink):
     capabilities = Capabilities(name="memory", idempotent_writes=True, requires_flush=True)
 

@@ -37,15 +37,16 @@ class FilterTransform(Transform):
             keep = _cached_predicate(source)
         except ExpressionError as exc:
             raise OptionsError(f"options.expr: {exc}") from None
-        output: list[Record] = []
+        kept: list[int] = []
         errors: list[RecordError] = []
         for index, record in enumerate(records):
             try:
                 if keep(record):
-                    output.append(record)
+                    kept.append(index)
             except EvaluationError as exc:
                 errors.append(RecordError(index, ErrorClass.PERMANENT, f"filter: {exc}"))
-        return Processed(output, errors)
+        # By index: the kept records go on exactly as they came, copied rather than encoded again.
+        return Processed(errors=errors, kept=kept)
 
 
 @click.command(name="filter")

@@ -28,7 +28,8 @@ from etlrouter.sdk.errors import (
 )
 from etlrouter.sdk.records import (
     OffsetOrderError,
-    Origins,
+    Record,
+    copy_records,
     records_from_proto,
     records_to_proto,
     source_batch,
@@ -129,6 +130,21 @@ def _check_error_indexes(method: str, errors: list[RecordError], count: int) -> 
                 Status.INTERNAL,
                 f"{method}: the service reported an error for record index {error.index}, "
                 f"but the batch has {count} records",
+            )
+
+
+def _check_kept(kept: list[int], records: list[Record], count: int) -> None:
+    if records:
+        raise GRPCError(
+            Status.INTERNAL,
+            f"ProcessBatch: the transform returned {len(records)} records and {len(kept)} kept indexes; "
+            "Processed takes one or the other",
+        )
+    for index in kept:
+        if not 0 <= index < count:
+            raise GRPCError(
+                Status.INTERNAL,
+                f"ProcessBatch: the transform kept record index {index}, but the batch has {count} records",
             )
 
 
@@ -256,8 +272,7 @@ class TransformAdapter(services_grpc.TransformServiceBase):
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
-        origins = Origins(request.batch.records)
-        records = origins.records
+        records = records_from_proto(request.batch.records)
         with _call_errors("ProcessBatch"):
             try:
                 processed = await self.transform.process(records, dict(request.options))
@@ -265,9 +280,16 @@ class TransformAdapter(services_grpc.TransformServiceBase):
                 processed = Processed([], _whole_batch_failed(exc, len(records)))
             _check_error_indexes("ProcessBatch", processed.errors, len(records))
             response = services_pb2.ProcessBatchResponse(errors=errors_to_proto(processed.errors))
-            records_to_proto(processed.records, into=response.batch.records, origins=origins)
+            kept = processed.kept
+            if kept is None:
+                records_to_proto(processed.records, into=response.batch.records)
+                count = len(processed.records)
+            else:
+                _check_kept(kept, processed.records, len(records))
+                copy_records(request.batch.records, kept, into=response.batch.records)
+                count = len(kept)
             # The count spares the sidecar a parse of every record to learn it (services.proto).
-            response.batch.header.record_count = len(processed.records)
+            response.batch.header.record_count = count
         await stream.send_message(response)
 
     async def GetCapabilities(self, stream: Stream[Any, Any]) -> None:

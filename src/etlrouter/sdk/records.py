@@ -70,103 +70,39 @@ def _add_records(add: Any, records: Sequence[Record]) -> None:
 
 
 def records_to_proto(
-    records: Sequence[Record],
-    into: records_pb2.RecordList | None = None,
-    origins: Origins | None = None,
+    records: Sequence[Record], into: records_pb2.RecordList | None = None
 ) -> records_pb2.RecordList:
     """Encode plain records into a `RecordList` (no header); `into` fills one inside a reply in place
-    (assigning a finished one to a message field would copy every record). With the `origins` of the
-    records they were decoded from, the ones returned unchanged are copied as messages, in C."""
+    (assigning a finished one to a message field would copy every record)."""
     record_list = records_pb2.RecordList() if into is None else into
-    if origins is None or not records:
-        _add_records(record_list.records.add, records)
-    else:
-        origins.encode(records, record_list)
+    _add_records(record_list.records.add, records)
     return record_list
 
 
-class Origins:
-    """Where the records of a decoded batch came from, so a transform's unchanged records are encoded
-    again by copying their messages in upb instead of field by field (most of a filter's CPU was the
-    two conversions).
-
-    A returned record counts as unchanged only when it is one of the decoded `Record` objects (by
-    identity) *and* its fields still are what was decoded: the same key and value objects, equal
-    headers, event time and offset. A record changed in place, a new one, or a copy is encoded field
-    by field, so the bytes sent never depend on this shortcut.
-    """
-
-    __slots__ = ("_index", "_record_list", "_records", "_snapshots")
-
-    def __init__(self, record_list: records_pb2.RecordList) -> None:
-        self._record_list = record_list
-        records: list[Record] = []
-        snapshots: list[tuple[bytes, bytes, dict[str, str], int, int]] = []
-        append, remember = records.append, snapshots.append
-        for p in record_list.records:
-            map_field = p.headers
-            headers = {}
-            for name in map_field:
-                headers[name] = map_field[name]
-            key, value, event_time, offset = p.key, p.value, p.event_time_ms, p.offset
-            append(Record(key, value, headers, event_time, offset))
-            remember((key, value, headers.copy() if headers else _NO_HEADERS, event_time, offset))
-        # Our own list: the caller may empty or reorder the one it gets, and the ids below must stay
-        # those of live objects.
-        self._records = records
-        self._snapshots = snapshots
-
-    @property
-    def records(self) -> list[Record]:
-        """The decoded records, a new list (the transform may do what it likes with it)."""
-        return list(self._records)
-
-    def _unchanged(self, records: Sequence[Record]) -> list[int]:
-        """For each record, its index in the decoded batch if it is one of its records, unchanged; else -1."""
-        index = {id(r): i for i, r in enumerate(self._records)}
-        snapshots = self._snapshots
-        found: list[int] = []
-        append = found.append
-        for record in records:
-            i = index.get(id(record), -1)
-            if i >= 0:
-                key, value, headers, event_time, offset = snapshots[i]
-                if not (
-                    record.key is key
-                    and record.value is value
-                    and record.event_time_ms == event_time
-                    and record.offset == offset
-                    and record.headers == headers
-                ):
-                    i = -1
-            append(i)
-        return found
-
-    def encode(self, records: Sequence[Record], into: records_pb2.RecordList) -> None:
-        found = self._unchanged(records)
-        if found[0] >= 0 and all(a < b for a, b in itertools.pairwise(found)):
-            # All unchanged, in batch order (a filter): copy the whole list, then cut out what was
-            # dropped, from the end so the indexes stay valid.
-            into.CopyFrom(self._record_list)
-            out = into.records
-            end = len(self._records)
-            for i in reversed(found):
-                if i + 1 < end:
-                    del out[i + 1 : end]
-                end = i
-            if end:
-                del out[:end]
-            return
-        protos = self._record_list.records
-        add = into.records.add
-        for r, i in zip(records, found, strict=True):
-            if i >= 0:
-                add().CopyFrom(protos[i])
-            else:
-                _add_records(add, (r,))
-
-
-_NO_HEADERS: dict[str, str] = {}
+def copy_records(
+    record_list: records_pb2.RecordList, indexes: Sequence[int], into: records_pb2.RecordList
+) -> None:
+    """Fill `into` with the records of `record_list` at `indexes`, copied as messages in upb (C) rather
+    than decoded and encoded again: what a transform passes on unchanged (`Processed.kept`)."""
+    if not indexes:
+        return
+    if all(a < b for a, b in itertools.pairwise(indexes)):
+        # In batch order (a filter): copy the whole list, then cut out what was dropped, from the end
+        # so the indexes stay valid.
+        into.CopyFrom(record_list)
+        out = into.records
+        end = len(out)
+        for i in reversed(indexes):
+            if i + 1 < end:
+                del out[i + 1 : end]
+            end = i
+        if end:
+            del out[:end]
+        return
+    protos = record_list.records
+    add = into.records.add
+    for i in indexes:
+        add().CopyFrom(protos[i])
 
 
 class OffsetOrderError(ValueError):
