@@ -82,8 +82,9 @@ def records_to_proto(
 def copy_records(
     record_list: records_pb2.RecordList, indexes: Sequence[int], into: records_pb2.RecordList
 ) -> None:
-    """Fill `into` with the records of `record_list` at `indexes`, copied as messages in upb (C) rather
-    than decoded and encoded again: what a transform passes on unchanged (`Processed.kept`)."""
+    """Fill `into` (an empty list) with the records of `record_list` at `indexes`, copied as messages in
+    upb (C) rather than decoded and encoded again: what a transform passes on unchanged
+    (`Processed.kept`). Indexes must lie within the batch (the adapter checks them)."""
     if not indexes:
         return
     if all(a < b for a, b in itertools.pairwise(indexes)):
