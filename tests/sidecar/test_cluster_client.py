@@ -418,6 +418,7 @@ async def test_a_sidecar_that_fell_silent_registers_again_by_itself(
         await apply(admin, "pipeline t5 {\n  source t5-src | sink t5-sink\n}\n")
         await eventually(lambda: bool(target.of("assign")), what="the assign")
         (_, token, dag_id, local) = target.of("assign")[-1]
+        assigned_before = len(target.of("assign"))
         async with sidecar(routers, "t5-spare", services):  # where the stages go when t5 expires
             task.cancel()  # stop heartbeating; the test cluster expires sidecars after 3 s
             with contextlib.suppress(asyncio.CancelledError):
@@ -427,6 +428,11 @@ async def test_a_sidecar_that_fell_silent_registers_again_by_itself(
                 return "t5" not in await sidecars(admin)
 
             await eventually(gone, timeout=20, what="the silent sidecar expired")
+
+            async def spare_holds_them() -> bool:
+                return {p.stage_id for p in (await sidecars(admin))["t5-spare"].stages} == set(local)
+
+            await eventually(spare_holds_them, timeout=10, what="the stages moved to t5-spare")
             registrations = metric("etlrouter_sidecar_control_registrations_total", outcome="registered")
             task2 = asyncio.create_task(client.run())
             try:
@@ -440,13 +446,13 @@ async def test_a_sidecar_that_fell_silent_registers_again_by_itself(
                     metric("etlrouter_sidecar_control_registrations_total", outcome="registered")
                     == registrations + 1
                 )
-                # Its stages now run on t5-spare: the re-registration's answer does not mention the DAG,
-                # so the client stopped it locally (at the token it had applied).
+                # Its stages ran on t5-spare meanwhile: the re-registration's answer does not mention the
+                # DAG at the old token, so the client stopped it locally (at the token it had applied).
                 await eventually(lambda: bool(target.of("revoke")), what="the local revoke")
                 assert target.of("revoke") == [("revoke", token, dag_id, [])]
-                assert client.running == {}
-                held = {p.stage_id for p in (await sidecars(admin))["t5-spare"].stages}
-                assert held == set(local)
+                # The scheduler may then hand a stage back to the returned sidecar (spreading the DAG):
+                # that is a new assignment with a newer token, never the old one resumed.
+                assert all(call[1] > token for call in target.of("assign")[assigned_before:])
             finally:
                 task2.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
