@@ -32,6 +32,7 @@ from etlrouter.sdk.records import encoded_size
 
 COUNTRIES = ("DE", "FR", "US", "JP", "BR", "IN", "GB", "ES")
 _PAD_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_PAD_FRAME = len(',"pad":""}')
 _CENTS = tuple(repr(c / 100)[1:] for c in range(100))  # ".0", ".01", ... ".1", ... ".99"
 
 
@@ -77,7 +78,7 @@ def make_record(config: GeneratorConfig, partition: int, offset: int) -> Record:
     # The amount as Python prints cents / 100 (123.45, 5.0, 7.1), without formatting a float.
     amount = f"{cents // 100}{_CENTS[cents % 100]}"
     head = f'{{"id":{sequence},"partition":{partition},"amount":{amount},"country":"{country}"'
-    pad_len = config.record_size - len(head) - 10  # len(',"pad":""}')
+    pad_len = config.record_size - len(head) - _PAD_FRAME
     if pad_len > 0:
         value = f'{head},"pad":"{_pads(config.record_size)[h % len(_PAD_ALPHABET)][:pad_len]}"}}'
     else:

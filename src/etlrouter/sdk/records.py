@@ -120,7 +120,6 @@ def source_batch(
     Raises OffsetOrderError naming the first record whose offset does not increase.
     """
     batch = records_pb2.RecordBatch() if into is None else into
-    add = batch.records.records.add
     previous = -1
     min_time = max_time = 0
     for index, r in enumerate(records):
@@ -136,16 +135,7 @@ def source_batch(
                 min_time = event_time
             if event_time > max_time:
                 max_time = event_time
-        added = add()
-        added.key = r.key
-        added.value = r.value
-        if event_time:
-            added.event_time_ms = event_time
-        if offset:
-            added.offset = offset
-        headers = r.headers
-        if headers:
-            _put_headers(added.headers, headers)
+    _add_records(batch.records.records.add, records)
     header = batch.header
     header.record_count = len(records)
     header.byte_size = batch.records.ByteSize()
